@@ -1,0 +1,197 @@
+"""The batch: rows with different prefixes sharing one KV cache (DESIGN.md §2).
+
+Row i along the KV axis: `[pad | prefix_i | pad | prompt_i | generated...]`.
+- `attention_mask` is 0 on pads and 1 elsewhere, always `cache length + new tokens` long;
+- `position_ids` are `P_i + j` for prompt token j and `P_i + S_i + t` for generated token t, whatever the padding;
+- prefix blocks are copied into the batch's own cache (never the stored tensors themselves).
+
+A value object with three verbs, in the manner of TGI's CausalLMBatch: `from_requests` (a fresh batch ready
+for prefill), `concatenate` (merge batches that are between decode steps) and `filter` (keep some rows, trim
+columns that became padding for every row). `advance` records the tokens just chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.kv import SlabCache
+from app.engine.sampling import SamplerState
+from prefix_store.types import PrefixKV
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shape facts of the model's cache."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class NewRow:
+    """A request ready to be prefilled: token ids, its (resolved) prefix or None, its sampler."""
+
+    request_id: str
+    prompt_ids: list[int]
+    prefix: PrefixKV | None
+    sampler: SamplerState
+
+
+@dataclass
+class Row:
+    """Book-keeping of one row. Positions follow DESIGN.md §1: real token j sits at position P + j."""
+
+    request_id: str
+    prefix_len: int  # P_i
+    prompt_len: int  # S_i
+    sampler: SamplerState
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def last_position(self) -> int:
+        """Position of the newest token in this row (prompt or generated)."""
+        return self.prefix_len + self.prompt_len + len(self.generated) - 1
+
+
+@dataclass
+class Batch:
+    """Rows that step together.
+
+    input_ids:      [B, Q]      tokens the next forward consumes (Q = longest prompt at prefill, 1 at decode)
+    position_ids:   [B, Q]
+    attention_mask: [B, T + Q]  T = cache.length; 1 on prefix, prompt and generated tokens, 0 on pads
+    cache:          per layer keys/values [B, H_kv, T, D]
+    """
+
+    rows: list[Row]
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: SlabCache
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r.request_id for r in self.rows]
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens held per row after the next forward (the budget unit: B * this)."""
+        return int(self.attention_mask.shape[1])
+
+    @classmethod
+    def from_requests(cls, new_rows: Sequence[NewRow], *, geometry: KVGeometry, pad_token_id: int) -> Batch:
+        """A batch ready for prefill: prefixes copied into a fresh cache, prompts left-padded."""
+        if not new_rows:
+            raise ValueError("from_requests needs at least one row")
+        g = geometry
+        b = len(new_rows)
+        p_lens = [r.prefix.num_virtual_tokens if r.prefix is not None else 0 for r in new_rows]
+        s_lens = [len(r.prompt_ids) for r in new_rows]
+        p_max, s_max = max(p_lens), max(s_lens)
+        if min(s_lens) < 1:
+            raise ValueError("every prompt needs at least one token")
+
+        input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((b, s_max), dtype=torch.long)
+        mask = torch.zeros((b, p_max + s_max), dtype=torch.long)
+        # All layers at once: [L, B, H_kv, P_max, D]; zeros on the pad columns (masked anyway).
+        shape = (g.num_layers, b, g.kv_heads, p_max, g.head_dim)
+        keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        values = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        for i, (row, p, s) in enumerate(zip(new_rows, p_lens, s_lens, strict=True)):
+            input_ids[i, s_max - s :] = torch.tensor(row.prompt_ids, dtype=torch.long)
+            position_ids[i, s_max - s :] = torch.arange(p, p + s)
+            mask[i, p_max - p : p_max] = 1
+            mask[i, p_max + s_max - s :] = 1
+            if row.prefix is not None and p > 0:
+                # prefix.keys: [L, H_kv, P, D] -> right-aligned in the prefix region of row i.
+                keys[:, i, :, p_max - p :] = row.prefix.keys.to(device=g.device, dtype=g.dtype)
+                values[:, i, :, p_max - p :] = row.prefix.values.to(device=g.device, dtype=g.dtype)
+        cache = SlabCache.from_tensors(list(keys.unbind(0)), list(values.unbind(0)), headroom=s_max + 16)
+        rows = [
+            Row(request_id=r.request_id, prefix_len=p, prompt_len=s, sampler=r.sampler)
+            for r, p, s in zip(new_rows, p_lens, s_lens, strict=True)
+        ]
+        dev = g.device
+        return cls(rows, input_ids.to(dev), position_ids.to(dev), mask.to(dev), cache)
+
+    def advance(self, token_ids: Sequence[int]) -> None:
+        """Record one chosen token per row (after a forward) and set up the next decode step."""
+        dev = self.input_ids.device
+        for row, tok in zip(self.rows, token_ids, strict=True):
+            row.generated.append(tok)
+        self.input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev).unsqueeze(1)  # [B, 1]
+        self.position_ids = torch.tensor([[r.last_position] for r in self.rows], dtype=torch.long, device=dev)
+        ones = torch.ones((len(self.rows), 1), dtype=self.attention_mask.dtype, device=dev)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # [B, T + 1]
+
+    @classmethod
+    def concatenate(cls, batches: Sequence[Batch]) -> Batch:
+        """Merge batches that are between decode steps (Q = 1), left-padding caches to the longest."""
+        if len(batches) == 1:
+            return batches[0]
+        t_max = max(bt.cache.length for bt in batches)
+        total = sum(len(bt) for bt in batches)
+        first = batches[0].cache.slabs
+        keys, values = [], []
+        for layer_idx, ref in enumerate(first):
+            k_ref = ref.keys
+            assert k_ref is not None
+            shape = (total, k_ref.shape[1], t_max, k_ref.shape[3])
+            k_out, v_out = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
+            start = 0
+            for bt in batches:
+                k, v = bt.cache.slabs[layer_idx].valid()
+                t = k.shape[2]
+                k_out[start : start + len(bt), :, t_max - t :] = k
+                v_out[start : start + len(bt), :, t_max - t :] = v
+                start += len(bt)
+            keys.append(k_out)
+            values.append(v_out)
+        masks = []
+        for bt in batches:
+            pad = t_max + 1 - bt.attention_mask.shape[1]
+            masks.append(torch.nn.functional.pad(bt.attention_mask, (pad, 0), value=0))
+        return cls(
+            rows=[r for bt in batches for r in bt.rows],
+            input_ids=torch.cat([bt.input_ids for bt in batches]),
+            position_ids=torch.cat([bt.position_ids for bt in batches]),
+            attention_mask=torch.cat(masks),
+            cache=SlabCache.from_tensors(keys, values, headroom=64),
+        )
+
+    def filter(self, keep_ids: set[str]) -> Batch | None:
+        """Keep only the rows whose request id is in `keep_ids`; None when no row is left.
+
+        Columns on the left that are padding for every kept row are trimmed from the cache and the mask.
+        """
+        idx = [i for i, r in enumerate(self.rows) if r.request_id in keep_ids]
+        if not idx:
+            return None
+        if len(idx) == len(self.rows):
+            return self
+        index = torch.tensor(idx, dtype=torch.long, device=self.input_ids.device)
+        mask = self.attention_mask.index_select(0, index)  # [B', T + 1]
+        # Leading all-pad columns: the first column where any kept row has a real token.
+        start = int(torch.nonzero(mask.any(dim=0))[0, 0])
+        keys, values = [], []
+        for slab in self.cache.slabs:
+            k, v = slab.valid()
+            keys.append(k.index_select(0, index)[:, :, start:])
+            values.append(v.index_select(0, index)[:, :, start:])
+        return Batch(
+            rows=[self.rows[i] for i in idx],
+            input_ids=self.input_ids.index_select(0, index),
+            position_ids=self.position_ids.index_select(0, index),
+            attention_mask=mask[:, start:],
+            cache=SlabCache.from_tensors(keys, values, headroom=64),
+        )

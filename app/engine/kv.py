@@ -1,0 +1,97 @@
+"""The batch's KV cache: a transformers `Cache` whose layers write into preallocated slabs.
+
+transformers' `DynamicLayer` concatenates on every step (a full copy of the cache per token and layer). A slab
+layer keeps `[B, H_kv, capacity, D]` buffers and writes each step's keys/values in place, growing by doubling,
+so a decode step costs O(new tokens), not O(cache). The batch verbs (concatenate, filter) rebuild slabs.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+_MIN_CAPACITY = 64
+
+
+def _grow(buf: torch.Tensor, length: int, needed: int) -> torch.Tensor:
+    """Return a buffer with room for `needed` tokens holding the first `length` tokens of `buf`."""
+    capacity = max(_MIN_CAPACITY, buf.shape[2] * 2, needed)
+    out = buf.new_empty((buf.shape[0], buf.shape[1], capacity, buf.shape[3]))
+    out[:, :, :length] = buf[:, :, :length]
+    return out
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's cache: keys/values slabs [B, H_kv, capacity, D], of which the first `length` are valid."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.keys = keys
+        self.values = values
+        self.length = length
+        self.device = keys.device
+        self.dtype = keys.dtype
+        self.is_initialized = True
+
+    def update(  # type: ignore[override]
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append key/value states [B, H_kv, Q, D]; return views of all valid keys/values [B, H_kv, T+Q, D]."""
+        assert self.keys is not None and self.values is not None
+        end = self.length + key_states.shape[2]
+        if end > self.keys.shape[2]:
+            self.keys = _grow(self.keys, self.length, end)
+            self.values = _grow(self.values, self.length, end)
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the valid part: keys, values [B, H_kv, length, D]."""
+        assert self.keys is not None and self.values is not None
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+class SlabCache(DynamicCache):
+    """A cache of `SlabLayer`s, one per decoder layer, all of the same length."""
+
+    def __init__(self, layers: list[SlabLayer]) -> None:
+        # Bypass DynamicCache.__init__ (it would build DynamicLayers); Cache.__init__ takes ready layers.
+        super(DynamicCache, self).__init__(layers=layers)  # type: ignore[arg-type]
+
+    @classmethod
+    def empty(
+        cls, *, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        capacity: int = _MIN_CAPACITY,
+    ) -> SlabCache:
+        """A zero-length cache for `batch` rows."""
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls([
+            SlabLayer(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device), 0)
+            for _ in range(num_layers)
+        ])
+
+    @classmethod
+    def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], headroom: int) -> SlabCache:
+        """Own copies of per-layer keys/values [B, H_kv, T, D], with room for `headroom` more tokens."""
+        layers = []
+        for k, v in zip(keys, values, strict=True):
+            t = k.shape[2]
+            shape = (k.shape[0], k.shape[1], max(_MIN_CAPACITY, t + headroom), k.shape[3])
+            kb, vb = k.new_empty(shape), v.new_empty(shape)
+            kb[:, :, :t] = k
+            vb[:, :, :t] = v
+            layers.append(SlabLayer(kb, vb, t))
+        return cls(layers)
+
+    @property
+    def slabs(self) -> list[SlabLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    @property
+    def length(self) -> int:
+        return self.slabs[0].length if self.slabs else 0

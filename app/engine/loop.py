@@ -1,0 +1,281 @@
+"""The scheduler thread: admission under budgets, prefill + concatenate, decode steps, events back to asyncio.
+
+Continuous batching at step granularity: each iteration prefills the requests that became ready (with their
+prefixes) as one new batch, merges it into the running batch, runs one decode step for all rows and filters out
+the finished or cancelled ones. Rows never wait for the batch to drain. The model runs only on this thread (torch
+releases the GIL); the asyncio side talks to it through a thread-safe intake queue and per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.batch import Batch, KVGeometry, NewRow
+from app.engine.detok import Decoder
+from app.engine.rowstate import ActiveRequest
+from app.engine.runner import ModelRunner
+from app.engine.sampling import SamplerState, select_tokens
+from app.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_rows: int = 64
+    max_batch_tokens: int = 32768  # sum over rows of prefix + prompt + max_tokens
+    max_waiting: int = 1024
+    max_positions: int = 8192  # the model's context length
+    resolver_threads: int = 4
+
+
+@dataclass
+class _Stats:
+    steps: int = 0
+    prefills: int = 0
+    generated_tokens: int = 0
+    running_rows: int = 0
+    waiting: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Owns the model thread. `submit` is the one entry point for the async side."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Decoder, *, geometry: KVGeometry, pad_token_id: int,
+        eos_token_ids: frozenset[int], limits: EngineLimits | None = None,
+    ) -> None:
+        self.runner = ModelRunner(model)
+        self.tokenizer = tokenizer
+        self.geometry = geometry
+        self.pad_token_id = pad_token_id
+        self.eos_token_ids = eos_token_ids
+        self.limits = limits or EngineLimits()
+        self.stats = _Stats()
+        self._intake: queue.Queue[ActiveRequest] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting_count = 0
+        self._resolving: list[tuple[ActiveRequest, Future[object]]] = []
+        self._ready: deque[ActiveRequest] = deque()
+        self._running: Batch | None = None
+        self._active: dict[str, ActiveRequest] = {}
+        self._pool = ThreadPoolExecutor(self.limits.resolver_threads, thread_name_prefix="prefix-resolve")
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ---- async side ------------------------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Queue a request; yield its token events until the final one. Leaving the iterator early cancels it."""
+        need = len(request.prompt_ids) + request.sampling.max_tokens
+        if need > self.limits.max_batch_tokens or len(request.prompt_ids) >= self.limits.max_positions:
+            raise RequestTooLarge(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds "
+                f"the engine budget of {min(self.limits.max_batch_tokens, self.limits.max_positions)} tokens"
+            )
+        with self._lock:
+            if self._waiting_count >= self.limits.max_waiting:
+                raise EngineOverloaded(f"{self._waiting_count} requests are already waiting")
+            self._waiting_count += 1
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        active = ActiveRequest(request, self.tokenizer, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        self._intake.put(active)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                ev = await events.get()
+                yield ev
+                if ev.final:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Ask for a request to leave; it does so at the next step."""
+        with self._lock:
+            self._cancelled.add(request_id)
+        self._wake.set()
+
+    # ---- engine thread ---------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._take_intake()
+            self._apply_cancellations()
+            new_rows = self._admit()
+            if new_rows:
+                self._prefill(new_rows)
+            if self._running is not None:
+                self._decode()
+            elif not self._ready and not new_rows:
+                self._wake.wait(0.05 if self._resolving else 1.0)
+                self._wake.clear()
+        self._fail_all("engine stopped")
+
+    def _take_intake(self) -> None:
+        while True:
+            try:
+                active = self._intake.get_nowait()
+            except queue.Empty:
+                break
+            self._active[active.request_id] = active
+            src = active.request.prefix
+            if callable(src):
+                fut = self._pool.submit(src)
+                fut.add_done_callback(lambda _f: self._wake.set())
+                self._resolving.append((active, fut))
+            else:
+                active.prefix = src
+                self._ready.append(active)
+        still = []
+        for active, fut in self._resolving:
+            if not fut.done():
+                still.append((active, fut))
+                continue
+            if active.done:  # cancelled while its prefix was loading
+                continue
+            exc = fut.exception()
+            if exc is not None:
+                self._finish(active, "error", error=f"prefix could not be loaded: {exc}")
+            else:
+                active.prefix = fut.result()  # type: ignore[assignment]
+                self._ready.append(active)
+        self._resolving = still
+
+    def _apply_cancellations(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        for rid in cancelled:
+            active = self._active.get(rid)
+            if active is not None:
+                self._finish(active, "cancelled")
+        if cancelled:
+            self._ready = deque(a for a in self._ready if not a.done)
+            self._filter_running()
+
+    def _reserved_tokens(self) -> int:
+        if self._running is None:
+            return 0
+        return sum(self._active[r.request_id].budget_tokens for r in self._running.rows)
+
+    def _admit(self) -> list[ActiveRequest]:
+        rows = len(self._running) if self._running is not None else 0
+        tokens = self._reserved_tokens()
+        admitted: list[ActiveRequest] = []
+        while self._ready:
+            cand = self._ready[0]
+            if rows + 1 > self.limits.max_batch_rows:
+                break
+            if tokens + cand.budget_tokens > self.limits.max_batch_tokens:
+                if rows == 0 and not admitted:  # can never fit, even alone
+                    self._finish(cand, "error", error="prefix + prompt + max_tokens exceed the batch token budget")
+                    self._ready.popleft()
+                    continue
+                break
+            self._ready.popleft()
+            admitted.append(cand)
+            rows += 1
+            tokens += cand.budget_tokens
+        return admitted
+
+    def _prefill(self, admitted: list[ActiveRequest]) -> None:
+        for a in admitted:
+            self._leave_queue(a)
+        dev = self.geometry.device
+        new_rows = [
+            NewRow(a.request_id, a.request.prompt_ids, a.prefix, SamplerState.create(a.request.sampling, dev))
+            for a in admitted
+        ]
+        try:
+            batch = Batch.from_requests(new_rows, geometry=self.geometry, pad_token_id=self.pad_token_id)
+            logits = self.runner.forward(batch)
+            self.stats.prefills += 1
+            self._choose(batch, logits)
+        except Exception as exc:  # only the rows of this prefill fail
+            log.exception("prefill failed")
+            for a in admitted:
+                self._finish(a, "error", error=f"internal error during prefill: {type(exc).__name__}")
+            return
+        kept = batch.filter({r.request_id for r in batch.rows if not self._active[r.request_id].done})
+        if kept is not None:
+            self._running = kept if self._running is None else Batch.concatenate([self._running, kept])
+
+    def _decode(self) -> None:
+        batch = self._running
+        assert batch is not None
+        try:
+            logits = self.runner.forward(batch)
+            self.stats.steps += 1
+            self.stats.batch_sizes.append(len(batch))
+            self._choose(batch, logits)
+        except Exception as exc:
+            log.exception("decode step failed")
+            for r in batch.rows:
+                self._finish(self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}")
+        self._filter_running()
+
+    def _choose(self, batch: Batch, logits: torch.Tensor) -> None:
+        """Select one token per row [B, V] -> B tokens, stream them, and advance the batch."""
+        choices = select_tokens(logits, [r.sampler for r in batch.rows])
+        batch.advance([c.token_id for c in choices])
+        self.stats.generated_tokens += len(choices)
+        for row, choice in zip(batch.rows, choices, strict=True):
+            active = self._active[row.request_id]
+            active.on_token(choice, eos=self.eos_token_ids, at_context_end=row.last_position + 1
+                            >= self.limits.max_positions)
+            if active.done:
+                self._active.pop(active.request_id, None)
+
+    def _filter_running(self) -> None:
+        if self._running is None:
+            return
+        alive = {r.request_id for r in self._running.rows if r.request_id in self._active}
+        self._running = self._running.filter(alive)
+        self.stats.running_rows = len(self._running) if self._running is not None else 0
+
+    def _finish(self, active: ActiveRequest, reason: str, error: str | None = None) -> None:
+        if active.done:
+            return
+        self._leave_queue(active)
+        active.finish(reason, error=error)  # type: ignore[arg-type]
+        self._active.pop(active.request_id, None)
+
+    def _leave_queue(self, active: ActiveRequest) -> None:
+        """A request stops counting against `max_waiting` once it is admitted or finished."""
+        if active.queued:
+            active.queued = False
+            with self._lock:
+                self._waiting_count -= 1
+
+    def _fail_all(self, why: str) -> None:
+        for active in list(self._active.values()):
+            self._finish(active, "error", error=why)

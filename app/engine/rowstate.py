@@ -1,0 +1,69 @@
+"""Per-request state on the engine thread: detokenizer, stop conditions, and the event callback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from app.engine.detok import Decoder, IncrementalText
+from app.engine.sampling import TokenChoice
+from app.engine.types import FinishReason, GenerationRequest, TokenEvent
+from prefix_store.types import PrefixKV
+
+
+class ActiveRequest:
+    """A request from submission to its final event. Touched only by the engine thread."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Decoder, emit: Callable[[TokenEvent], object]) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.prefix: PrefixKV | None = None
+        self.text = IncrementalText(tokenizer, request.sampling.stop)
+        self.completion_tokens = 0
+        self.done = False
+        self.queued = True  # counts against the engine's waiting limit until admitted or finished
+        self._emit = emit
+
+    @property
+    def budget_tokens(self) -> int:
+        """KV tokens this row may come to hold: its prefix, prompt and every token it may generate."""
+        p = self.prefix.num_virtual_tokens if self.prefix is not None else 0
+        return p + len(self.request.prompt_ids) + self.request.sampling.max_tokens
+
+    def on_token(self, choice: TokenChoice, *, eos: frozenset[int], at_context_end: bool) -> None:
+        """Account for one generated token and emit its event (the final one when a stop condition holds)."""
+        params = self.request.sampling
+        self.completion_tokens += 1
+        is_eos = choice.token_id in eos and not params.ignore_eos
+        text = "" if is_eos else self.text.add(choice.token_id)
+        reason: FinishReason | None = None
+        if is_eos or self.text.stopped:
+            reason = "stop"
+        elif self.completion_tokens >= params.max_tokens or at_context_end:
+            reason = "length"
+        if reason is not None:
+            text += self.text.flush()
+        self._send(choice.token_id, text, choice, reason)
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+        """End the request without a new token (cancelled, failed)."""
+        self._send(None, "", None, reason, error)
+
+    def _send(
+        self, token_id: int | None, text: str, choice: TokenChoice | None, reason: FinishReason | None,
+        error: str | None = None,
+    ) -> None:
+        if self.done:
+            return
+        if reason is not None:
+            self.done = True
+        self._emit(TokenEvent(
+            request_id=self.request_id,
+            token_id=token_id,
+            text=text,
+            logprob=choice.logprob if choice else None,
+            top_logprobs=choice.top_logprobs if choice else (),
+            finish_reason=reason,
+            prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=self.completion_tokens,
+            error=error,
+        ))
