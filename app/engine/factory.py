@@ -1,0 +1,32 @@
+"""Build the engine for a loaded model with the limits from Settings."""
+
+from __future__ import annotations
+
+from app.config import Settings
+from app.engine.loop import Engine, EngineLimits
+from app.engine.model import LoadedModel
+from app.engine.runner import geometry_of
+
+
+def context_length(loaded: LoadedModel) -> int:
+    cfg = loaded.model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+
+def build_engine(loaded: LoadedModel, *, settings: Settings | None = None, **overrides: int) -> Engine:
+    """An engine (not started) on `loaded`; limits from `settings`, then keyword overrides."""
+    limits: dict[str, int] = {"max_positions": context_length(loaded)}
+    if settings is not None:
+        limits |= {
+            "max_batch_rows": settings.max_batch_rows,
+            "max_batch_tokens": settings.max_batch_tokens,
+            "max_waiting": settings.max_waiting,
+        }
+    limits |= overrides
+    pad = loaded.tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token id")
+    return Engine(
+        loaded.model, loaded.tokenizer, geometry=geometry_of(loaded.model, loaded.device, loaded.dtype),
+        pad_token_id=int(pad), eos_token_ids=loaded.eos_token_ids, limits=EngineLimits(**limits),
+    )

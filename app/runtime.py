@@ -1,0 +1,114 @@
+"""Everything the running service holds: model, engine, database, prefix tiers. Built in the app's lifespan.
+
+Heavy imports (torch, transformers) happen inside `open_runtime`, never at import time of the web app.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+
+if TYPE_CHECKING:
+    from app.engine.loop import Engine
+    from app.engine.model import LoadedModel
+    from prefix_store.blobs import BlobStore
+    from prefix_store.cache_tier import CacheTier
+    from prefix_store.resolver import PrefixResolver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: sa.Engine
+    sessions: sessionmaker[Session]
+    blobs: BlobStore
+    cache: CacheTier
+    model: LoadedModel | None = None
+    engine: Engine | None = None
+    resolver: PrefixResolver | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def database_ok(self) -> bool:
+        try:
+            with self.db.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except sa.exc.SQLAlchemyError:
+            return False
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "model": self.model is not None and self.engine is not None and self.engine.alive,
+            "database": self.database_ok(),
+        }
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        close = getattr(self.cache, "close", None)
+        if callable(close):
+            close()
+        self.db.dispose()
+
+
+def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
+    """Open the stores and (optionally) load the model and start the engine thread."""
+    from app.db.migrate import upgrade
+    from app.db.session import make_engine, make_session_factory
+    from prefix_store.blobs import open_blob_store
+    from prefix_store.cache_tier import open_cache_tier
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url
+    if settings.database_url is None:
+        # The embedded SQLite default migrates itself; production runs `prefixserve migrate` once.
+        upgrade(url)
+    db = make_engine(url)
+    runtime = Runtime(
+        settings=settings,
+        db=db,
+        sessions=make_session_factory(db),
+        blobs=open_blob_store(
+            settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
+            access_key=settings.s3_access_key_id, secret_key=settings.s3_secret_access_key,
+            region=settings.s3_region,
+        ),
+        cache=open_cache_tier(settings.redis_url, ttl_s=settings.redis_ttl_s,
+                              max_value_bytes=settings.redis_max_value_bytes),
+    )
+    if load_model:
+        _start_model(runtime)
+    return runtime
+
+
+def _start_model(runtime: Runtime) -> None:
+    import torch
+
+    from app.engine.factory import build_engine
+    from app.engine.model import load_model
+    from app.services.catalog import DbCatalog
+    from prefix_store.device_pool import DevicePool
+    from prefix_store.resolver import PrefixResolver
+
+    s = runtime.settings
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    loaded = load_model(s.model, data_dir=s.data_dir, device=s.device, dtype=s.dtype,
+                        allow_hub_download=s.allow_hub_download, name=s.model_name)
+    runtime.model = loaded
+    runtime.resolver = PrefixResolver(
+        catalog=DbCatalog(runtime.sessions), pool=DevicePool(s.device_pool_bytes), cache=runtime.cache,
+        blobs=runtime.blobs, device=loaded.device, dtype=loaded.dtype, spec=loaded.spec,
+        max_virtual_tokens=s.max_virtual_tokens, max_bytes=s.max_upload_bytes,
+    )
+    runtime.engine = build_engine(loaded, settings=s)
+    runtime.engine.start()
+    log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)

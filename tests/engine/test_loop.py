@@ -1,0 +1,171 @@
+"""The scheduler: joins without draining, budgets, cancellation, backpressure, failures isolated to their rows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from app.engine.sampling import SamplingParams
+from app.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge
+from tests.engine.helpers import collect, make_engine, random_prefix
+
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+
+async def test_new_request_joins_running_batch(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        long_task = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], LONG)))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        short = await collect(engine, GenerationRequest([4, 5], SHORT))
+        assert len(short.tokens) == 4
+        assert not long_task.done(), "the short request waited for the long one to drain"
+        assert time.monotonic() - t0 < 5
+        await long_task
+    finally:
+        engine.stop()
+
+
+async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        other = asyncio.create_task(collect(engine, GenerationRequest([9, 9], SamplingParams(
+            max_tokens=60, temperature=0.0, ignore_eos=True))))
+        got = 0
+        async for _ev in engine.submit(GenerationRequest([1, 2, 3], LONG, request_id="cancel-me")):
+            got += 1
+            if got == 3:
+                break
+        await asyncio.sleep(0.2)
+        assert engine.stats.running_rows <= 1
+        assert "cancel-me" not in engine._active
+        res = await other
+        assert len(res.tokens) == 60 and res.final is not None and res.final.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+async def test_batch_rows_budget(tiny_llama) -> None:
+    engine = make_engine(tiny_llama, max_batch_rows=3)
+    try:
+        await asyncio.gather(*[collect(engine, GenerationRequest([i + 1, 2], SamplingParams(
+            max_tokens=10, temperature=0.0, ignore_eos=True))) for i in range(8)])
+        assert max(engine.stats.batch_sizes) == 3
+    finally:
+        engine.stop()
+
+
+async def test_token_budget_counts_prefix_tokens(tiny_llama) -> None:
+    # each request reserves 30 prefix + 2 prompt + 8 new = 40 tokens: a budget of 100 admits two at a time
+    engine = make_engine(tiny_llama, max_batch_tokens=100)
+    try:
+        reqs = [GenerationRequest([1, 2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                                  prefix=random_prefix(tiny_llama, 30, seed=i)) for i in range(5)]
+        await asyncio.gather(*[collect(engine, r) for r in reqs])
+        assert max(engine.stats.batch_sizes) == 2
+    finally:
+        engine.stop()
+
+
+async def test_request_too_large_and_overload(tiny_llama) -> None:
+    engine = make_engine(tiny_llama, max_batch_tokens=50, max_waiting=2)
+    try:
+        with pytest.raises(RequestTooLarge):
+            await collect(engine, GenerationRequest(list(range(1, 40)), SamplingParams(max_tokens=20)))
+        gate = threading.Event()
+
+        def slow_prefix():
+            gate.wait(10)
+            return random_prefix(tiny_llama, 2, seed=0)
+
+        waiting = [asyncio.create_task(collect(engine, GenerationRequest([1], SHORT, prefix=slow_prefix)))
+                   for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(EngineOverloaded):
+            await collect(engine, GenerationRequest([1], SHORT))
+        gate.set()
+        for t in waiting:
+            assert len((await t).tokens) == 4
+        # the queue drained: new requests are accepted again
+        assert len((await collect(engine, GenerationRequest([1], SHORT))).tokens) == 4
+    finally:
+        engine.stop()
+
+
+async def test_slow_prefix_load_does_not_stall_other_rows(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        def slow_prefix():
+            time.sleep(1.5)
+            return random_prefix(tiny_llama, 3, seed=0)
+
+        slow = asyncio.create_task(collect(engine, GenerationRequest([1, 2], SHORT, prefix=slow_prefix)))
+        t0 = time.monotonic()
+        fast = await collect(engine, GenerationRequest([3, 4], SHORT))
+        assert len(fast.tokens) == 4 and time.monotonic() - t0 < 1.0
+        assert len((await slow).tokens) == 4
+    finally:
+        engine.stop()
+
+
+async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        def broken():
+            raise KeyError("no such prefix")
+
+        bad, good = await asyncio.gather(
+            collect(engine, GenerationRequest([1, 2], SHORT, prefix=broken)),
+            collect(engine, GenerationRequest([1, 2], SHORT)),
+        )
+        assert bad.final is not None and bad.final.finish_reason == "error" and "no such prefix" in bad.final.error
+        assert len(good.tokens) == 4
+    finally:
+        engine.stop()
+
+
+async def test_exception_in_prefill_fails_only_the_new_rows(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        running = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], SamplingParams(
+            max_tokens=80, temperature=0.0, ignore_eos=True))))
+        await asyncio.sleep(0.1)
+        real = engine.runner.forward
+
+        def flaky(batch):
+            if batch.input_ids.shape[1] > 1 and batch.rows[0].request_id == "doomed":
+                raise RuntimeError("boom")
+            return real(batch)
+
+        engine.runner.forward = flaky  # type: ignore[method-assign]
+        doomed = await collect(engine, GenerationRequest([5, 6], SHORT, request_id="doomed"))
+        assert doomed.final is not None and doomed.final.finish_reason == "error"
+        res = await running
+        assert len(res.tokens) == 80 and res.final is not None and res.final.finish_reason == "length"
+    finally:
+        engine.stop()
+
+
+async def test_eos_and_stop_strings_finish_with_stop(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        free = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0,
+                                                                                  ignore_eos=True)))
+        eos_tok = free.tokens[3]
+        engine.eos_token_ids = frozenset({eos_tok})
+        with_eos = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0)))
+        assert with_eos.final is not None and with_eos.final.finish_reason == "stop"
+        assert with_eos.tokens == free.tokens[: free.tokens.index(eos_tok) + 1]
+        engine.eos_token_ids = frozenset()
+        stop = free.text[5:8]
+        stopped = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(
+            max_tokens=30, temperature=0.0, stop=(stop,))))
+        assert stopped.final is not None and stopped.final.finish_reason == "stop"
+        assert stopped.text == free.text[: free.text.index(stop)]
+    finally:
+        engine.stop()
