@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.api.routes import health
 from app.config import Settings, load_settings
+from app.errors import install_handlers
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -38,5 +39,6 @@ def create_app(
             await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
+    install_handlers(app)
     app.include_router(health.router)
     return app
