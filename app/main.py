@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from app.api.routes import health
+from app.api.routes import admin, chat, completions, health, models, prefixes
 from app.config import Settings, load_settings
 from app.errors import install_handlers
 
@@ -41,4 +41,6 @@ def create_app(
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
     install_handlers(app)
     app.include_router(health.router)
+    for module in (completions, chat, models, prefixes, admin):
+        app.include_router(module.router)
     return app

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
     from prefix_store.blobs import BlobStore
@@ -34,6 +35,8 @@ class Runtime:
     model: LoadedModel | None = None
     engine: Engine | None = None
     resolver: PrefixResolver | None = None
+    engine_client: EngineClient | None = None
+    admin_key: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def database_ok(self) -> bool:
@@ -84,15 +87,40 @@ def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
         cache=open_cache_tier(settings.redis_url, ttl_s=settings.redis_ttl_s,
                               max_value_bytes=settings.redis_max_value_bytes),
     )
+    runtime.admin_key = _admin_key(settings)
     if load_model:
         _start_model(runtime)
     return runtime
 
 
+def _admin_key(settings: Settings) -> str | None:
+    """PREFIXSERVE_ADMIN_KEY, or on the embedded default one generated at first start (0600 in the data dir)."""
+    if settings.admin_key:
+        return settings.admin_key
+    if settings.database_url is not None:
+        log.warning("PREFIXSERVE_ADMIN_KEY is not set: admin endpoints are disabled")
+        return None
+    import os
+
+    from app.services.auth import generate_key
+
+    path = settings.data_dir / "admin_key"
+    if path.exists():
+        return path.read_text().strip()
+    key = generate_key()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    # Shown once, on the console of the operator who started the embedded server.
+    log.warning("generated the admin key %s (saved with mode 0600 in %s)", key, path)
+    return key
+
+
 def _start_model(runtime: Runtime) -> None:
     import torch
 
-    from app.engine.factory import build_engine
+    from app.engine.client import EngineClient
+    from app.engine.factory import build_engine, context_length
     from app.engine.model import load_model
     from app.services.catalog import DbCatalog
     from prefix_store.device_pool import DevicePool
@@ -111,4 +139,6 @@ def _start_model(runtime: Runtime) -> None:
     )
     runtime.engine = build_engine(loaded, settings=s)
     runtime.engine.start()
+    runtime.engine_client = EngineClient(runtime.engine, loaded.tokenizer, runtime.resolver,
+                                         loaded.spec.model_id, context_length(loaded))
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)

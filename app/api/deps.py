@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from app.errors import Forbidden, Unauthorized, Unavailable
+from app.services.auth import Principal, authenticate
 
 if TYPE_CHECKING:
+    from app.engine.client import EngineClient
     from app.runtime import Runtime
 
 
@@ -16,3 +23,61 @@ def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated["Runtime", Depends(get_runtime)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with runtime.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) -> Principal:
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    try:
+        principal = authenticate(session, raw_key=key.strip(), admin_key=runtime.admin_key)
+    except OperationalError:
+        raise Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
+    if principal is None:
+        raise Unauthorized("invalid API key")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_tenant(scope: str) -> Callable[[Principal], Principal]:
+    """A dependency: a tenant key holding `scope` (the admin key is not a tenant and is refused here)."""
+
+    def dep(principal: PrincipalDep) -> Principal:
+        if principal.is_admin:
+            raise Forbidden("the admin key cannot access tenant data; use a tenant API key")
+        if scope not in principal.scopes and not (scope == "inference" and "manage" in principal.scopes):
+            raise Forbidden(f"this API key lacks the `{scope}` scope")
+        return principal
+
+    return dep
+
+
+def require_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this endpoint needs the platform admin key")
+    return principal
+
+
+InferenceDep = Annotated[Principal, Depends(require_tenant("inference"))]
+ManageDep = Annotated[Principal, Depends(require_tenant("manage"))]
+AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def get_engine_client(runtime: RuntimeDep) -> EngineClient:
+    if runtime.engine_client is None:
+        raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
+    return runtime.engine_client
+
+
+EngineClientDep = Annotated["EngineClient", Depends(get_engine_client)]

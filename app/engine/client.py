@@ -1,0 +1,80 @@
+"""The one interface through which the HTTP layer reaches the engine (no torch types cross it).
+
+Tokenization (prompts, chat templates) and prefix resolution happen here, so routes deal only in text, ids and
+events. HTTP-layer unit tests replace this class with a fake of the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.engine.loop import Engine
+from app.engine.sampling import SamplingParams
+from app.engine.types import GenerationRequest, TokenEvent
+from prefix_store.resolver import PrefixResolver
+from prefix_store.types import PrefixKV
+
+
+@dataclass(frozen=True)
+class PrefixSelector:
+    """Which stored prefix a request uses: a tenant's prefix by name (and version, None = newest)."""
+
+    tenant_id: str
+    name: str
+    version: int | None = None
+
+
+class EngineClient:
+    """Tokenize, resolve the prefix off the engine thread, and stream the engine's events."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, resolver: PrefixResolver | None, model_id: str,
+                 context_length: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.resolver = resolver
+        self.model_id = model_id
+        self.context_length = context_length
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The model's chat template, ending with the assistant turn's opening."""
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in recent transformers
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def token_text(self, token_id: int) -> str:
+        text: str = self.tokenizer.decode([token_id])
+        return text
+
+    @property
+    def vocab_size(self) -> int:
+        return int(len(self.tokenizer))
+
+    def _loader(self, selector: PrefixSelector) -> Any:
+        resolver = self.resolver
+        if resolver is None:
+            raise RuntimeError("no prefix resolver configured")
+
+        def load() -> PrefixKV:
+            return resolver.get(selector.tenant_id, selector.name, selector.version).kv
+
+        return load
+
+    async def generate(
+        self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelector | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream token events; stopping the iteration early cancels the request in the engine."""
+        req = GenerationRequest(prompt_ids=prompt_ids, sampling=sampling,
+                                prefix=self._loader(prefix) if prefix is not None else None)
+        if request_id is not None:
+            req.request_id = request_id
+        async for ev in self.engine.submit(req):
+            yield ev
