@@ -59,7 +59,7 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto" is float32 on CPU (bfloat16 matmuls are slow there) and bfloat16 on accelerators."""
+    """The torch dtype for a dtype setting; `auto` is float32 on CPU (slow bf16 matmuls) and bf16 on GPUs."""
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     try:
