@@ -110,7 +110,6 @@ def _peft_sequential(loaded: Any, adapters: list[tuple[str, Path, int]], prompts
     results = []
     t_start = time.perf_counter()
     for (name, _, p), prompt in zip(adapters, prompts, strict=True):
-        t0 = time.perf_counter()
         pm.set_adapter(name)
         ids = torch.tensor([prompt], device=dev)
         s = len(prompt)
@@ -118,7 +117,8 @@ def _peft_sequential(loaded: Any, adapters: list[tuple[str, Path, int]], prompts
             out = pm(input_ids=ids, attention_mask=torch.ones(1, s, dtype=torch.long, device=dev), use_cache=True)
             cache = out.past_key_values
             tok = int(out.logits[0, -1].argmax())
-            ttft = time.perf_counter() - t0
+            # All N requests arrive together: a request's first token waits for every request served before it.
+            ttft = time.perf_counter() - t_start
             toks = [tok]
             for t in range(new_tokens - 1):
                 pos = torch.tensor([[p + s + t]], device=dev)

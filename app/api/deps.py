@@ -74,7 +74,10 @@ ManageDep = Annotated[Principal, Depends(require_tenant("manage"))]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-def get_engine_client(runtime: RuntimeDep) -> EngineClient:
+def get_engine_client(request: Request) -> EngineClient:
+    # Takes the Request, not RuntimeDep: the return type is TYPE_CHECKING-only, and when FastAPI cannot
+    # evaluate a signature it leaves string annotations unresolved (a `RuntimeDep` here became a query param).
+    runtime = get_runtime(request)
     if runtime.engine_client is None:
         raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
     return runtime.engine_client

@@ -1,7 +1,28 @@
-"""chat routes (to be filled in)."""
+"""`POST /v1/chat/completions` (OpenAI-compatible; SSE when `stream` is true)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from sse_starlette import EventSourceResponse
 
-router = APIRouter()
+from app.api.deps import EngineClientDep, InferenceDep, SessionDep
+from app.api.routes.streaming import respond
+from app.protocol.chat import ChatCompletionRequest
+from app.services.chat import serve_chat
+from app.services.inference import ClientDisconnected, receive_disconnect
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, principal: InferenceDep, session: SessionDep,
+    engine: EngineClientDep,
+) -> Response | EventSourceResponse:
+    """Answer `messages` (through the model's chat template) with the model `model` names."""
+    try:
+        result = await serve_chat(body, principal=principal, session=session, engine=engine,
+                                  disconnected=receive_disconnect(request.receive))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return respond(result)

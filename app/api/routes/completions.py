@@ -1,7 +1,26 @@
-"""completions routes (to be filled in)."""
+"""`POST /v1/completions` (OpenAI-compatible; SSE when `stream` is true)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from sse_starlette import EventSourceResponse
 
-router = APIRouter()
+from app.api.deps import EngineClientDep, InferenceDep, SessionDep
+from app.api.routes.streaming import respond
+from app.protocol.completions import CompletionRequest
+from app.services.completions import serve_completion
+from app.services.inference import ClientDisconnected, receive_disconnect
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request, principal: InferenceDep,
+                            session: SessionDep, engine: EngineClientDep) -> Response | EventSourceResponse:
+    """Complete `prompt` with the model `model` names (the base model or one of the tenant's prefixes)."""
+    try:
+        result = await serve_completion(body, principal=principal, session=session, engine=engine,
+                                        disconnected=receive_disconnect(request.receive))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return respond(result)

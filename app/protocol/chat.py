@@ -1,0 +1,120 @@
+"""`POST /v1/chat/completions` request and response bodies (OpenAI field names and order). Text only."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer
+
+from app.protocol.common import OpenAIRequest, OpenAIResponse, SamplingFields, Usage
+
+MAX_TOP_LOGPROBS = 20
+
+FinishReason = Literal["stop", "length"]
+
+
+class TextPart(OpenAIRequest):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIRequest):
+    """One message. `developer` is treated as `system` (chat templates do not know it)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as the tokenizer's chat template expects it."""
+        content = self.content
+        text = "".join(p.text for p in content) if isinstance(content, list) else content or ""
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return v
+
+    @property
+    def completion_limit(self) -> int | None:
+        """`max_completion_tokens` (the current name) wins over the deprecated `max_tokens`."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(OpenAIResponse):
+    content: list[TokenLogprob] | None
+
+
+class AssistantMessage(OpenAIResponse):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(OpenAIResponse):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletion(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(OpenAIResponse):
+    """A stream chunk's message delta; unset fields are left out, as OpenAI sends them."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+class ChunkChoice(OpenAIResponse):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None

@@ -1,0 +1,142 @@
+"""Serving `POST /v1/chat/completions`: the model's chat template, then the engine path of completions."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidRequest, ServiceError
+from app.protocol.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    ChunkChoice,
+    Delta,
+    TokenLogprob,
+    TopLogprob,
+)
+from app.protocol.common import Usage, normalize_stop
+from app.services.auth import Principal
+from app.services.inference import (
+    Generation,
+    check_prompt,
+    collect,
+    completion_budget,
+    error_payload,
+    event_error,
+    lookup_target,
+    sampling_params,
+    start_generation,
+)
+
+if TYPE_CHECKING:
+    from app.engine.client import EngineClient
+    from app.engine.types import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+def encode_messages(req: ChatCompletionRequest, engine: EngineClient) -> list[int]:
+    """Token ids of the conversation through the model's chat template (a template error is the client's)."""
+    try:
+        return engine.encode_chat([m.template_dict() for m in req.messages])
+    except Exception as exc:  # jinja2 raises TemplateError subclasses (and templates may `raise_exception`)
+        log.info("chat template refused the messages: %r", exc)
+        raise InvalidRequest(f"the messages do not fit the model's chat template: {exc}",
+                             param="messages") from None
+
+
+def chat_logprobs(engine: EngineClient, events: list[TokenEvent]) -> ChoiceLogprobs:
+    """OpenAI chat logprobs of `events`' tokens, with the top alternatives the engine returned."""
+    content = []
+    for ev in events:
+        if ev.token_id is None or ev.logprob is None:
+            continue
+        token = engine.token_text(ev.token_id)
+        tops = []
+        for tid, lp in ev.top_logprobs:
+            text = engine.token_text(tid)
+            tops.append(TopLogprob(token=text, logprob=lp, bytes=list(text.encode())))
+        content.append(TokenLogprob(token=token, logprob=ev.logprob, bytes=list(token.encode()),
+                                    top_logprobs=tops))
+    return ChoiceLogprobs(content=content)
+
+
+async def serve_chat(
+    req: ChatCompletionRequest, *, principal: Principal, session: Session, engine: EngineClient,
+    disconnected: Callable[[], Awaitable[None]] | None = None,
+) -> ChatCompletion | AsyncIterator[str]:
+    """Run a chat completion. Errors before generation raise ServiceError; a stream returns payloads."""
+    assert principal.tenant_id is not None  # InferenceDep refuses the admin key
+    target = await lookup_target(session, tenant_id=principal.tenant_id, model=req.model,
+                                 base_model_id=engine.model_id)
+    prompt_ids = encode_messages(req, engine)
+    check_prompt(prompt_ids, engine, param="messages")
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = completion_budget(len(prompt_ids), req.completion_limit, target, engine.context_length,
+                                   param=param)
+    params = sampling_params(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                             seed=req.seed, stop=normalize_stop(req.stop),
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    gen = await start_generation(engine, prompt_ids=prompt_ids, params=params, target=target,
+                                 disconnected=disconnected)
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if req.stream:
+        gen.stop_watching()
+        head = ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[])
+        return _stream(req, gen, head, engine, len(prompt_ids))
+    per_choice = await collect(gen)
+    choices = [
+        ChatChoice(index=i, message=AssistantMessage(content="".join(ev.text for ev in events)),
+                   logprobs=chat_logprobs(engine, events) if req.logprobs else None,
+                   finish_reason=events[-1].finish_reason)  # type: ignore[arg-type]
+        for i, events in enumerate(per_choice)
+    ]
+    completion_tokens = sum(events[-1].completion_tokens for events in per_choice)
+    return ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
+                          usage=_usage(len(prompt_ids), completion_tokens))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatCompletionChunk,
+                  engine: EngineClient, prompt_tokens: int) -> AsyncIterator[str]:
+    """Chunk payloads: each choice's role first, then content deltas, its finish; usage if asked; [DONE]."""
+    exclude = None if req.include_usage else {"usage"}
+
+    def chunk(choice: ChunkChoice) -> str:
+        return head.model_copy(update={"choices": [choice]}).model_dump_json(exclude=exclude)
+
+    completion_tokens = 0
+    try:
+        for i in range(gen.n):
+            yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
+        async for index, ev in gen.events():
+            if ev.final and ev.finish_reason not in ("stop", "length"):
+                raise event_error(ev)
+            if not (ev.text or ev.final or req.logprobs):
+                continue
+            if ev.final:
+                completion_tokens += ev.completion_tokens
+            yield chunk(ChunkChoice(index=index, delta=Delta(content=ev.text or None),
+                                    logprobs=chat_logprobs(engine, [ev]) if req.logprobs else None,
+                                    finish_reason=ev.finish_reason))  # type: ignore[arg-type]
+        if req.include_usage:
+            usage = _usage(prompt_tokens, completion_tokens)
+            yield head.model_copy(update={"usage": usage}).model_dump_json()
+    except ServiceError as exc:
+        yield error_payload(exc)
+    finally:
+        gen.close()
+    yield "[DONE]"

@@ -1,0 +1,280 @@
+"""Serving core shared by completions and chat: resolve `model`, build sampling, run n engine requests.
+
+The engine's types live in modules that import torch, so they are imported inside functions here (the web
+layer must import without torch; in a running server the engine has imported it already).
+
+`Generation` runs a request's n choices as n engine requests and merges their events. It is started with
+`start()`, which waits for the first event of every choice: admission errors (too large, overloaded) and
+prefix-load failures therefore become plain HTTP errors before any stream begins. Closing it, or the client
+disconnecting, cancels every engine request still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from starlette.types import Receive
+
+from app.db.models import Prefix, PrefixVersion
+from app.errors import InvalidRequest, NotFound, RateLimited, ServiceError, Unavailable, error_body
+
+if TYPE_CHECKING:
+    from app.engine.client import EngineClient, PrefixSelector
+    from app.engine.sampling import SamplingParams
+    from app.engine.types import TokenEvent
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
+OVERLOAD_RETRY_AFTER_S = "1"
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What answers a request: the base model (selector None) or one concrete prefix version."""
+
+    model: str  # as the client named it
+    selector: PrefixSelector | None
+    num_virtual_tokens: int = 0
+
+
+def model_not_found(model: str) -> NotFound:
+    """The one answer for a missing model and another tenant's: same status, same body."""
+    return NotFound(f"The model `{model}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+def parse_model_name(model: str) -> tuple[str, int | None]:
+    """`name` → (name, None); `name@3` → (name, 3). `user:<id>` is a prefix name like any other."""
+    m = _VERSIONED.match(model)
+    if m is None:
+        return model, None
+    return m.group("name"), int(m.group("version"))
+
+
+def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str) -> ModelTarget:
+    """The target `model` names for this tenant, checked in the database; raises the 404 otherwise."""
+    if model == base_model_id:
+        return ModelTarget(model=model, selector=None)
+    from app.engine.client import PrefixSelector
+
+    name, version = parse_model_name(model)
+    stmt = (
+        sa.select(PrefixVersion.version, PrefixVersion.num_virtual_tokens)
+        .join(Prefix, PrefixVersion.prefix_id == Prefix.id)
+        .where(Prefix.tenant_id == tenant_id, Prefix.name == name)
+    )
+    stmt = (stmt.where(PrefixVersion.version == version) if version is not None
+            else stmt.order_by(PrefixVersion.version.desc()).limit(1))
+    row = session.execute(stmt).first()
+    if row is None:
+        raise model_not_found(model)
+    # The concrete version, so the engine serves exactly what was checked even if a newer one lands now.
+    return ModelTarget(model=model, selector=PrefixSelector(tenant_id, name, int(row.version)),
+                       num_virtual_tokens=int(row.num_virtual_tokens))
+
+
+def check_prompt(prompt_ids: list[int], engine: EngineClient, *, param: str) -> None:
+    """Refuse an empty prompt or token ids outside the vocabulary (the engine would fail on them)."""
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty", param=param)
+    vocab = engine.vocab_size
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+
+
+def completion_budget(prompt_len: int, requested: int | None, target: ModelTarget, context_length: int,
+                      *, param: str) -> int:
+    """max_tokens to use: the requested one if prefix + prompt + it fit the context, else 400;
+    None means "as many as fit"."""
+    room = context_length - target.num_virtual_tokens - prompt_len
+    if room < 1 or (requested is not None and requested > room):
+        asked = f" + {requested} completion tokens" if requested is not None else ""
+        prefix = f" + {target.num_virtual_tokens} prefix tokens" if target.num_virtual_tokens else ""
+        raise InvalidRequest(
+            f"This model's maximum context length is {context_length} tokens; the request has "
+            f"{prompt_len} prompt tokens{prefix}{asked}.", param=param, code="context_length_exceeded")
+    return requested if requested is not None else room
+
+
+def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p: float | None,
+                    seed: int | None, stop: tuple[str, ...], logprobs: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice; with a seed, choice i uses seed + i (distinct, reproducible)."""
+    from app.engine.sampling import SamplingParams, SamplingParamsError
+
+    try:
+        return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                               top_p=1.0 if top_p is None else top_p,
+                               seed=None if seed is None else seed + i, stop=stop, logprobs=logprobs)
+                for i in range(n)]
+    except SamplingParamsError as exc:
+        raise InvalidRequest(str(exc), param=str(exc).split(" ", 1)[0]) from None
+
+
+def engine_exception(exc: Exception) -> ServiceError:
+    """An exception raised by the engine at submission, as the client's error."""
+    from app.engine.types import EngineOverloaded, RequestTooLarge
+
+    if isinstance(exc, RequestTooLarge):
+        return InvalidRequest(str(exc), param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, EngineOverloaded):
+        return RateLimited(f"the server is busy ({exc}); retry shortly", code="overloaded",
+                           headers={"Retry-After": OVERLOAD_RETRY_AFTER_S})
+    log.error("engine failed at submission: %r", exc)
+    return Unavailable("the engine could not take the request; retry shortly", code="engine_error",
+                       headers={"Retry-After": "5"})
+
+
+def event_error(ev: TokenEvent) -> ServiceError:
+    """An engine event that ended without "stop"/"length" (error, cancelled) as the client's error."""
+    msg = ev.error or f"generation ended: {ev.finish_reason}"
+    if msg.startswith("prefix could not be loaded"):
+        return Unavailable(msg, param="model", code="prefix_unavailable")
+    if "exceed" in msg:
+        return InvalidRequest(msg, param="max_tokens", code="context_length_exceeded")
+    log.error("engine error event for %s: %s", ev.request_id, msg)
+    return Unavailable(f"the engine failed: {msg}", code="engine_error", headers={"Retry-After": "5"})
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nothing is sent back."""
+
+
+_DISCONNECTED = object()
+
+
+class Generation:
+    """The engine requests of one API request (one per choice), their events merged in arrival order."""
+
+    def __init__(self, streams: list[AsyncIterator[TokenEvent]],
+                 disconnected: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.n = len(streams)
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._watch = asyncio.create_task(self._watch_disconnect(disconnected)) if disconnected else None
+        self._buffer: list[tuple[int, TokenEvent]] = []
+        self._open = self.n
+
+    async def _pump(self, index: int, stream: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for ev in stream:
+                self._queue.put_nowait((index, ev))
+        except Exception as exc:  # admission errors: RequestTooLarge, EngineOverloaded
+            self._queue.put_nowait(exc)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _watch_disconnect(self, disconnected: Callable[[], Awaitable[None]]) -> None:
+        await disconnected()
+        self._queue.put_nowait(_DISCONNECTED)
+
+    async def _next(self) -> tuple[int, TokenEvent]:
+        item = await self._queue.get()
+        if item is _DISCONNECTED:
+            self.close()
+            raise ClientDisconnected
+        if isinstance(item, Exception):
+            self.close()
+            raise engine_exception(item)
+        return cast("tuple[int, TokenEvent]", item)
+
+    async def start(self) -> None:
+        """Wait for every choice's first event; raise the client's error if one failed to start."""
+        started: set[int] = set()
+        while len(started) < self.n:
+            index, ev = await self._next()
+            if ev.final and ev.finish_reason not in ("stop", "length"):
+                self.close()
+                raise event_error(ev)
+            started.add(index)
+            self._buffer.append((index, ev))
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(choice index, event) until every choice has its final event. Error events are yielded too."""
+        try:
+            while self._open:
+                index, ev = self._buffer.pop(0) if self._buffer else await self._next()
+                if ev.final:
+                    self._open -= 1
+                yield index, ev
+        finally:
+            self.close()
+
+    def stop_watching(self) -> None:
+        """Stop reading ASGI `receive` (a streaming response takes over watching for the disconnect)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def close(self) -> None:
+        """Cancel every engine request still running (their iterators' cleanup cancels them in the engine)."""
+        for task in self._tasks:
+            task.cancel()
+        self.stop_watching()
+
+
+async def start_generation(engine: EngineClient, *, prompt_ids: list[int], params: list[SamplingParams],
+                           target: ModelTarget, disconnected: Callable[[], Awaitable[None]] | None = None
+                           ) -> Generation:
+    """Submit one engine request per choice and wait until each has started (see `Generation.start`)."""
+    base = uuid.uuid4().hex
+    streams = [engine.generate(prompt_ids=prompt_ids, sampling=p, prefix=target.selector,
+                               request_id=f"{base}-{i}") for i, p in enumerate(params)]
+    gen = Generation(streams, disconnected)
+    try:
+        await gen.start()
+    except BaseException:
+        gen.close()
+        raise
+    return gen
+
+
+def receive_disconnect(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns when the ASGI `receive` reports `http.disconnect` (the body is already read)."""
+
+    async def wait() -> None:
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    return wait
+
+
+async def collect(gen: Generation) -> list[list[TokenEvent]]:
+    """Every choice's events, in order; raises the client's error if a choice ended in an error."""
+    out: list[list[TokenEvent]] = [[] for _ in range(gen.n)]
+    async for index, ev in gen.events():
+        if ev.final and ev.finish_reason not in ("stop", "length"):
+            raise event_error(ev)
+        out[index].append(ev)
+    return out
+
+
+def error_payload(exc: ServiceError) -> str:
+    """The JSON of an error sent inside a stream (the OpenAI client raises it as an APIError)."""
+    return json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))
+
+
+async def lookup_target(session: Session, *, tenant_id: str, model: str, base_model_id: str) -> ModelTarget:
+    """`resolve_model` off the event loop; then the session is closed, so no connection is held while the
+    request generates (a long stream would otherwise pin one of the pool's few connections)."""
+    try:
+        return await asyncio.to_thread(resolve_model, session, tenant_id=tenant_id, model=model,
+                                       base_model_id=base_model_id)
+    finally:
+        session.close()

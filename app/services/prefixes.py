@@ -1,0 +1,296 @@
+"""A tenant's prefixes: upload (new version), list, get, delete, download. Keyword-only functions.
+
+Every query is scoped by tenant_id, and another tenant's prefix is reported exactly like a missing one.
+Ordering that keeps the stores consistent: the blob is written before the row that points to it commits;
+a delete commits first (from then on the resolver, which always reads the catalog, no longer serves it),
+then deletes blobs no row references any more and frees the cache tiers.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.db.models import PERSONAL_PREFIX_PREFIX, File, JobCheckpoint, Prefix, PrefixVersion
+from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
+from app.services.uploads import convert_upload
+from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
+
+if TYPE_CHECKING:
+    from app.runtime import Runtime
+    from prefix_store.types import ModelSpec
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+INSERT_ATTEMPTS = 8
+DownloadFormat = Literal["native", "peft"]
+
+
+@dataclass(frozen=True)
+class PrefixStores:
+    """What prefix management needs besides the session: blobs, the served model's spec, limits, and a
+    callback freeing a prefix from the cache tiers (tenant_id, prefix_id)."""
+
+    blobs: BlobStore
+    spec: ModelSpec | None
+    max_virtual_tokens: int
+    max_bytes: int
+    invalidate: Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Download:
+    filename: str
+    media_type: str
+    data: bytes
+
+
+def stores_from_runtime(runtime: Runtime) -> PrefixStores:
+    """The runtime's stores; invalidation goes through the resolver (device pool + cache) when it exists."""
+    resolver = runtime.resolver
+    invalidate = resolver.invalidate if resolver is not None else runtime.cache.invalidate
+    return PrefixStores(
+        blobs=runtime.blobs, spec=runtime.model.spec if runtime.model is not None else None,
+        max_virtual_tokens=runtime.settings.max_virtual_tokens, max_bytes=runtime.settings.max_upload_bytes,
+        invalidate=invalidate,
+    )
+
+
+def validate_name(name: str) -> str:
+    """A prefix name: lowercase letters, digits, `.`, `_`, `-`; starts with a letter or digit; <= 64."""
+    if name.startswith(PERSONAL_PREFIX_PREFIX):
+        raise InvalidRequest(f"prefix names starting with {PERSONAL_PREFIX_PREFIX!r} are reserved for end "
+                             "users' personal prefixes", param="name", code="invalid_name")
+    if NAME_RE.fullmatch(name) is None:
+        raise InvalidRequest(
+            f"invalid prefix name {name[:80]!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit", param="name", code="invalid_name")
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """`name` or `name@version` -> (name, version or None)."""
+    name, sep, raw = ref.partition("@")
+    validate_name(name)
+    if not sep:
+        return name, None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise InvalidRequest(
+            f"invalid version {raw[:20]!r} in {ref[:100]!r}: expected name@<positive integer>",
+            param="name", code="invalid_name")
+    return name, int(raw)
+
+
+def require_model(stores: PrefixStores) -> ModelSpec:
+    if stores.spec is None:
+        raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
+    return stores.spec
+
+
+def _missing(name: str, version: int | None) -> NotFound:
+    return NotFound(f"no prefix {name!r}" if version is None else f"no prefix {name!r} version {version}")
+
+
+def upload_prefix(
+    *, session: Session, stores: PrefixStores, tenant_id: str, name: str, files: list[tuple[str, bytes]]
+) -> PrefixUploaded:
+    """Store an upload as the next version of `name` (version 1 for a new name)."""
+    name = validate_name(name)
+    spec = require_model(stores)
+    converted = convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
+                               max_bytes=stores.max_bytes)
+    try:
+        sha = stores.blobs.put(converted.native)
+    except BlobStoreUnavailable as exc:
+        log.error("blob store write failed: %s", exc)
+        raise Unavailable("the object store is unavailable; retry shortly",
+                          headers={"Retry-After": "5"}) from None
+    try:
+        prefix, row = _insert_version(
+            session, tenant_id=tenant_id, name=name,
+            values={"sha256": sha, "size_bytes": len(converted.native),
+                    "num_virtual_tokens": converted.num_virtual_tokens,
+                    "source_format": converted.source_format,
+                    "base_model_fingerprint": spec.fingerprint,
+                    "recorded_base_model": converted.recorded_base_model},
+        )
+    except BaseException:
+        session.rollback()
+        delete_unreferenced_blobs(session=session, stores=stores, shas=[sha])
+        raise
+    # A concurrent delete may have collected the shared blob between our put and our commit: write it again.
+    stores.blobs.put(converted.native)
+    log.info("tenant %s stored prefix %s version %d (%s, %s)", tenant_id, name, row.version,
+             converted.source_format, sha[:12])
+    return PrefixUploaded(
+        id=prefix.id, name=name, version=row.version, num_virtual_tokens=row.num_virtual_tokens,
+        base_model=spec.model_id, sha256=sha, size_bytes=row.size_bytes, source_format=row.source_format,
+        created_at=row.created_at, warnings=converted.warnings,
+    )
+
+
+def _insert_version(
+    session: Session, *, tenant_id: str, name: str, values: dict[str, object]
+) -> tuple[Prefix, PrefixVersion]:
+    """Insert version max+1, retrying when a concurrent upload took the number (UNIQUE(prefix_id, version)),
+    created the prefix first (UNIQUE(tenant_id, name)), or held SQLite's write lock."""
+    for attempt in range(INSERT_ATTEMPTS):
+        try:
+            prefix = _find(session, tenant_id, name)
+            if prefix is None:
+                prefix = Prefix(tenant_id=tenant_id, name=name)
+                session.add(prefix)
+                session.flush()
+            latest = session.execute(
+                sa.select(sa.func.max(PrefixVersion.version)).where(PrefixVersion.prefix_id == prefix.id)
+            ).scalar()
+            row = PrefixVersion(prefix_id=prefix.id, version=(latest or 0) + 1, **values)
+            session.add(row)
+            session.commit()
+            return prefix, row
+        except (IntegrityError, OperationalError) as exc:
+            session.rollback()
+            retryable = isinstance(exc, IntegrityError) or "locked" in str(exc.orig)
+            if not retryable or attempt == INSERT_ATTEMPTS - 1:
+                if retryable:
+                    raise Conflict(f"concurrent uploads of prefix {name!r}; retry", code="conflict") from None
+                raise
+            time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _find(session: Session, tenant_id: str, name: str) -> Prefix | None:
+    return session.execute(
+        sa.select(Prefix)
+        .where(Prefix.tenant_id == tenant_id, Prefix.name == name, Prefix.end_user_id.is_(None))
+    ).scalar_one_or_none()
+
+
+def _version_info(v: PrefixVersion) -> PrefixVersionInfo:
+    return PrefixVersionInfo(
+        version=v.version, sha256=v.sha256, size_bytes=v.size_bytes, num_virtual_tokens=v.num_virtual_tokens,
+        source_format=v.source_format, base_model_fingerprint=v.base_model_fingerprint,
+        recorded_base_model=v.recorded_base_model, created_at=v.created_at,
+    )
+
+
+def _info(p: Prefix, latest: PrefixVersion, versions: list[PrefixVersion] | None = None) -> PrefixInfo:
+    return PrefixInfo(
+        id=p.id, name=p.name, created_at=p.created_at, latest_version=latest.version,
+        num_virtual_tokens=latest.num_virtual_tokens, sha256=latest.sha256,
+        versions=None if versions is None else [_version_info(v) for v in versions],
+    )
+
+
+def list_prefixes(*, session: Session, tenant_id: str) -> list[PrefixInfo]:
+    """The tenant's prefixes (not end users' personal ones) by name, each with its newest version."""
+    latest = (
+        sa.select(PrefixVersion.prefix_id, sa.func.max(PrefixVersion.version).label("v"))
+        .group_by(PrefixVersion.prefix_id).subquery()
+    )
+    rows = session.execute(
+        sa.select(Prefix, PrefixVersion)
+        .join(latest, latest.c.prefix_id == Prefix.id)
+        .join(PrefixVersion,
+              sa.and_(PrefixVersion.prefix_id == Prefix.id, PrefixVersion.version == latest.c.v))
+        .where(Prefix.tenant_id == tenant_id, Prefix.end_user_id.is_(None))
+        .order_by(Prefix.name)
+    ).all()
+    return [_info(p, v) for p, v in rows]
+
+
+def _resolve(session: Session, tenant_id: str, ref: str) -> tuple[Prefix, list[PrefixVersion], int | None]:
+    """(prefix, the versions `ref` names (all, or the one), version) or NotFound."""
+    name, version = parse_ref(ref)
+    prefix = _find(session, tenant_id, name)
+    if prefix is None or not prefix.versions:
+        raise _missing(name, None)
+    versions = [v for v in prefix.versions if version is None or v.version == version]
+    if not versions:
+        raise _missing(name, version)
+    return prefix, versions, version
+
+
+def get_prefix(*, session: Session, tenant_id: str, ref: str) -> PrefixInfo:
+    """One prefix with its versions (oldest first); `name@v` lists only that version."""
+    prefix, versions, _ = _resolve(session, tenant_id, ref)
+    return _info(prefix, prefix.versions[-1], versions)
+
+
+def delete_prefix(*, session: Session, stores: PrefixStores, tenant_id: str, ref: str) -> PrefixDeleted:
+    """Delete every version (`name`) or one (`name@v`; the prefix goes with its last version)."""
+    prefix, versions, version = _resolve(session, tenant_id, ref)
+    prefix_id, name = prefix.id, prefix.name
+    shas = {v.sha256 for v in versions}
+    if version is None or len(prefix.versions) == 1:
+        session.execute(sa.delete(Prefix).where(Prefix.id == prefix_id))  # versions cascade
+    else:
+        session.execute(sa.delete(PrefixVersion).where(PrefixVersion.id == versions[0].id))
+    session.commit()
+    log.info("tenant %s deleted prefix %s%s", tenant_id, name, "" if version is None else f"@{version}")
+    delete_unreferenced_blobs(session=session, stores=stores, shas=shas)
+    stores.invalidate(tenant_id, prefix_id)
+    return PrefixDeleted(id=prefix_id, name=name, version=version)
+
+
+def download_prefix(
+    *, session: Session, stores: PrefixStores, tenant_id: str, ref: str, fmt: DownloadFormat
+) -> Download:
+    """The stored native bytes, or (peft) a zip of a PEFT adapter directory that `PeftModel.from_pretrained`
+    loads (the files at the zip's root)."""
+    prefix, versions, _ = _resolve(session, tenant_id, ref)
+    row = versions[-1]
+    base = f"{prefix.name}-v{row.version}"
+    try:
+        data = stores.blobs.get(row.sha256)
+    except (BlobNotFound, BlobStoreUnavailable) as exc:
+        log.error("cannot read blob %s of prefix %s: %r", row.sha256, prefix.id, exc)
+        raise Unavailable("the stored prefix cannot be read right now; retry shortly") from None
+    if fmt == "native":
+        return Download(f"{base}.safetensors", "application/octet-stream", data)
+    return Download(f"{base}.zip", "application/zip", _to_peft_zip(data, stores, row.recorded_base_model))
+
+
+def _to_peft_zip(data: bytes, stores: PrefixStores, recorded: str | None) -> bytes:
+    from prefix_store.codec import decode_native
+    from prefix_store.peft_codec import encode_peft_zip
+    from prefix_store.types import PrefixError
+
+    spec = require_model(stores)
+    try:
+        kv = decode_native(data, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
+                           max_bytes=max(stores.max_bytes, len(data)))
+        return encode_peft_zip(kv, spec=spec, base_model_name_or_path=recorded or spec.model_id)
+    except PrefixError as exc:
+        raise Conflict(f"the stored prefix does not fit the served model: {exc}",
+                       code="model_mismatch") from None
+
+
+def blob_referenced(session: Session, sha256: str) -> bool:
+    """Whether any row (of any tenant) points to the blob: prefix versions, files, training checkpoints."""
+    return any(
+        session.execute(sa.select(sa.literal(1)).where(col == sha256).limit(1)).first() is not None
+        for col in (PrefixVersion.sha256, File.sha256, JobCheckpoint.sha256)
+    )
+
+
+def delete_unreferenced_blobs(*, session: Session, stores: PrefixStores, shas: Iterable[str]) -> None:
+    """Delete each blob no row references. A failure only leaves an orphan blob behind (logged)."""
+    for sha in sorted(set(shas)):
+        try:
+            if not blob_referenced(session, sha):
+                stores.blobs.delete(sha)
+        except (BlobStoreUnavailable, sa.exc.SQLAlchemyError) as exc:
+            log.warning("could not collect blob %s (left as an orphan): %s", sha, exc)
+    session.rollback()  # end the read transaction

@@ -1,0 +1,100 @@
+"""Tenant isolation, endpoint by endpoint: tenant B sees tenant A's objects exactly as missing ones (same
+status, same body), and two tenants may each own a prefix with the same name."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.fixtures_admin import ADMIN, Api, api_fixture, bearer, native_bytes  # noqa: F401
+
+# (method, path template) of every prefix endpoint that names a prefix; {ref} is the prefix reference.
+PREFIX_ENDPOINTS = [
+    ("GET", "/v1/prefixes/{ref}"),
+    ("GET", "/v1/prefixes/{ref}/download"),
+    ("GET", "/v1/prefixes/{ref}/download?format=peft"),
+    ("DELETE", "/v1/prefixes/{ref}"),
+]
+
+
+@pytest.fixture
+def two(api: Api) -> tuple[Api, str, str]:
+    """Tenant A owns `secret` (2 versions); tenant B owns nothing. Returns (api, key A, key B)."""
+    _, a = api.tenant("a")
+    _, b = api.tenant("b")
+    assert api.upload(a, "secret", native_bytes(api.spec, seed=1)).status_code == 201
+    assert api.upload(a, "secret", native_bytes(api.spec, seed=2)).status_code == 201
+    return api, a, b
+
+
+@pytest.mark.parametrize(("method", "template"), PREFIX_ENDPOINTS)
+@pytest.mark.parametrize("ref", ["secret", "secret@1"])
+def test_other_tenants_prefix_is_answered_as_missing(two: tuple[Api, str, str], method: str, template: str,
+                                                     ref: str) -> None:
+    api, a, b = two
+    theirs = api.client.request(method, template.format(ref=ref), headers=bearer(b))
+    missing = api.client.request(method, template.format(ref=ref.replace("secret", "nothing")),
+                                 headers=bearer(b))
+    assert theirs.status_code == 404
+    expected = missing.json()["error"]
+    expected["message"] = expected["message"].replace("nothing", "secret")
+    assert theirs.json() == {"error": expected}
+    # A's prefix is untouched (B's DELETE did nothing) and A still sees it.
+    assert api.client.get("/v1/prefixes/secret", headers=bearer(a)).json()["latest_version"] == 2
+
+
+def test_list_shows_only_own_prefixes_and_names_do_not_clash(two: tuple[Api, str, str]) -> None:
+    api, a, b = two
+    assert api.client.get("/v1/prefixes", headers=bearer(b)).json()["data"] == []
+    # B may use the same name: its own version 1, not A's version 3.
+    r = api.upload(b, "secret", native_bytes(api.spec, seed=9))
+    assert r.status_code == 201 and r.json()["version"] == 1
+    a_info = api.client.get("/v1/prefixes/secret", headers=bearer(a)).json()
+    b_info = api.client.get("/v1/prefixes/secret", headers=bearer(b)).json()
+    assert a_info["id"] != b_info["id"] and (a_info["latest_version"], b_info["latest_version"]) == (2, 1)
+    assert [p["name"] for p in api.client.get("/v1/prefixes", headers=bearer(b)).json()["data"]] == ["secret"]
+    # Deleting B's leaves A's.
+    assert api.client.delete("/v1/prefixes/secret", headers=bearer(b)).status_code == 200
+    assert api.client.get("/v1/prefixes/secret", headers=bearer(a)).status_code == 200
+    got = api.client.get("/v1/prefixes/secret@1/download", headers=bearer(a))
+    assert got.content == native_bytes(api.spec, seed=1)
+
+
+def test_uploading_a_taken_name_adds_to_own_prefix_only(two: tuple[Api, str, str]) -> None:
+    api, a, b = two
+    api.upload(b, "secret", native_bytes(api.spec, seed=9))
+    assert api.client.get("/v1/prefixes/secret", headers=bearer(a)).json()["latest_version"] == 2
+
+
+def test_keys_belong_to_their_tenant(api: Api) -> None:
+    a_id, a = api.tenant("a")
+    b_id, b = api.tenant("b")
+    r = api.client.post(f"/admin/tenants/{a_id}/keys", json={"scopes": ["manage"]}, headers=ADMIN)
+    a2 = r.json()
+    assert a2["tenant_id"] == a_id
+    api.upload(a2["key"], "p", native_bytes(api.spec))
+    assert api.client.get("/v1/prefixes/p", headers=bearer(a)).status_code == 200  # same tenant
+    assert api.client.get("/v1/prefixes/p", headers=bearer(b)).status_code == 404
+    # Revoking A's second key leaves A's first key and B's key working.
+    api.client.delete(f"/admin/keys/{a2['id']}", headers=ADMIN)
+    assert api.client.get("/v1/prefixes", headers=bearer(a2["key"])).status_code == 401
+    assert api.client.get("/v1/prefixes", headers=bearer(a)).status_code == 200
+    assert api.client.get("/v1/prefixes", headers=bearer(b)).status_code == 200
+    # Tenant keys cannot list or manage other tenants' keys (admin only).
+    for method, path in [("GET", f"/admin/tenants/{b_id}/keys"), ("POST", f"/admin/tenants/{b_id}/keys"),
+                         ("DELETE", f"/admin/keys/{a2['id']}"), ("DELETE", f"/admin/tenants/{b_id}")]:
+        r = api.client.request(method, path, headers=bearer(a), json={"scopes": ["manage"]})
+        assert r.status_code == 403, (method, path)
+    assert len(api.client.get("/admin/tenants", headers=ADMIN).json()["data"]) == 2
+
+
+def test_completions_cannot_use_another_tenants_prefix(two: tuple[Api, str, str]) -> None:
+    api, a, b = two
+    body = {"prompt": "hi", "max_tokens": 2}
+    theirs = api.client.post("/v1/completions", headers=bearer(b), json={**body, "model": "secret"})
+    missing = api.client.post("/v1/completions", headers=bearer(b), json={**body, "model": "nothing"})
+    assert theirs.status_code == missing.status_code == 404
+    expected = missing.json()["error"]["message"].replace("nothing", "secret")
+    assert theirs.json()["error"]["message"] == expected
+    assert theirs.json()["error"]["type"] == missing.json()["error"]["type"]
+    own = api.client.post("/v1/completions", headers=bearer(a), json={**body, "model": "secret"})
+    assert own.status_code == 200, own.text
