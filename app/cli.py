@@ -11,7 +11,9 @@ import typer
 from app.config import SettingsError, load_settings
 from app.logs import configure_logging
 
-cli = typer.Typer(help="prefixserve: many prefix-tuned virtual models on one frozen LLM.", no_args_is_help=True)
+cli = typer.Typer(
+    help="prefixserve: many prefix-tuned virtual models on one frozen LLM.", no_args_is_help=True
+)
 log = logging.getLogger("prefixserve")
 
 

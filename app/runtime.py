@@ -80,12 +80,15 @@ def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
         db=db,
         sessions=make_session_factory(db),
         blobs=open_blob_store(
-            settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
-            access_key=settings.s3_access_key_id, secret_key=settings.s3_secret_access_key,
+            settings.resolved_object_store_url,
+            endpoint_url=settings.s3_endpoint_url,
+            access_key=settings.s3_access_key_id,
+            secret_key=settings.s3_secret_access_key,
             region=settings.s3_region,
         ),
-        cache=open_cache_tier(settings.redis_url, ttl_s=settings.redis_ttl_s,
-                              max_value_bytes=settings.redis_max_value_bytes),
+        cache=open_cache_tier(
+            settings.redis_url, ttl_s=settings.redis_ttl_s, max_value_bytes=settings.redis_max_value_bytes
+        ),
     )
     runtime.admin_key = _admin_key(settings)
     if load_model:
@@ -129,16 +132,29 @@ def _start_model(runtime: Runtime) -> None:
     s = runtime.settings
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    loaded = load_model(s.model, data_dir=s.data_dir, device=s.device, dtype=s.dtype,
-                        allow_hub_download=s.allow_hub_download, name=s.model_name)
+    loaded = load_model(
+        s.model,
+        data_dir=s.data_dir,
+        device=s.device,
+        dtype=s.dtype,
+        allow_hub_download=s.allow_hub_download,
+        name=s.model_name,
+    )
     runtime.model = loaded
     runtime.resolver = PrefixResolver(
-        catalog=DbCatalog(runtime.sessions), pool=DevicePool(s.device_pool_bytes), cache=runtime.cache,
-        blobs=runtime.blobs, device=loaded.device, dtype=loaded.dtype, spec=loaded.spec,
-        max_virtual_tokens=s.max_virtual_tokens, max_bytes=s.max_upload_bytes,
+        catalog=DbCatalog(runtime.sessions),
+        pool=DevicePool(s.device_pool_bytes),
+        cache=runtime.cache,
+        blobs=runtime.blobs,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        spec=loaded.spec,
+        max_virtual_tokens=s.max_virtual_tokens,
+        max_bytes=s.max_upload_bytes,
     )
     runtime.engine = build_engine(loaded, settings=s)
     runtime.engine.start()
-    runtime.engine_client = EngineClient(runtime.engine, loaded.tokenizer, runtime.resolver,
-                                         loaded.spec.model_id, context_length(loaded))
+    runtime.engine_client = EngineClient(
+        runtime.engine, loaded.tokenizer, runtime.resolver, loaded.spec.model_id, context_length(loaded)
+    )
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)

@@ -49,7 +49,20 @@ def _adapters(loaded: Any, n: int, workdir: Path) -> list[tuple[str, Path, int]]
 
 
 def _prompts(tok: Any, n: int) -> list[list[int]]:
-    words = "river stone light quiet morning signal paper garden window number silver travel".split()
+    words = [
+        "river",
+        "stone",
+        "light",
+        "quiet",
+        "morning",
+        "signal",
+        "paper",
+        "garden",
+        "window",
+        "number",
+        "silver",
+        "travel",
+    ]
     out = []
     for i in range(n):
         text = " ".join(words[(i + k) % len(words)] for k in range(16))
@@ -57,12 +70,25 @@ def _prompts(tok: Any, n: int) -> list[list[int]]:
     return out
 
 
-def _summary(name: str, ttfts: list[float], tokens: int, wall: float, outputs: list[list[int]]) -> dict[str, Any]:
+def _summary(
+    name: str, ttfts: list[float], tokens: int, wall: float, outputs: list[list[int]]
+) -> dict[str, Any]:
     q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) > 1 else [ttfts[0]] * 99
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"config": name, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_s": q[49],
-            "ttft_p99_s": q[98], "peak_mem_bytes": peak, "outputs": outputs}
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "config": name,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_s": q[49],
+        "ttft_p99_s": q[98],
+        "peak_mem_bytes": peak,
+        "outputs": outputs,
+    }
 
 
 async def _run_engine(loaded: Any, prompts: list[list[int]], prefixes: list[Any], new_tokens: int) -> Any:
@@ -93,8 +119,9 @@ async def _run_engine(loaded: Any, prompts: list[list[int]], prefixes: list[Any]
     return res, wall
 
 
-def _peft_sequential(loaded: Any, adapters: list[tuple[str, Path, int]], prompts: list[list[int]],
-                     new_tokens: int) -> tuple[list[tuple[float, list[int]]], float]:
+def _peft_sequential(
+    loaded: Any, adapters: list[tuple[str, Path, int]], prompts: list[list[int]], new_tokens: int
+) -> tuple[list[tuple[float, list[int]]], float]:
     """What a user would otherwise do: one PeftModel with every adapter loaded, set_adapter per request,
     greedy decoding with a KV cache (PeftModel.forward for the prompt, then the cache it returns)."""
     from peft import PeftModel
@@ -114,7 +141,9 @@ def _peft_sequential(loaded: Any, adapters: list[tuple[str, Path, int]], prompts
         ids = torch.tensor([prompt], device=dev)
         s = len(prompt)
         with torch.inference_mode():
-            out = pm(input_ids=ids, attention_mask=torch.ones(1, s, dtype=torch.long, device=dev), use_cache=True)
+            out = pm(
+                input_ids=ids, attention_mask=torch.ones(1, s, dtype=torch.long, device=dev), use_cache=True
+            )
             cache = out.past_key_values
             tok = int(out.logits[0, -1].argmax())
             # All N requests arrive together: a request's first token waits for every request served before it.
@@ -122,9 +151,13 @@ def _peft_sequential(loaded: Any, adapters: list[tuple[str, Path, int]], prompts
             toks = [tok]
             for t in range(new_tokens - 1):
                 pos = torch.tensor([[p + s + t]], device=dev)
-                out = loaded.model(input_ids=torch.tensor([[tok]], device=dev), position_ids=pos,
-                                   attention_mask=torch.ones(1, p + s + t + 1, dtype=torch.long, device=dev),
-                                   use_cache=True, **{kw: cache})
+                out = loaded.model(
+                    input_ids=torch.tensor([[tok]], device=dev),
+                    position_ids=pos,
+                    attention_mask=torch.ones(1, p + s + t + 1, dtype=torch.long, device=dev),
+                    use_cache=True,
+                    **{kw: cache},
+                )
                 cache = out.past_key_values
                 tok = int(out.logits[0, -1].argmax())
                 toks.append(tok)
@@ -148,9 +181,13 @@ def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
             prefixes: list[Any] = [None] * args.n
             if config == "engine_prefixes":
                 prefixes = [
-                    decode_peft((d / "adapter_config.json").read_bytes(),
-                                (d / "adapter_model.safetensors").read_bytes(), spec=loaded.spec,
-                                max_virtual_tokens=256, max_bytes=2**30)[0]
+                    decode_peft(
+                        (d / "adapter_config.json").read_bytes(),
+                        (d / "adapter_model.safetensors").read_bytes(),
+                        spec=loaded.spec,
+                        max_virtual_tokens=256,
+                        max_bytes=2**30,
+                    )[0]
                     for _, d, _ in adapters
                 ]
             res, wall = asyncio.run(_run_engine(loaded, prompts, prefixes, args.new_tokens))
@@ -180,17 +217,23 @@ def main() -> None:
         rows.append(parent.recv())
         proc.join()
     by = {r["config"]: r for r in rows}
-    lines = [f"model={args.model} n={args.n} new_tokens={args.new_tokens} device={args.device} "
-             f"machine={platform.machine()} cpus={torch.get_num_threads()} torch={torch.__version__}",
-             f"{'config':<18}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'peak MiB':>10}{'wall s':>9}"]
+    lines = [
+        f"model={args.model} n={args.n} new_tokens={args.new_tokens} device={args.device} "
+        f"machine={platform.machine()} cpus={torch.get_num_threads()} torch={torch.__version__}",
+        f"{'config':<18}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'peak MiB':>10}{'wall s':>9}",
+    ]
     for r in rows:
-        lines.append(f"{r['config']:<18}{r['tok_s']:>10.1f}{r['ttft_p50_s']:>10.2f}s{r['ttft_p99_s']:>10.2f}s"
-                     f"{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>9.1f}")
+        lines.append(
+            f"{r['config']:<18}{r['tok_s']:>10.1f}{r['ttft_p50_s']:>10.2f}s{r['ttft_p99_s']:>10.2f}s"
+            f"{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>9.1f}"
+        )
     ratios: dict[str, float] = {}
     if "engine_prefixes" in by and "peft_sequential" in by:
         ratios["prefixes_vs_peft"] = by["engine_prefixes"]["tok_s"] / by["peft_sequential"]["tok_s"]
-        same = sum(a == b for a, b in zip(by["engine_prefixes"]["outputs"], by["peft_sequential"]["outputs"],
-                                          strict=True))
+        same = sum(
+            a == b
+            for a, b in zip(by["engine_prefixes"]["outputs"], by["peft_sequential"]["outputs"], strict=True)
+        )
         lines.append(f"requests with identical greedy tokens, engine vs PEFT: {same}/{args.n}")
     if "engine_prefixes" in by and "engine_no_prefix" in by:
         ratios["prefixes_vs_no_prefix"] = by["engine_prefixes"]["tok_s"] / by["engine_no_prefix"]["tok_s"]

@@ -16,8 +16,10 @@ from app.main import create_app
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, app.main; app.main.create_app(); "
-            "print(any(m in sys.modules for m in ('torch', 'transformers')))")
+    code = (
+        "import sys, app.main; app.main.create_app(); "
+        "print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
 
@@ -55,12 +57,17 @@ def _free_port() -> int:
 
 def test_prefixserve_serve_starts_with_no_other_service(tmp_path) -> None:
     port = _free_port()
-    env = dict(os.environ, PREFIXSERVE_DATA_DIR=str(tmp_path), PREFIXSERVE_MODEL="random:tiny-llama",
-               PREFIXSERVE_PORT=str(port))
+    env = dict(
+        os.environ,
+        PREFIXSERVE_DATA_DIR=str(tmp_path),
+        PREFIXSERVE_MODEL="random:tiny-llama",
+        PREFIXSERVE_PORT=str(port),
+    )
     env.pop("PREFIXSERVE_DATABASE_URL", None)
     env.pop("PREFIXSERVE_REDIS_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -41,7 +41,9 @@ def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) ->
     try:
         principal = authenticate(session, raw_key=key.strip(), admin_key=runtime.admin_key)
     except OperationalError:
-        raise Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
+        raise Unavailable(
+            "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
+        ) from None
     if principal is None:
         raise Unauthorized("invalid API key")
     return principal

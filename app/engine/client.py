@@ -29,8 +29,14 @@ class PrefixSelector:
 class EngineClient:
     """Tokenize, resolve the prefix off the engine thread, and stream the engine's events."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, resolver: PrefixResolver | None, model_id: str,
-                 context_length: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        resolver: PrefixResolver | None,
+        model_id: str,
+        context_length: int,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.resolver = resolver
@@ -55,7 +61,7 @@ class EngineClient:
 
     @property
     def vocab_size(self) -> int:
-        return int(len(self.tokenizer))
+        return len(self.tokenizer)
 
     def _loader(self, selector: PrefixSelector) -> Any:
         resolver = self.resolver
@@ -68,12 +74,19 @@ class EngineClient:
         return load
 
     async def generate(
-        self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelector | None = None,
+        self,
+        *,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        prefix: PrefixSelector | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine."""
-        req = GenerationRequest(prompt_ids=prompt_ids, sampling=sampling,
-                                prefix=self._loader(prefix) if prefix is not None else None)
+        req = GenerationRequest(
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            prefix=self._loader(prefix) if prefix is not None else None,
+        )
         if request_id is not None:
             req.request_id = request_id
         async for ev in self.engine.submit(req):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from app.config import Settings
+from app.engine.detok import Decoder
 from app.engine.loop import Engine, EngineLimits
 from app.engine.model import LoadedModel
 from app.engine.runner import geometry_of
@@ -10,7 +11,8 @@ from app.engine.runner import geometry_of
 
 def context_length(loaded: LoadedModel) -> int:
     cfg = loaded.model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+    return int(n)
 
 
 def build_engine(loaded: LoadedModel, *, settings: Settings | None = None, **overrides: int) -> Engine:
@@ -26,7 +28,12 @@ def build_engine(loaded: LoadedModel, *, settings: Settings | None = None, **ove
     pad = loaded.tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad token id")
+    tokenizer: Decoder = loaded.tokenizer  # type: ignore[assignment]  # decode() returns str for a flat list
     return Engine(
-        loaded.model, loaded.tokenizer, geometry=geometry_of(loaded.model, loaded.device, loaded.dtype),
-        pad_token_id=int(pad), eos_token_ids=loaded.eos_token_ids, limits=EngineLimits(**limits),
+        loaded.model,
+        tokenizer,
+        geometry=geometry_of(loaded.model, loaded.device, loaded.dtype),
+        pad_token_id=int(pad),
+        eos_token_ids=loaded.eos_token_ids,
+        limits=EngineLimits(**limits),
     )

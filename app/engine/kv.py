@@ -21,11 +21,11 @@ def _grow(buf: torch.Tensor, length: int, needed: int) -> torch.Tensor:
     return out
 
 
-class SlabLayer(DynamicLayer):
+class SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """One layer's cache: keys/values slabs [B, H_kv, capacity, D], of which the first `length` are valid."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.keys = keys
         self.values = values
         self.length = length
@@ -33,7 +33,7 @@ class SlabLayer(DynamicLayer):
         self.dtype = keys.dtype
         self.is_initialized = True
 
-    def update(  # type: ignore[override]
+    def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key/value states [B, H_kv, Q, D]; return views of all valid keys/values [B, H_kv, T+Q, D]."""
@@ -65,15 +65,28 @@ class SlabCache(DynamicCache):
 
     @classmethod
     def empty(
-        cls, *, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+        cls,
+        *,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
         capacity: int = _MIN_CAPACITY,
     ) -> SlabCache:
         """A zero-length cache for `batch` rows."""
         shape = (batch, kv_heads, capacity, head_dim)
-        return cls([
-            SlabLayer(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device), 0)
-            for _ in range(num_layers)
-        ])
+        return cls(
+            [
+                SlabLayer(
+                    torch.empty(shape, dtype=dtype, device=device),
+                    torch.empty(shape, dtype=dtype, device=device),
+                    0,
+                )
+                for _ in range(num_layers)
+            ]
+        )
 
     @classmethod
     def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], headroom: int) -> SlabCache:

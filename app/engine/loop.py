@@ -25,6 +25,7 @@ from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
 from app.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge, TokenEvent
+from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,14 @@ class Engine:
     """Owns the model thread. `submit` is the one entry point for the async side."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Decoder, *, geometry: KVGeometry, pad_token_id: int,
-        eos_token_ids: frozenset[int], limits: EngineLimits | None = None,
+        self,
+        model: torch.nn.Module,
+        tokenizer: Decoder,
+        *,
+        geometry: KVGeometry,
+        pad_token_id: int,
+        eos_token_ids: frozenset[int],
+        limits: EngineLimits | None = None,
     ) -> None:
         self.runner = ModelRunner(model)
         self.tokenizer = tokenizer
@@ -66,7 +73,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._waiting_count = 0
-        self._resolving: list[tuple[ActiveRequest, Future[object]]] = []
+        self._resolving: list[tuple[ActiveRequest, Future[PrefixKV]]] = []
         self._ready: deque[ActiveRequest] = deque()
         self._running: Batch | None = None
         self._active: dict[str, ActiveRequest] = {}
@@ -104,7 +111,9 @@ class Engine:
             self._waiting_count += 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        active = ActiveRequest(request, self.tokenizer, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        active = ActiveRequest(
+            request, self.tokenizer, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        )
         self._intake.put(active)
         self._wake.set()
         finished = False
@@ -167,7 +176,7 @@ class Engine:
             if exc is not None:
                 self._finish(active, "error", error=f"prefix could not be loaded: {exc}")
             else:
-                active.prefix = fut.result()  # type: ignore[assignment]
+                active.prefix = fut.result()
                 self._ready.append(active)
         self._resolving = still
 
@@ -197,7 +206,9 @@ class Engine:
                 break
             if tokens + cand.budget_tokens > self.limits.max_batch_tokens:
                 if rows == 0 and not admitted:  # can never fit, even alone
-                    self._finish(cand, "error", error="prefix + prompt + max_tokens exceed the batch token budget")
+                    self._finish(
+                        cand, "error", error="prefix + prompt + max_tokens exceed the batch token budget"
+                    )
                     self._ready.popleft()
                     continue
                 break
@@ -240,7 +251,9 @@ class Engine:
         except Exception as exc:
             log.exception("decode step failed")
             for r in batch.rows:
-                self._finish(self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}")
+                self._finish(
+                    self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}"
+                )
         self._filter_running()
 
     def _choose(self, batch: Batch, logits: torch.Tensor) -> None:
@@ -250,8 +263,11 @@ class Engine:
         self.stats.generated_tokens += len(choices)
         for row, choice in zip(batch.rows, choices, strict=True):
             active = self._active[row.request_id]
-            active.on_token(choice, eos=self.eos_token_ids, at_context_end=row.last_position + 1
-                            >= self.limits.max_positions)
+            active.on_token(
+                choice,
+                eos=self.eos_token_ids,
+                at_context_end=row.last_position + 1 >= self.limits.max_positions,
+            )
             if active.done:
                 self._active.pop(active.request_id, None)
 

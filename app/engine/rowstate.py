@@ -13,7 +13,9 @@ from prefix_store.types import PrefixKV
 class ActiveRequest:
     """A request from submission to its final event. Touched only by the engine thread."""
 
-    def __init__(self, request: GenerationRequest, tokenizer: Decoder, emit: Callable[[TokenEvent], object]) -> None:
+    def __init__(
+        self, request: GenerationRequest, tokenizer: Decoder, emit: Callable[[TokenEvent], object]
+    ) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prefix: PrefixKV | None = None
@@ -49,21 +51,27 @@ class ActiveRequest:
         self._send(None, "", None, reason, error)
 
     def _send(
-        self, token_id: int | None, text: str, choice: TokenChoice | None, reason: FinishReason | None,
+        self,
+        token_id: int | None,
+        text: str,
+        choice: TokenChoice | None,
+        reason: FinishReason | None,
         error: str | None = None,
     ) -> None:
         if self.done:
             return
         if reason is not None:
             self.done = True
-        self._emit(TokenEvent(
-            request_id=self.request_id,
-            token_id=token_id,
-            text=text,
-            logprob=choice.logprob if choice else None,
-            top_logprobs=choice.top_logprobs if choice else (),
-            finish_reason=reason,
-            prompt_tokens=len(self.request.prompt_ids),
-            completion_tokens=self.completion_tokens,
-            error=error,
-        ))
+        self._emit(
+            TokenEvent(
+                request_id=self.request_id,
+                token_id=token_id,
+                text=text,
+                logprob=choice.logprob if choice else None,
+                top_logprobs=choice.top_logprobs if choice else (),
+                finish_reason=reason,
+                prompt_tokens=len(self.request.prompt_ids),
+                completion_tokens=self.completion_tokens,
+                error=error,
+            )
+        )

@@ -56,4 +56,5 @@ class ModelRunner:
             logits_to_keep=1,
             **{self._cache_kw: batch.cache},
         )
-        return out.logits[:, -1, :]
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits

@@ -17,7 +17,9 @@ class DbCatalog:
 
     def lookup(self, tenant_id: str, name: str, version: int | None) -> PrefixRef | None:
         stmt = (
-            sa.select(Prefix.id, PrefixVersion.version, PrefixVersion.sha256, PrefixVersion.num_virtual_tokens)
+            sa.select(
+                Prefix.id, PrefixVersion.version, PrefixVersion.sha256, PrefixVersion.num_virtual_tokens
+            )
             .join(PrefixVersion, PrefixVersion.prefix_id == Prefix.id)
             .where(Prefix.tenant_id == tenant_id, Prefix.name == name)
         )
@@ -30,6 +32,10 @@ class DbCatalog:
         if row is None:
             return None
         return PrefixRef(
-            tenant_id=tenant_id, prefix_id=row.id, name=name, version=row.version, sha256=row.sha256,
+            tenant_id=tenant_id,
+            prefix_id=row.id,
+            name=name,
+            version=row.version,
+            sha256=row.sha256,
             num_virtual_tokens=row.num_virtual_tokens,
         )

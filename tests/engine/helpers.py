@@ -16,8 +16,12 @@ from prefix_store.types import PrefixKV
 def make_engine(loaded, **limits: int) -> Engine:
     geometry = geometry_of(loaded.model, loaded.device, loaded.dtype)
     eng = Engine(
-        loaded.model, loaded.tokenizer, geometry=geometry, pad_token_id=loaded.tokenizer.pad_token_id,
-        eos_token_ids=loaded.eos_token_ids, limits=EngineLimits(**limits),
+        loaded.model,
+        loaded.tokenizer,
+        geometry=geometry,
+        pad_token_id=loaded.tokenizer.pad_token_id,
+        eos_token_ids=loaded.eos_token_ids,
+        limits=EngineLimits(**limits),
     )
     eng.start()
     return eng

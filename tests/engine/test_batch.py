@@ -21,8 +21,9 @@ def _row(rid: str, prompt: list[int], prefix: PrefixKV | None) -> NewRow:
 
 
 def test_from_requests_layout() -> None:
-    b = Batch.from_requests([_row("a", [7, 8, 9], _prefix(2, 1.0)), _row("b", [5], None)], geometry=G,
-                            pad_token_id=0)
+    b = Batch.from_requests(
+        [_row("a", [7, 8, 9], _prefix(2, 1.0)), _row("b", [5], None)], geometry=G, pad_token_id=0
+    )
     # KV axis: [pad | prefix | pad | prompt]; P_max = 2, S_max = 3
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]
     assert b.input_ids.tolist() == [[7, 8, 9], [0, 0, 5]]
@@ -34,8 +35,9 @@ def test_from_requests_layout() -> None:
 
 
 def test_advance_extends_mask_and_positions() -> None:
-    b = Batch.from_requests([_row("a", [7, 8, 9], _prefix(2, 1.0)), _row("b", [5], None)], geometry=G,
-                            pad_token_id=0)
+    b = Batch.from_requests(
+        [_row("a", [7, 8, 9], _prefix(2, 1.0)), _row("b", [5], None)], geometry=G, pad_token_id=0
+    )
     for slab in b.cache.slabs:  # what a forward would append: the 3 prompt columns
         slab.update(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 3, 4))
     b.advance([11, 12])
@@ -45,8 +47,9 @@ def test_advance_extends_mask_and_positions() -> None:
 
 
 def test_filter_trims_columns_that_are_padding_for_all_kept_rows() -> None:
-    b = Batch.from_requests([_row("long", [1] * 6, _prefix(5, 2.0)), _row("short", [3], None)], geometry=G,
-                            pad_token_id=0)
+    b = Batch.from_requests(
+        [_row("long", [1] * 6, _prefix(5, 2.0)), _row("short", [3], None)], geometry=G, pad_token_id=0
+    )
     for slab in b.cache.slabs:
         slab.update(torch.ones(2, 2, 6, 4), torch.ones(2, 2, 6, 4))
     b.advance([4, 4])

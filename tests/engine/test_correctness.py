@@ -35,8 +35,10 @@ def reference_greedy(loaded, prompt: list[int], prefix, steps: int) -> tuple[lis
                 cache.update(prefix.keys[layer][None].clone(), prefix.values[layer][None].clone(), layer)
         with torch.inference_mode():
             out = model(
-                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, p + len(ids), dtype=torch.long),
-                position_ids=torch.arange(p, p + len(ids))[None], use_cache=True,
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, p + len(ids), dtype=torch.long),
+                position_ids=torch.arange(p, p + len(ids))[None],
+                use_cache=True,
                 **{cache_kwarg_name(model): cache},
             )
         last = out.logits[0, -1].float()
@@ -106,16 +108,22 @@ def test_batch_matches_unbatched_reference_with_joins_and_leaves(tiny) -> None:
 async def test_engine_same_tokens_alone_and_in_batch(tiny) -> None:
     engine = make_engine(tiny, max_batch_rows=8)
     try:
-        rows = _rows(tiny) + [([3, 4, 5], random_prefix(tiny, 20, seed=9)), ([40, 41], None)]
+        rows = [*_rows(tiny), ([3, 4, 5], random_prefix(tiny, 20, seed=9)), ([40, 41], None)]
         requests = [
-            GenerationRequest(prompt_ids=p, prefix=x, sampling=dataclasses.replace(GREEDY, max_tokens=6 + 2 * i))
+            GenerationRequest(
+                prompt_ids=p, prefix=x, sampling=dataclasses.replace(GREEDY, max_tokens=6 + 2 * i)
+            )
             for i, (p, x) in enumerate(rows)
         ]
-        alone = [await collect(engine, dataclasses.replace(r, request_id=f"a{i}")) for i, r in enumerate(requests)]
-        together = await asyncio.gather(*[
-            collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.015 * i)
-            for i, r in enumerate(requests)
-        ])
+        alone = [
+            await collect(engine, dataclasses.replace(r, request_id=f"a{i}")) for i, r in enumerate(requests)
+        ]
+        together = await asyncio.gather(
+            *[
+                collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.015 * i)
+                for i, r in enumerate(requests)
+            ]
+        )
         for i, (a, b) in enumerate(zip(alone, together, strict=True)):
             assert a.tokens == b.tokens, f"request {i}"
             assert len(a.tokens) == requests[i].sampling.max_tokens
@@ -130,22 +138,33 @@ async def test_engine_same_tokens_alone_and_in_batch(tiny) -> None:
 async def test_seeded_sampling_same_alone_and_in_batch(tiny) -> None:
     engine = make_engine(tiny)
     try:
-        params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True
+        )
         prefix = random_prefix(tiny, 5, seed=4)
         alone = await collect(engine, GenerationRequest(prompt_ids=[7, 8, 9], prefix=prefix, sampling=params))
         others = [
-            GenerationRequest(prompt_ids=[i + 1, i + 2], prefix=random_prefix(tiny, 2 + i, seed=i),
-                              sampling=dataclasses.replace(params, seed=i))
+            GenerationRequest(
+                prompt_ids=[i + 1, i + 2],
+                prefix=random_prefix(tiny, 2 + i, seed=i),
+                sampling=dataclasses.replace(params, seed=i),
+            )
             for i in range(4)
         ]
         results = await asyncio.gather(
             *[collect(engine, r) for r in others],
-            collect(engine, GenerationRequest(prompt_ids=[7, 8, 9], prefix=prefix, sampling=params), delay=0.01),
+            collect(
+                engine, GenerationRequest(prompt_ids=[7, 8, 9], prefix=prefix, sampling=params), delay=0.01
+            ),
         )
         assert results[-1].tokens == alone.tokens
         # a different seed gives a different sample (12 tokens over the vocab: a collision is ~impossible)
-        other_seed = await collect(engine, GenerationRequest(
-            prompt_ids=[7, 8, 9], prefix=prefix, sampling=dataclasses.replace(params, seed=99)))
+        other_seed = await collect(
+            engine,
+            GenerationRequest(
+                prompt_ids=[7, 8, 9], prefix=prefix, sampling=dataclasses.replace(params, seed=99)
+            ),
+        )
         assert other_seed.tokens != alone.tokens
     finally:
         engine.stop()
@@ -156,7 +175,8 @@ def test_prefix_tensors_are_copied_not_aliased(tiny_llama) -> None:
     prefix = random_prefix(tiny_llama, 4, seed=5)
     before = prefix.keys.clone()
     batch = Batch.from_requests(
-        [NewRow("x", [1, 2, 3], prefix, SamplerState.create(GREEDY, g.device))], geometry=g, pad_token_id=0)
+        [NewRow("x", [1, 2, 3], prefix, SamplerState.create(GREEDY, g.device))], geometry=g, pad_token_id=0
+    )
     ModelRunner(tiny_llama.model).forward(batch)
     batch.cache.slabs[0].keys.zero_()  # type: ignore[union-attr]
     assert torch.equal(prefix.keys, before)
@@ -170,21 +190,28 @@ async def test_embedded_model_batch_invariance(embedded_model) -> None:
         prompts = ["The capital of France is", "Write a haiku about rain.", "1, 2, 3, 4,", "Hello"]
         requests = [
             GenerationRequest(
-                prompt_ids=tok.encode(p), sampling=dataclasses.replace(GREEDY, max_tokens=10),
+                prompt_ids=tok.encode(p),
+                sampling=dataclasses.replace(GREEDY, max_tokens=10),
                 prefix=None if i == 3 else random_prefix(embedded_model, 4 + 5 * i, seed=i, scale=0.5),
             )
             for i, p in enumerate(prompts)
         ]
-        alone = [await collect(engine, dataclasses.replace(r, request_id=f"a{i}")) for i, r in enumerate(requests)]
-        together = await asyncio.gather(*[
-            collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.05 * i)
-            for i, r in enumerate(requests)
-        ])
+        alone = [
+            await collect(engine, dataclasses.replace(r, request_id=f"a{i}")) for i, r in enumerate(requests)
+        ]
+        together = await asyncio.gather(
+            *[
+                collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.05 * i)
+                for i, r in enumerate(requests)
+            ]
+        )
         for a, b in zip(alone, together, strict=True):
             assert a.tokens == b.tokens
             assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-3
         # a prefix changes what the model says (it is really attended to)
-        assert alone[0].tokens != (await collect(engine, dataclasses.replace(
-            requests[0], prefix=None, request_id="np"))).tokens
+        assert (
+            alone[0].tokens
+            != (await collect(engine, dataclasses.replace(requests[0], prefix=None, request_id="np"))).tokens
+        )
     finally:
         engine.stop()

@@ -34,8 +34,12 @@ async def test_new_request_joins_running_batch(tiny_llama) -> None:
 async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
-        other = asyncio.create_task(collect(engine, GenerationRequest([9, 9], SamplingParams(
-            max_tokens=60, temperature=0.0, ignore_eos=True))))
+        other = asyncio.create_task(
+            collect(
+                engine,
+                GenerationRequest([9, 9], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)),
+            )
+        )
         got = 0
         async for _ev in engine.submit(GenerationRequest([1, 2, 3], LONG, request_id="cancel-me")):
             got += 1
@@ -53,8 +57,17 @@ async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
 async def test_batch_rows_budget(tiny_llama) -> None:
     engine = make_engine(tiny_llama, max_batch_rows=3)
     try:
-        await asyncio.gather(*[collect(engine, GenerationRequest([i + 1, 2], SamplingParams(
-            max_tokens=10, temperature=0.0, ignore_eos=True))) for i in range(8)])
+        await asyncio.gather(
+            *[
+                collect(
+                    engine,
+                    GenerationRequest(
+                        [i + 1, 2], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+                    ),
+                )
+                for i in range(8)
+            ]
+        )
         assert max(engine.stats.batch_sizes) == 3
     finally:
         engine.stop()
@@ -64,8 +77,14 @@ async def test_token_budget_counts_prefix_tokens(tiny_llama) -> None:
     # each request reserves 30 prefix + 2 prompt + 8 new = 40 tokens: a budget of 100 admits two at a time
     engine = make_engine(tiny_llama, max_batch_tokens=100)
     try:
-        reqs = [GenerationRequest([1, 2], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-                                  prefix=random_prefix(tiny_llama, 30, seed=i)) for i in range(5)]
+        reqs = [
+            GenerationRequest(
+                [1, 2],
+                SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                prefix=random_prefix(tiny_llama, 30, seed=i),
+            )
+            for i in range(5)
+        ]
         await asyncio.gather(*[collect(engine, r) for r in reqs])
         assert max(engine.stats.batch_sizes) == 2
     finally:
@@ -83,8 +102,10 @@ async def test_request_too_large_and_overload(tiny_llama) -> None:
             gate.wait(10)
             return random_prefix(tiny_llama, 2, seed=0)
 
-        waiting = [asyncio.create_task(collect(engine, GenerationRequest([1], SHORT, prefix=slow_prefix)))
-                   for _ in range(2)]
+        waiting = [
+            asyncio.create_task(collect(engine, GenerationRequest([1], SHORT, prefix=slow_prefix)))
+            for _ in range(2)
+        ]
         await asyncio.sleep(0.1)
         with pytest.raises(EngineOverloaded):
             await collect(engine, GenerationRequest([1], SHORT))
@@ -100,6 +121,7 @@ async def test_request_too_large_and_overload(tiny_llama) -> None:
 async def test_slow_prefix_load_does_not_stall_other_rows(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
+
         def slow_prefix():
             time.sleep(1.5)
             return random_prefix(tiny_llama, 3, seed=0)
@@ -116,6 +138,7 @@ async def test_slow_prefix_load_does_not_stall_other_rows(tiny_llama) -> None:
 async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
+
         def broken():
             raise KeyError("no such prefix")
 
@@ -123,7 +146,11 @@ async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
             collect(engine, GenerationRequest([1, 2], SHORT, prefix=broken)),
             collect(engine, GenerationRequest([1, 2], SHORT)),
         )
-        assert bad.final is not None and bad.final.finish_reason == "error" and "no such prefix" in bad.final.error
+        assert (
+            bad.final is not None
+            and bad.final.finish_reason == "error"
+            and "no such prefix" in bad.final.error
+        )
         assert len(good.tokens) == 4
     finally:
         engine.stop()
@@ -132,8 +159,12 @@ async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
 async def test_exception_in_prefill_fails_only_the_new_rows(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
-        running = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], SamplingParams(
-            max_tokens=80, temperature=0.0, ignore_eos=True))))
+        running = asyncio.create_task(
+            collect(
+                engine,
+                GenerationRequest([1, 2, 3], SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)),
+            )
+        )
         await asyncio.sleep(0.1)
         real = engine.runner.forward
 
@@ -154,17 +185,22 @@ async def test_exception_in_prefill_fails_only_the_new_rows(tiny_llama) -> None:
 async def test_eos_and_stop_strings_finish_with_stop(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
-        free = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0,
-                                                                                  ignore_eos=True)))
+        free = await collect(
+            engine,
+            GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)),
+        )
         eos_tok = free.tokens[3]
         engine.eos_token_ids = frozenset({eos_tok})
-        with_eos = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0)))
+        with_eos = await collect(
+            engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0))
+        )
         assert with_eos.final is not None and with_eos.final.finish_reason == "stop"
         assert with_eos.tokens == free.tokens[: free.tokens.index(eos_tok) + 1]
         engine.eos_token_ids = frozenset()
         stop = free.text[5:8]
-        stopped = await collect(engine, GenerationRequest([1, 2, 3], SamplingParams(
-            max_tokens=30, temperature=0.0, stop=(stop,))))
+        stopped = await collect(
+            engine, GenerationRequest([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0, stop=(stop,)))
+        )
         assert stopped.final is not None and stopped.final.finish_reason == "stop"
         assert stopped.text == free.text[: free.text.index(stop)]
     finally:

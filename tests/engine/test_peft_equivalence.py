@@ -19,8 +19,9 @@ from tests.engine.helpers import collect, make_engine
 
 
 def _make_adapter(loaded, tmp_path, name: str, p: int, projection: bool, seed: int):
-    cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p, prefix_projection=projection,
-                             encoder_hidden_size=32)
+    cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=p, prefix_projection=projection, encoder_hidden_size=32
+    )
     torch.manual_seed(seed)
     pm = get_peft_model(loaded.model, cfg)
     with torch.no_grad():
@@ -37,7 +38,9 @@ def _peft_greedy(pm, prompt: list[int], steps: int) -> list[int]:
     out = []
     for _ in range(steps):
         with torch.inference_mode():
-            logits = pm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+            logits = pm(
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)
+            ).logits
         tok = int(logits[0, -1].argmax())
         out.append(tok)
         ids.append(tok)
@@ -46,7 +49,9 @@ def _peft_greedy(pm, prompt: list[int], steps: int) -> list[int]:
 
 @pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("projection", [False, True])
-async def test_imported_peft_adapter_matches_peft_forward(model_fixture, projection, request, tmp_path) -> None:
+async def test_imported_peft_adapter_matches_peft_forward(
+    model_fixture, projection, request, tmp_path
+) -> None:
     loaded = request.getfixturevalue(model_fixture)
     specs = [("a", 4, 1), ("b", 9, 2), ("c", 1, 3)]
     dirs = {n: _make_adapter(loaded, tmp_path, n, p, projection, s) for n, p, s in specs}
@@ -61,18 +66,25 @@ async def test_imported_peft_adapter_matches_peft_forward(model_fixture, project
 
     prefixes = {}
     for name, d in dirs.items():
-        kv, info = decode_peft((d / "adapter_config.json").read_bytes(), (d / "adapter_model.safetensors").read_bytes(),
-                               spec=loaded.spec, max_virtual_tokens=64, max_bytes=2**24)
+        kv, info = decode_peft(
+            (d / "adapter_config.json").read_bytes(),
+            (d / "adapter_model.safetensors").read_bytes(),
+            spec=loaded.spec,
+            max_virtual_tokens=64,
+            max_bytes=2**24,
+        )
         assert info.prefix_projection is projection
         prefixes[name] = kv
 
     engine = make_engine(loaded)
     try:
         params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
-        results = await asyncio.gather(*[
-            collect(engine, GenerationRequest(prompts[n], params, prefix=prefixes[n]), delay=0.01 * i)
-            for i, n in enumerate(dirs)
-        ])
+        results = await asyncio.gather(
+            *[
+                collect(engine, GenerationRequest(prompts[n], params, prefix=prefixes[n]), delay=0.01 * i)
+                for i, n in enumerate(dirs)
+            ]
+        )
     finally:
         engine.stop()
     for name, res in zip(dirs, results, strict=True):

@@ -27,7 +27,10 @@ def test_greedy_is_argmax_with_logprobs() -> None:
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
     logits = _logits(seed=1)
-    for params in (SamplingParams(temperature=1.0, top_k=1, seed=3), SamplingParams(temperature=1.0, top_p=1e-6, seed=3)):
+    for params in (
+        SamplingParams(temperature=1.0, top_k=1, seed=3),
+        SamplingParams(temperature=1.0, top_p=1e-6, seed=3),
+    ):
         out = select_tokens(logits, [SamplerState.create(params, CPU) for _ in range(3)])
         assert [c.token_id for c in out] == logits.argmax(dim=-1).tolist()
 
@@ -54,8 +57,14 @@ def test_seed_reproducible_and_independent_of_neighbours() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-     ({"top_k": -1}, "top_k"), ({"logprobs": 50}, "logprobs"), ({"stop": ("",)}, "stop")],
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"stop": ("",)}, "stop"),
+    ],
 )
 def test_invalid_params_name_the_parameter(kwargs: dict[str, object], name: str) -> None:
     with pytest.raises(SamplingParamsError, match=name):
