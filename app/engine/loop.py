@@ -49,6 +49,11 @@ class _Stats:
     batch_sizes: list[int] = field(default_factory=list)
 
 
+def _deliver(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)
+
+
 class Engine:
     """Owns the model thread. `submit` is the one entry point for the async side."""
 
@@ -77,6 +82,9 @@ class Engine:
         self._ready: deque[ActiveRequest] = deque()
         self._running: Batch | None = None
         self._active: dict[str, ActiveRequest] = {}
+        # Events of one step, delivered with one wake-up per event loop: a wake-up per token would keep the
+        # asyncio thread contending for the GIL while the model runs (measured: ~40% slower steps on 2 cores).
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent], TokenEvent]] = []
         self._pool = ThreadPoolExecutor(self.limits.resolver_threads, thread_name_prefix="prefix-resolve")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -145,10 +153,25 @@ class Engine:
                 self._prefill(new_rows)
             if self._running is not None:
                 self._decode()
-            elif not self._ready and not new_rows:
+            self._flush_events()
+            if self._running is None and not self._ready and not new_rows:
                 self._wake.wait(0.05 if self._resolving else 1.0)
                 self._wake.clear()
         self._fail_all("engine stopped")
+        self._flush_events()
+
+    def _flush_events(self) -> None:
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]] = {}
+        for loop, q, ev in outbox:
+            by_loop.setdefault(loop, []).append((q, ev))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the client's event loop is closed: nobody is listening any more
+                log.debug("dropped %d events for a closed event loop", len(items))
 
     def _take_intake(self) -> None:
         while True:
