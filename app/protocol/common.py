@@ -44,7 +44,13 @@ def normalize_stop(value: str | list[str] | None) -> tuple[str, ...]:
 class SamplingFields(OpenAIRequest):
     """The sampling fields completions and chat share."""
 
-    model: str
+    model: str = Field(
+        description=(
+            "The model to run: the base model's id, a prefix name (`name`, its newest version), one pinned "
+            "version (`name@version`, e.g. `poet@2`), or a personal prefix (`user:<external id>`). "
+            "See GET /v1/models."
+        )
+    )
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
