@@ -24,7 +24,7 @@ from app.engine.detok import Decoder
 from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
-from app.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge, TokenEvent
+from app.engine.types import EngineOverloaded, ErrorKind, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
 from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Engine:
                 continue
             exc = fut.exception()
             if exc is not None:
-                self._finish(active, "error", error=f"prefix could not be loaded: {exc}")
+                self._finish(active, "error", error=f"prefix could not be loaded: {exc}", kind="prefix_unavailable")
             else:
                 active.prefix = fut.result()
                 self._ready.append(active)
@@ -230,7 +230,8 @@ class Engine:
             if tokens + cand.budget_tokens > self.limits.max_batch_tokens:
                 if rows == 0 and not admitted:  # can never fit, even alone
                     self._finish(
-                        cand, "error", error="prefix + prompt + max_tokens exceed the batch token budget"
+                        cand, "error", kind="too_large",
+                        error="prefix + prompt + max_tokens exceed the batch token budget",
                     )
                     self._ready.popleft()
                     continue
@@ -257,7 +258,7 @@ class Engine:
         except Exception as exc:  # only the rows of this prefill fail
             log.exception("prefill failed")
             for a in admitted:
-                self._finish(a, "error", error=f"internal error during prefill: {type(exc).__name__}")
+                self._finish(a, "error", error=f"internal error during prefill: {type(exc).__name__}", kind="internal")
             return
         kept = batch.filter({r.request_id for r in batch.rows if not self._active[r.request_id].done})
         if kept is not None:
@@ -275,7 +276,7 @@ class Engine:
             log.exception("decode step failed")
             for r in batch.rows:
                 self._finish(
-                    self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}"
+                    self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}", kind="internal"
                 )
         self._filter_running()
 
@@ -301,11 +302,13 @@ class Engine:
         self._running = self._running.filter(alive)
         self.stats.running_rows = len(self._running) if self._running is not None else 0
 
-    def _finish(self, active: ActiveRequest, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, active: ActiveRequest, reason: FinishReason, error: str | None = None, kind: ErrorKind | None = None
+    ) -> None:
         if active.done:
             return
         self._leave_queue(active)
-        active.finish(reason, error=error)  # type: ignore[arg-type]
+        active.finish(reason, error=error, kind=kind)
         self._active.pop(active.request_id, None)
 
     def _leave_queue(self, active: ActiveRequest) -> None:
@@ -317,4 +320,4 @@ class Engine:
 
     def _fail_all(self, why: str) -> None:
         for active in list(self._active.values()):
-            self._finish(active, "error", error=why)
+            self._finish(active, "error", error=why, kind="internal")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from app.engine.detok import Decoder, IncrementalText
 from app.engine.sampling import TokenChoice
-from app.engine.types import FinishReason, GenerationRequest, TokenEvent
+from app.engine.types import ErrorKind, FinishReason, GenerationRequest, TokenEvent
 from prefix_store.types import PrefixKV
 
 
@@ -46,9 +46,9 @@ class ActiveRequest:
             text += self.text.flush()
         self._send(choice.token_id, text, choice, reason)
 
-    def finish(self, reason: FinishReason, error: str | None = None) -> None:
+    def finish(self, reason: FinishReason, error: str | None = None, kind: ErrorKind | None = None) -> None:
         """End the request without a new token (cancelled, failed)."""
-        self._send(None, "", None, reason, error)
+        self._send(None, "", None, reason, error, kind)
 
     def _send(
         self,
@@ -57,6 +57,7 @@ class ActiveRequest:
         choice: TokenChoice | None,
         reason: FinishReason | None,
         error: str | None = None,
+        kind: ErrorKind | None = None,
     ) -> None:
         if self.done:
             return
@@ -73,5 +74,6 @@ class ActiveRequest:
                 prompt_tokens=len(self.request.prompt_ids),
                 completion_tokens=self.completion_tokens,
                 error=error,
+                error_kind=kind,
             )
         )

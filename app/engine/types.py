@@ -11,6 +11,8 @@ from app.engine.sampling import SamplingParams
 from prefix_store.types import PrefixKV
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Why a request ended in "error": the API maps these to statuses without reading messages.
+ErrorKind = Literal["prefix_unavailable", "too_large", "internal"]
 
 # A prefix is given resolved, or as a loader the engine calls on a side thread (cold loads never stall a step).
 PrefixSource = PrefixKV | Callable[[], PrefixKV] | None
@@ -51,6 +53,7 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None
 
     @property
     def final(self) -> bool:

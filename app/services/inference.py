@@ -139,9 +139,9 @@ def engine_exception(exc: Exception) -> ServiceError:
 def event_error(ev: TokenEvent) -> ServiceError:
     """An engine event that ended without "stop"/"length" (error, cancelled) as the client's error."""
     msg = ev.error or f"generation ended: {ev.finish_reason}"
-    if msg.startswith("prefix could not be loaded"):
+    if ev.error_kind == "prefix_unavailable":
         return Unavailable(msg, param="model", code="prefix_unavailable")
-    if "exceed" in msg:
+    if ev.error_kind == "too_large":
         return InvalidRequest(msg, param="max_tokens", code="context_length_exceeded")
     log.error("engine error event for %s: %s", ev.request_id, msg)
     return Unavailable(f"the engine failed: {msg}", code="engine_error", headers={"Retry-After": "5"})

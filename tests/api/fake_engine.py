@@ -40,6 +40,7 @@ class FakeEngineClient:
     token_delay_s: float = 0.0  # sleep before each token (disconnect tests)
     raise_on_submit: Exception | None = None  # raised at the first iteration, as the engine's admission does
     error_event: str | None = None  # the first event is a final error event with this message
+    error_kind: str | None = None  # ... and this ErrorKind
     calls: list[Call] = field(default_factory=list)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -75,7 +76,8 @@ class FakeEngineClient:
         common: dict[str, Any] = {"request_id": call.request_id, "prompt_tokens": len(prompt_ids)}
         if self.error_event is not None:
             call.finished = True
-            yield TokenEvent(token_id=None, text="", finish_reason="error", error=self.error_event, **common)
+            yield TokenEvent(token_id=None, text="", finish_reason="error", error=self.error_event,
+                             error_kind=self.error_kind, **common)
             return
         try:
             script = [ord(c) for c in self.script(prefix, sampling)] + [EOS]

@@ -226,10 +226,15 @@ async def test_engine_error_events(client: httpx.AsyncClient, tenant: TenantKey,
                                    fake_engine: FakeEngineClient, insert_prefix: Callable[..., str]) -> None:
     insert_prefix(tenant.tenant_id, "broken")
     fake_engine.error_event = "prefix could not be loaded: blob missing"
+    fake_engine.error_kind = "prefix_unavailable"
     for stream in (False, True):
         err = assert_error(await complete(client, tenant, model="broken", stream=stream), 503, "model")
         assert "could not be loaded" in err["message"]
+    fake_engine.error_event = "prefix + prompt + max_tokens exceed the batch token budget"
+    fake_engine.error_kind = "too_large"
+    assert_error(await complete(client, tenant), 400, "max_tokens")
     fake_engine.error_event = "internal error during prefill: RuntimeError"
+    fake_engine.error_kind = "internal"
     assert (await complete(client, tenant)).status_code == 503
 
 

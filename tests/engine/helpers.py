@@ -7,22 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.loop import Engine, EngineLimits
-from app.engine.runner import geometry_of
+from app.engine.factory import build_engine
+from app.engine.loop import Engine
 from app.engine.types import GenerationRequest, TokenEvent
 from prefix_store.types import PrefixKV
 
 
 def make_engine(loaded, **limits: int) -> Engine:
-    geometry = geometry_of(loaded.model, loaded.device, loaded.dtype)
-    eng = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        geometry=geometry,
-        pad_token_id=loaded.tokenizer.pad_token_id,
-        eos_token_ids=loaded.eos_token_ids,
-        limits=EngineLimits(**limits),
-    )
+    """A started engine on `loaded` (the production factory), with limits overridden for the test."""
+    eng = build_engine(loaded, **limits)
     eng.start()
     return eng
 

@@ -151,6 +151,7 @@ async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
             and bad.final.finish_reason == "error"
             and "no such prefix" in bad.final.error
         )
+        assert bad.final.error_kind == "prefix_unavailable"
         assert len(good.tokens) == 4
     finally:
         engine.stop()
@@ -176,6 +177,7 @@ async def test_exception_in_prefill_fails_only_the_new_rows(tiny_llama) -> None:
         engine.runner.forward = flaky  # type: ignore[method-assign]
         doomed = await collect(engine, GenerationRequest([5, 6], SHORT, request_id="doomed"))
         assert doomed.final is not None and doomed.final.finish_reason == "error"
+        assert doomed.final.error_kind == "internal"
         res = await running
         assert len(res.tokens) == 80 and res.final is not None and res.final.finish_reason == "length"
     finally:
