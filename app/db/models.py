@@ -246,6 +246,9 @@ class TrainingJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
+    # Set by the worker while it trains; a `running` job whose heartbeat is stale lost its worker.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", passive_deletes=True, order_by="JobEvent.created_at"

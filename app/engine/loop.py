@@ -119,9 +119,8 @@ class Engine:
             self._waiting_count += 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        active = ActiveRequest(
-            request, self.tokenizer, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-        )
+        # Only the engine thread emits; events wait in the outbox until the end of the step.
+        active = ActiveRequest(request, self.tokenizer, lambda ev: self._outbox.append((loop, events, ev)))
         self._intake.put(active)
         self._wake.set()
         finished = False

@@ -111,7 +111,7 @@ async def test_engine_same_tokens_alone_and_in_batch(tiny) -> None:
         rows = [*_rows(tiny), ([3, 4, 5], random_prefix(tiny, 20, seed=9)), ([40, 41], None)]
         requests = [
             GenerationRequest(
-                prompt_ids=p, prefix=x, sampling=dataclasses.replace(GREEDY, max_tokens=6 + 2 * i)
+                prompt_ids=p, prefix=x, sampling=dataclasses.replace(GREEDY, max_tokens=16 + 2 * i)
             )
             for i, (p, x) in enumerate(rows)
         ]
@@ -120,7 +120,8 @@ async def test_engine_same_tokens_alone_and_in_batch(tiny) -> None:
         ]
         together = await asyncio.gather(
             *[
-                collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.015 * i)
+                # staggered by less than a request lasts (~1 ms a step), so later ones join mid-flight
+                collect(engine, dataclasses.replace(r, request_id=f"b{i}"), delay=0.002 * i)
                 for i, r in enumerate(requests)
             ]
         )

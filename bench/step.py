@@ -1,0 +1,178 @@
+"""Where a decode step's time goes: forward, token selection and batch book-keeping, timed apart.
+
+Runs the batch verbs directly (no engine thread), then the whole engine on the same requests, and prints both
+per-step times, so a gap between them is the loop's own cost. With `--profile`, also prints the top operators
+of a few engine steps (torch.profiler).
+
+    python -m bench.step [--model random:llama-1b] [--n 64] [--steps 32] [--device cuda] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("bench.step")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rows(loaded: Any, n: int, with_prefix: bool) -> list[Any]:
+    from app.engine.batch import NewRow
+    from app.engine.sampling import SamplerState, SamplingParams
+    from prefix_store.types import PrefixKV
+
+    s = loaded.spec
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(n):
+        prefix = None
+        if with_prefix:
+            p = 5 + (i * 7) % 16
+            shape = (s.num_layers, s.num_kv_heads, p, s.head_dim)
+            prefix = PrefixKV(torch.randn(shape, generator=gen) * 0.5, torch.randn(shape, generator=gen) * 0.5)
+        prompt = [1 + (i + j) % 200 for j in range(20)]
+        params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+        rows.append(NewRow(f"r{i}", prompt, prefix, SamplerState.create(params, loaded.device)))
+    return rows
+
+
+def _direct(loaded: Any, n: int, steps: int, with_prefix: bool) -> dict[str, float]:
+    """Per-step milliseconds of each phase, batch verbs driven directly."""
+    from app.engine.batch import Batch
+    from app.engine.runner import ModelRunner, geometry_of
+    from app.engine.sampling import select_tokens
+
+    dev = loaded.device
+    runner = ModelRunner(loaded.model)
+    geometry = geometry_of(loaded.model, dev, loaded.dtype)
+    t0 = time.perf_counter()
+    batch = Batch.from_requests(_rows(loaded, n, with_prefix), geometry=geometry, pad_token_id=0)
+    logits = runner.forward(batch)
+    batch.advance([c.token_id for c in select_tokens(logits, [r.sampler for r in batch.rows])])
+    _sync(dev)
+    prefill = time.perf_counter() - t0
+    fwd = sel = adv = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = runner.forward(batch)
+        _sync(dev)
+        t1 = time.perf_counter()
+        choices = select_tokens(logits, [r.sampler for r in batch.rows])
+        t2 = time.perf_counter()
+        batch.advance([c.token_id for c in choices])
+        _sync(dev)
+        t3 = time.perf_counter()
+        fwd, sel, adv = fwd + t1 - t0, sel + t2 - t1, adv + t3 - t2
+    return {
+        "prefill_ms": prefill * 1e3,
+        "forward_ms": fwd / steps * 1e3,
+        "select_ms": sel / steps * 1e3,
+        "advance_ms": adv / steps * 1e3,
+    }
+
+
+async def _engine(loaded: Any, n: int, steps: int, with_prefix: bool) -> float:
+    """Milliseconds per decode step of the whole engine (thread, intake, events) on the same requests."""
+    from app.engine.factory import build_engine
+    from app.engine.sampling import SamplingParams
+    from app.engine.types import GenerationRequest
+
+    engine = build_engine(loaded, max_batch_rows=max(64, n))
+    engine.start()
+    rows = _rows(loaded, n, with_prefix)
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+
+    async def one(r: Any) -> None:
+        async for _ in engine.submit(GenerationRequest(r.prompt_ids, params, prefix=r.prefix)):
+            pass
+
+    await one(rows[0])  # warm-up
+    steps_before = engine.stats.steps
+    t0 = time.perf_counter()
+    await asyncio.gather(*[one(r) for r in rows])
+    wall = time.perf_counter() - t0
+    done = engine.stats.steps - steps_before
+    engine.stop()
+    return wall / max(done, 1) * 1e3
+
+
+def _cprofile_engine(loaded: Any, n: int, steps: int) -> None:
+    """Run the engine with its thread under cProfile; log the top functions by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    from app.engine import loop
+
+    prof = cProfile.Profile()
+    original = loop.Engine._run
+
+    def profiled(self: Any) -> None:
+        prof.enable()
+        try:
+            original(self)
+        finally:
+            prof.disable()
+
+    loop.Engine._run = profiled  # type: ignore[method-assign]
+    try:
+        ms = asyncio.run(_engine(loaded, n, steps, True))
+    finally:
+        loop.Engine._run = original  # type: ignore[method-assign]
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+    log.info("engine thread under cProfile: %.2f ms/step\n%s", ms, out.getvalue())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random:tiny-llama")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over a few engine steps")
+    ap.add_argument("--cprofile", action="store_true", help="cProfile of the engine thread")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from app.engine.model import load_model
+
+    loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
+    torch.set_grad_enabled(False)
+    lines = [f"model={args.model} n={args.n} steps={args.steps} device={loaded.device} dtype={loaded.dtype}"]
+    for with_prefix in (False, True):
+        _direct(loaded, args.n, 4, with_prefix)  # warm-up
+        d = _direct(loaded, args.n, args.steps, with_prefix)
+        e = asyncio.run(_engine(loaded, args.n, args.steps, with_prefix))
+        lines.append(
+            f"prefixes={with_prefix!s:<5} prefill {d['prefill_ms']:8.1f} ms | decode step: forward "
+            f"{d['forward_ms']:7.2f} ms, select {d['select_ms']:6.2f} ms, advance {d['advance_ms']:6.2f} ms"
+            f" | whole engine {e:7.2f} ms/step"
+        )
+    log.info("\n".join(lines))
+    if args.cprofile:
+        _cprofile_engine(loaded, args.n, args.steps)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            asyncio.run(_engine(loaded, args.n, 8, True))
+        key = "self_cuda_time_total" if loaded.device.type == "cuda" else "self_cpu_time_total"
+        log.info(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+        log.info(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
