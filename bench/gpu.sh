@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine benchmark as run on a lent H100/H200 (bench/RESULTS.md): the device's python3 has torch,
 # transformers and CUDA; the rest of our dependencies travel as wheels in .whl/ (see README "Benchmarks").
-# Usage: OUT=/some/dir bash bench/gpu.sh
+# Usage: OUT=/some/dir bash bench/gpu.sh [extra bench.engine options, e.g. --new-tokens 512]
 set -euo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -12,7 +12,7 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m bench.engine --model random:llama-1b --device cuda --dtype bfloat16 --n 64 \
+python3 -m bench.engine --model random:llama-1b --device cuda --dtype bfloat16 --n 64 "$@" \
   --out "$OUT/engine_gpu_llama1b.json" 2>&1 | tee "$OUT/engine_gpu_llama1b.txt"
-python3 -m bench.engine --model random:smollm2-135m --device cuda --dtype bfloat16 --n 64 \
+python3 -m bench.engine --model random:smollm2-135m --device cuda --dtype bfloat16 --n 64 "$@" \
   --out "$OUT/engine_gpu_smollm2.json" 2>&1 | tee "$OUT/engine_gpu_smollm2.txt"
