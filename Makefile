@@ -9,7 +9,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck bench bench-load cluster clean
+.PHONY: install run test lint typecheck bench bench-quality bench-load cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.engine
+
+bench-quality: $(STAMP)
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(VENV) data
