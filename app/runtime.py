@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
+    from app.training.queue import JobQueue
     from prefix_store.blobs import BlobStore
     from prefix_store.cache_tier import CacheTier
     from prefix_store.resolver import PrefixResolver
@@ -37,6 +38,8 @@ class Runtime:
     resolver: PrefixResolver | None = None
     engine_client: EngineClient | None = None
     admin_key: str | None = None
+    # Hands created training jobs to workers; None: jobs stay `queued` for a worker's sweep to pick up.
+    job_queue: JobQueue | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def database_ok(self) -> bool:
