@@ -58,6 +58,10 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+    # Prompt text in the access log: a debugging aid only (prompts may hold personal data), so off by default.
+    log_prompts: bool = False
+    # `/metrics` (Prometheus text format) is unauthenticated, so it can be switched off where the port is public.
+    metrics_enabled: bool = True
 
     @field_validator("object_store_url")
     @classmethod

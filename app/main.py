@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 
 from app.api.routes import admin, chat, completions, health, models, prefixes
 from app.config import Settings, load_settings
 from app.errors import install_handlers
+from app.observability.metrics import CONTENT_TYPE, Metrics
+from app.observability.middleware import ObservabilityMiddleware
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -33,14 +35,29 @@ def create_app(
             factory = runtime_factory
         runtime = await asyncio.to_thread(factory, cfg)
         app.state.runtime = runtime
+        if metrics is not None and runtime.resolver is not None:
+            runtime.resolver.load_observer = metrics.observe_prefix_load
         try:
             yield
         finally:
             await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
+    # One registry per app (tests build many apps in one process); collectors find the runtime at scrape time.
+    metrics = Metrics(lambda: getattr(app.state, "runtime", None)) if cfg.metrics_enabled else None
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_prompts=cfg.log_prompts)
     install_handlers(app)
+    if metrics is not None:
+        _add_metrics_route(app, metrics)
     app.include_router(health.router)
     for module in (completions, chat, models, prefixes, admin):
         app.include_router(module.router)
     return app
+
+
+def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus text format; unauthenticated (switch off with PREFIXSERVE_METRICS_ENABLED=false).
+        A sync route: the training-jobs collector queries the database, so it runs in the thread pool."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)

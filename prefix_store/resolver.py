@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 Source = Literal["device", "cache", "blob"]
 DecodeFn = Callable[[bytes], PrefixKV]
 """Serialized native prefix → PrefixKV (validated against the served model)."""
+LoadObserver = Callable[[Source, float], None]
+"""Told (source, seconds) after each successful load; the app feeds it to a latency histogram."""
 
 
 class PrefixNotFound(LookupError):
@@ -140,6 +142,8 @@ class PrefixResolver:
         self._lock = threading.Lock()
         self._inflight: dict[PrefixKey, Future[PrefixKV]] = {}
         self._stats = ResolverStats()
+        # Optional: set by the app for its metrics (this package stays free of prometheus and the app).
+        self.load_observer: LoadObserver | None = None
         # Other replicas' deletes/replacements free our device memory; correctness does not depend on it.
         cache.subscribe(self._on_invalidation)
 
@@ -246,6 +250,8 @@ class PrefixResolver:
             self._stats.loads += 1
             self._stats.load_seconds_total += elapsed
             self._stats.load_seconds_max = max(self._stats.load_seconds_max, elapsed)
+        if self.load_observer is not None:
+            self.load_observer(source, elapsed)
         log.debug("loaded %s from %s in %.1f ms", key.redis_key, source, elapsed * 1e3)
         return kv, source
 

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, Unauthorized, Unavailable
+from app.observability.context import note_tenant
 from app.services.auth import Principal, authenticate
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) ->
         ) from None
     if principal is None:
         raise Unauthorized("invalid API key")
+    note_tenant(principal.tenant_id)  # for the access log
     return principal
 
 

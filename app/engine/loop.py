@@ -45,8 +45,9 @@ class _Stats:
     prefills: int = 0
     generated_tokens: int = 0
     running_rows: int = 0
-    waiting: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    waiting: int = 0  # submitted, not yet admitted or finished (what `max_waiting` bounds)
+    # The most recent decode steps' batch sizes (bounded: a server runs millions of steps).
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
 
 
 def _deliver(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
@@ -117,6 +118,7 @@ class Engine:
             if self._waiting_count >= self.limits.max_waiting:
                 raise EngineOverloaded(f"{self._waiting_count} requests are already waiting")
             self._waiting_count += 1
+            self.stats.waiting = self._waiting_count
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         # Only the engine thread emits; events wait in the outbox until the end of the step.
@@ -316,6 +318,7 @@ class Engine:
             active.queued = False
             with self._lock:
                 self._waiting_count -= 1
+                self.stats.waiting = self._waiting_count
 
     def _fail_all(self, why: str) -> None:
         for active in list(self._active.values()):

@@ -27,6 +27,7 @@ from starlette.types import Receive
 
 from app.db.models import Prefix, PrefixVersion
 from app.errors import InvalidRequest, NotFound, RateLimited, ServiceError, Unavailable, error_body
+from app.observability.context import note_event, note_model, note_prompt
 
 if TYPE_CHECKING:
     from app.engine.client import EngineClient, PrefixSelector
@@ -169,6 +170,8 @@ class Generation:
     async def _pump(self, index: int, stream: AsyncIterator[TokenEvent]) -> None:
         try:
             async for ev in stream:
+                note_event(has_token=ev.token_id is not None,
+                           completion_tokens=ev.completion_tokens if ev.final else None)  # access log, metrics
                 self._queue.put_nowait((index, ev))
         except Exception as exc:  # admission errors: RequestTooLarge, EngineOverloaded
             self._queue.put_nowait(exc)
@@ -232,6 +235,7 @@ async def start_generation(engine: EngineClient, *, prompt_ids: list[int], param
                            ) -> Generation:
     """Submit one engine request per choice and wait until each has started (see `Generation.start`)."""
     base = uuid.uuid4().hex
+    note_prompt(len(prompt_ids))
     streams = [engine.generate(prompt_ids=prompt_ids, sampling=p, prefix=target.selector,
                                request_id=f"{base}-{i}") for i, p in enumerate(params)]
     gen = Generation(streams, disconnected)
@@ -273,6 +277,7 @@ def error_payload(exc: ServiceError) -> str:
 async def lookup_target(session: Session, *, tenant_id: str, model: str, base_model_id: str) -> ModelTarget:
     """`resolve_model` off the event loop; then the session is closed, so no connection is held while the
     request generates (a long stream would otherwise pin one of the pool's few connections)."""
+    note_model(model)
     try:
         return await asyncio.to_thread(resolve_model, session, tenant_id=tenant_id, model=model,
                                        base_model_id=base_model_id)
