@@ -86,9 +86,8 @@ def decode_peft(
         )
     flat = load_checked(weights)[WEIGHTS_KEY].to(torch.float32)  # f16/bf16 -> f32 is exact
     check_finite(WEIGHTS_KEY, flat)
-    # [P, L*2*H*D] -> [P, L, 2, H, D] -> [2, L, H, P, D]
-    kv = flat.view(p, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim).permute(2, 1, 3, 0, 4)
-    keys, values = kv[0].contiguous(), kv[1].contiguous()
+    keys, values = flat_to_kv(flat, spec)
+    keys, values = keys.contiguous(), values.contiguous()
     check_kv(keys, values, spec)
     name = cfg.get("base_model_name_or_path")
     if name is not None and not isinstance(name, str):
@@ -103,6 +102,26 @@ def decode_peft(
         name_mismatch=name is not None and name != spec.model_id,
     )
     return PrefixKV(keys=keys, values=values, base_fingerprint=None, created_by="hf-peft"), info
+
+
+def flat_to_kv(flat: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's flat prefix [P, L*2*token_dim] -> (keys, values), each [L, kv_heads, P, head_dim].
+
+    Pure view/permute (no copy, differentiable): the trainer builds its prefix through this same function, so
+    training, export and import share one definition of the layout.
+    """
+    p = flat.shape[0]
+    # [P, L*2*H*D] -> [P, L, 2, H, D] -> [2, L, H, P, D]
+    kv = flat.view(p, spec.num_layers, 2, spec.num_kv_heads, spec.head_dim).permute(2, 1, 3, 0, 4)
+    return kv[0], kv[1]
+
+
+def kv_to_flat(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The inverse of `flat_to_kv`: keys/values [L, kv_heads, P, head_dim] -> [P, L*2*kv_heads*head_dim]."""
+    layers, heads, p, head_dim = keys.shape
+    # [L, H, P, D] x2 -> [L, 2, H, P, D] -> [P, L, 2, H, D] -> [P, L*2*H*D]
+    flat = torch.stack([keys, values], dim=1).permute(3, 0, 1, 2, 4)
+    return flat.reshape(p, layers * 2 * heads * head_dim)
 
 
 def _parse_config(config_json: bytes) -> dict[str, object]:
@@ -139,9 +158,7 @@ def encode_peft(prefix: PrefixKV, *, spec: ModelSpec, base_model_name_or_path: s
     """
     check_kv(prefix.keys, prefix.values, spec)
     p = prefix.num_virtual_tokens
-    # [L, H, P, D] x2 -> [L, 2, H, P, D] -> [P, L, 2, H, D] -> [P, L*2*H*D]
-    flat = torch.stack([prefix.keys, prefix.values], dim=1).permute(3, 0, 1, 2, 4)
-    flat = flat.reshape(p, spec.num_layers * 2 * spec.token_dim).to(torch.float32).contiguous()
+    flat = kv_to_flat(prefix.keys, prefix.values).to(torch.float32).contiguous()
     config = {
         "auto_mapping": None,
         "base_model_name_or_path": base_model_name_or_path,

@@ -26,6 +26,10 @@ class TrainingCancelled(Exception):
     """Raised inside the trainer when `should_stop` says so; the job runner turns it into `cancelled`."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/Inf (usually a learning rate too high); nothing is published."""
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     """One training example as token ids.
@@ -49,7 +53,7 @@ class TrainConfig:
 
     num_virtual_tokens: int = 16
     prefix_projection: bool = False  # Li & Liang MLP reparameterization; False trains the KV directly
-    encoder_hidden_size: int | None = None  # MLP width when prefix_projection (default: the model's hidden size)
+    encoder_hidden_size: int | None = None  # MLP width when prefix_projection (default: token_dim, as PEFT)
     learning_rate: float = 3e-2
     batch_size: int = 8
     n_epochs: int | None = None  # exactly one of n_epochs / max_steps decides the length (max_steps wins)

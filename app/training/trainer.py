@@ -1,0 +1,303 @@
+"""Prefix-tuning on the frozen base model (issue #5, DESIGN.md §1 and §6).
+
+`train_prefix` learns a prefix maximizing log p(completion | prefix, prompt) with the base model frozen:
+  - only the prefix is optimized: the optimizer holds the prefix parameters alone, and gradients are taken with
+    `backward(inputs=...)`, so no base weight ever gets a `.grad`, whatever its requires_grad flag;
+  - the model object is shared with the serving engine's thread: it is never put in train mode or modified, and
+    grad mode is switched on here, thread-locally (the engine thread runs under inference_mode);
+  - same seed + same data -> bit-identical prefix (private generators for init and data order).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.model import LoadedModel
+from app.training.batches import batch_stream, eval_batches, split_validation
+from app.training.forward import PrefixForward, TrainBatch, collate
+from app.training.prefix_params import PrefixParameters
+from app.training.types import (
+    StopReason,
+    TokenizedExample,
+    TrainCallbacks,
+    TrainConfig,
+    TrainEvent,
+    TrainingCancelled,
+    TrainingDataError,
+    TrainingDiverged,
+    TrainResult,
+)
+from prefix_store.types import PrefixKV
+
+logger = logging.getLogger(__name__)
+
+LOSS_WINDOW = 10  # steps in the running mean reported as train_loss
+
+
+def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor for optimizer step s (0-based): (s+1)/w during warm-up, then linear decay to 1/(total-w).
+
+    Unlike transformers' get_linear_schedule_with_warmup, the first step does not run at lr 0 and the last
+    not at lr 0 either: on a 150-step CPU budget both would be wasted steps.
+    """
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        return max(0.0, (total_steps - s) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_optimizer(
+    prefix: PrefixParameters, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the prefix's parameters only (no state is ever allocated for a base weight), and its schedule."""
+    optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total_steps, warmup))
+
+
+def check_config(config: TrainConfig, total_steps: int) -> None:
+    """Refuse hyperparameters that cannot train (the API validates them earlier; this guards direct callers)."""
+    problems = [
+        (config.num_virtual_tokens < 1, "num_virtual_tokens must be at least 1"),
+        (config.batch_size < 1, "batch_size must be at least 1"),
+        (not config.learning_rate > 0, "learning_rate must be positive"),
+        (total_steps < 1, "the run must have at least one step (n_epochs / max_steps)"),
+        (config.eval_every < 1, "eval_every must be at least 1"),
+        (config.checkpoint_every is not None and config.checkpoint_every < 1, "checkpoint_every must be >= 1"),
+        (config.early_stopping_patience is not None and config.early_stopping_patience < 1, "patience must be >= 1"),
+        (not 0.0 <= config.warmup_ratio <= 1.0, "warmup_ratio must be in [0, 1]"),
+        (config.weight_decay < 0, "weight_decay must not be negative"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
+
+
+def check_examples(examples: Sequence[TokenizedExample], loaded: LoadedModel, p: int, what: str) -> None:
+    """Every example fits the model (context length with the prefix, vocabulary) and has a target to learn."""
+    cfg = loaded.model.config
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    vocab = int(loaded.model.config.vocab_size)
+    for i, ex in enumerate(examples, start=1):
+        n = len(ex.input_ids)
+        if max_pos is not None and p + n > max_pos:
+            raise TrainingDataError(
+                f"{what} example {i} has {n} tokens; with the {p}-token prefix that exceeds the model's "
+                f"context length {max_pos}"
+            )
+        if not any(ex.loss_mask[1:]):
+            raise TrainingDataError(f"{what} example {i} has no completion tokens to train on")
+        if n and (min(ex.input_ids) < 0 or max(ex.input_ids) >= vocab):
+            raise TrainingDataError(f"{what} example {i} has token ids outside the vocabulary (size {vocab})")
+
+
+@dataclass
+class _Progress:
+    """What the loop has seen so far."""
+
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
+    trained_tokens: int = 0
+    target_tokens: int = 0
+    seconds: float = 0.0
+    last_val: float | None = None
+    best_val: float | None = None
+    best_step: int = 0
+    best_prefix: PrefixKV | None = None
+    bad_evals: int = 0
+
+    @property
+    def train_loss(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+class _Run:
+    """One training run's state: the prefix, optimizer, schedule, data and callbacks."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        train: list[TokenizedExample],
+        val: list[TokenizedExample],
+        config: TrainConfig,
+        init: PrefixKV | None,
+        callbacks: TrainCallbacks,
+    ) -> None:
+        self.loaded, self.config, self.callbacks = loaded, config, callbacks
+        self.total = config.total_steps(len(train))
+        self.prefix = PrefixParameters(
+            loaded.spec,
+            config.num_virtual_tokens,
+            projection=config.prefix_projection,
+            encoder_hidden_size=config.encoder_hidden_size,
+            init=init,
+            seed=config.seed,
+            device=loaded.device,
+        )
+        self.params = list(self.prefix.parameters())
+        self.forward = PrefixForward(loaded.model)
+        self.optimizer, self.scheduler = build_optimizer(self.prefix, config, self.total)
+        self.batches: Iterator[list[TokenizedExample]] = batch_stream(train, config.batch_size, config.seed)
+        self.val = [self._collate(b) for b in eval_batches(val, config.batch_size)]
+        self.progress = _Progress()
+
+    def _collate(self, examples: Sequence[TokenizedExample]) -> TrainBatch:
+        return collate(
+            examples,
+            num_virtual_tokens=self.config.num_virtual_tokens,
+            pad_token_id=int(self.loaded.tokenizer.pad_token_id),
+            device=self.loaded.device,
+        )
+
+    def run(self) -> TrainResult:
+        stop_reason: StopReason = "completed"
+        step = 0
+        while step < self.total:
+            if self.callbacks.should_stop():
+                raise TrainingCancelled(f"training cancelled after {step} of {self.total} steps")
+            step += 1
+            lr, tokens_per_s = self._train_step(step)
+            due = step % self.config.eval_every == 0 or step == self.total
+            val_loss = self._evaluate() if self.val and due else None
+            self.callbacks.on_event(TrainEvent(step, self.total, self.progress.train_loss, val_loss, lr, tokens_per_s))
+            every = self.config.checkpoint_every
+            if every is not None and step % every == 0:
+                self.callbacks.on_checkpoint(step, self._export(step), self._metrics(val_loss))
+            if val_loss is not None and self._record_eval(step, val_loss):
+                stop_reason = "early_stopped"
+                break
+        return self._result(step, stop_reason)
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step; returns (the learning rate it used, real tokens per second)."""
+        started = time.perf_counter()
+        batch = self._collate(next(self.batches))
+        keys, values = self.prefix.kv()
+        loss = self.forward.loss_sum(keys, values, batch) / max(1, batch.num_targets)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the training loss is {loss.item()} at step {step}; lower the learning rate")
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss, inputs=self.params)  # grads for the prefix only, never a base weight
+        lr = float(self.scheduler.get_last_lr()[0])
+        self.optimizer.step()
+        self.scheduler.step()
+        seconds = time.perf_counter() - started
+        value = float(loss.item())
+        p = self.progress
+        p.losses.append(value)
+        p.trained_tokens += batch.real_tokens
+        p.target_tokens += batch.num_targets
+        p.seconds += seconds
+        return lr, batch.real_tokens / seconds if seconds > 0 else 0.0
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        """Mean target loss over the whole validation set."""
+        keys, values = self.prefix.kv()
+        total, count = 0.0, 0
+        for batch in self.val:
+            if self.callbacks.should_stop():
+                raise TrainingCancelled("training cancelled during validation")
+            total += float(self.forward.loss_sum(keys, values, batch).item())
+            count += batch.num_targets
+        self.progress.last_val = total / max(1, count)
+        return self.progress.last_val
+
+    def _record_eval(self, step: int, val_loss: float) -> bool:
+        """Keep the best prefix so far; True when early stopping's patience has run out."""
+        p = self.progress
+        if p.best_val is None or val_loss < p.best_val:
+            p.best_val, p.best_step, p.bad_evals = val_loss, step, 0
+            p.best_prefix = self._export(step)
+            return False
+        p.bad_evals += 1
+        patience = self.config.early_stopping_patience
+        return patience is not None and p.bad_evals >= patience
+
+    def _export(self, step: int) -> PrefixKV:
+        return self.prefix.export(
+            {"training_step": str(step), "prefix_projection": str(self.config.prefix_projection).lower()}
+        )
+
+    def _metrics(self, val_loss: float | None) -> dict[str, float]:
+        p = self.progress
+        metrics = {"trained_tokens": float(p.trained_tokens), "target_tokens": float(p.target_tokens)}
+        if p.train_loss is not None:
+            metrics["train_loss"] = p.train_loss
+        if val_loss is not None:
+            metrics["val_loss"] = val_loss
+        return metrics
+
+    def _result(self, step: int, stop_reason: StopReason) -> TrainResult:
+        p = self.progress
+        prefix = p.best_prefix if p.best_prefix is not None else self._export(step)
+        metrics = self._metrics(p.last_val)
+        metrics.update(seconds=p.seconds, tokens_per_s=p.trained_tokens / p.seconds if p.seconds else 0.0)
+        if p.best_val is not None:
+            metrics.update(best_val_loss=p.best_val, best_step=float(p.best_step))
+        logger.info(
+            "trained a %d-token prefix: %d/%d steps (%s), train loss %s, best val loss %s, %.1f s",
+            self.config.num_virtual_tokens,
+            step,
+            self.total,
+            stop_reason,
+            p.train_loss,
+            p.best_val,
+            p.seconds,
+        )
+        return TrainResult(
+            prefix=prefix,
+            steps=step,
+            trained_tokens=p.trained_tokens,
+            final_train_loss=p.train_loss,
+            best_val_loss=p.best_val,
+            stop_reason=stop_reason,
+            metrics=metrics,
+        )
+
+
+def train_prefix(
+    loaded: LoadedModel,
+    train: Sequence[TokenizedExample],
+    val: Sequence[TokenizedExample] | None,
+    config: TrainConfig,
+    *,
+    init: PrefixKV | None = None,
+    callbacks: TrainCallbacks | None = None,
+) -> TrainResult:
+    """Train a prefix for `loaded`'s frozen model on `train`; returns the exported PrefixKV [L, H_kv, P, D] and facts.
+
+    With a validation set (`val`, or `config.validation_split` of `train` held out with the seed), it is evaluated
+    every `eval_every` steps and at the end; the best prefix is returned and early stopping may end the run.
+    Without one, the final prefix is returned. Raises TrainingCancelled (callbacks.should_stop), TrainingDataError
+    (unusable examples), TrainingDiverged (non-finite loss), ValueError (bad config or warm-start prefix).
+    """
+    train_set, val_set = list(train), list(val or [])
+    if not val_set and config.validation_split > 0:
+        train_set, val_set = split_validation(train_set, config.validation_split, config.seed)
+    if not train_set:
+        raise TrainingDataError("there are no training examples")
+    check_config(config, config.total_steps(len(train_set)))
+    check_examples(train_set, loaded, config.num_virtual_tokens, "training")
+    check_examples(val_set, loaded, config.num_virtual_tokens, "validation")
+    logger.info(
+        "training a %d-token prefix (%s) on %d examples (%d validation) for %d steps",
+        config.num_virtual_tokens,
+        "projection" if config.prefix_projection else "direct",
+        len(train_set),
+        len(val_set),
+        config.total_steps(len(train_set)),
+    )
+    # The calling thread may be in no-grad or inference mode (the engine thread is); both are thread-local. The
+    # prefix is created inside too: a parameter made in inference mode could never take part in autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks()).run()

@@ -1,0 +1,30 @@
+"""Trainer fixtures: the tiny random presets, loaded once per session.
+
+They are shared by every test in the session, which is itself a check: the trainer must leave the base model
+exactly as it found it (frozen, eval mode, same weights).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from app.engine.model import LoadedModel, load_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """random:tiny-llama: 2 layers, 4 query / 2 KV heads, head_dim 16, vocab 512, float32 on CPU."""
+    return load_model("random:tiny-llama", data_dir=tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """random:tiny-gpt2: 2 layers, 4 heads, n_embd 64, vocab 512, float32 on CPU."""
+    return load_model("random:tiny-gpt2", data_dir=tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
+def tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    """Each tiny model in turn (Llama: GQA + RoPE; GPT-2: learned positions)."""
+    model: LoadedModel = request.getfixturevalue(request.param)
+    return model
