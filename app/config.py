@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -56,6 +56,22 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=1024, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
 
+    # Training jobs. "auto": arq over Redis when redis_url is set, else the in-process worker thread;
+    # "none": this process runs no jobs (API replicas; a worker's recovery sweep picks queued jobs up).
+    job_queue: Literal["auto", "arq", "inprocess", "none"] = "auto"
+    # How often a training worker refreshes its job's heartbeat and polls the job's cancel flag.
+    job_heartbeat_s: float = Field(default=2.0, gt=0)
+    # A running job whose heartbeat is older than this lost its worker: the sweep re-queues or fails it.
+    job_stale_after_s: float = Field(default=60.0, gt=0)
+    # Attempts (claims by a worker) before a job whose workers keep dying is failed.
+    job_max_attempts: int = Field(default=3, ge=1)
+    # The longest one training job may run in an arq worker before it is interrupted.
+    job_timeout_s: int = Field(default=6 * 3600, ge=1)
+    # How often workers sweep for stale running jobs and queued jobs that no queue carries.
+    job_sweep_interval_s: float = Field(default=15.0, gt=0)
+    # Intra-op threads of a `prefixserve worker` / `prefixserve train` process (default: torch's choice).
+    training_torch_threads: int | None = Field(default=None, ge=1)
+
     log_level: str = "INFO"
     log_json: bool = False
     # Prompt text in the access log: a debugging aid only (prompts may hold personal data), so off by default.
@@ -77,6 +93,14 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return v.upper()
 
+    @field_validator("job_queue")
+    @classmethod
+    def _arq_needs_redis(cls, v: str, info: ValidationInfo) -> str:
+        # redis_url is declared above job_queue, so it is validated (and in info.data) first.
+        if v == "arq" and not info.data.get("redis_url"):
+            raise ValueError("arq needs PREFIXSERVE_REDIS_URL")
+        return v
+
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'prefixserve.db').resolve()}"
@@ -84,6 +108,13 @@ class Settings(BaseSettings):
     @property
     def resolved_object_store_url(self) -> str:
         return self.object_store_url or f"file://{(self.data_dir / 'blobs').resolve()}"
+
+    @property
+    def resolved_job_queue(self) -> Literal["arq", "inprocess", "none"]:
+        """The job queue this process uses: `auto` is arq when Redis is configured, else in-process."""
+        if self.job_queue == "auto":
+            return "arq" if self.redis_url else "inprocess"
+        return self.job_queue
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -40,6 +40,9 @@ def create_app(
         try:
             yield
         finally:
+            if runtime.job_queue is not None:
+                # On this loop: the arq pool was opened on it; the in-process worker hands its job back.
+                await runtime.job_queue.close()
             await asyncio.to_thread(runtime.close)
 
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)

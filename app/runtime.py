@@ -57,6 +57,11 @@ class Runtime:
         }
 
     def close(self) -> None:
+        """Stop the engine and close the stores. `await job_queue.close()` first, on the event loop that used
+        it (the app's lifespan does); an in-process training worker still running is stopped here."""
+        stop = getattr(self.job_queue, "stop", None)
+        if callable(stop):
+            stop()
         if self.engine is not None:
             self.engine.stop()
         close = getattr(self.cache, "close", None)
@@ -96,6 +101,9 @@ def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
     runtime.admin_key = _admin_key(settings)
     if load_model:
         _start_model(runtime)
+        from app.training.queue import open_job_queue
+
+        runtime.job_queue = open_job_queue(runtime)
     return runtime
 
 
@@ -122,27 +130,33 @@ def _admin_key(settings: Settings) -> str | None:
     return key
 
 
-def _start_model(runtime: Runtime) -> None:
+def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> LoadedModel:
+    """The frozen base model the settings name (no engine): the server's and the training workers' model."""
     import torch
 
+    from app.engine.model import load_model
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return load_model(
+        settings.model,
+        data_dir=settings.data_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        allow_hub_download=settings.allow_hub_download,
+        name=settings.model_name,
+    )
+
+
+def _start_model(runtime: Runtime) -> None:
     from app.engine.client import EngineClient
     from app.engine.factory import build_engine, context_length
-    from app.engine.model import load_model
     from app.services.catalog import DbCatalog
     from prefix_store.device_pool import DevicePool
     from prefix_store.resolver import PrefixResolver
 
     s = runtime.settings
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
-    loaded = load_model(
-        s.model,
-        data_dir=s.data_dir,
-        device=s.device,
-        dtype=s.dtype,
-        allow_hub_download=s.allow_hub_download,
-        name=s.model_name,
-    )
+    loaded = load_base_model(s, torch_threads=s.torch_threads)
     runtime.model = loaded
     runtime.resolver = PrefixResolver(
         catalog=DbCatalog(runtime.sessions),

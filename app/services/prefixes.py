@@ -9,22 +9,22 @@ then deletes blobs no row references any more and frees the cache tiers.
 from __future__ import annotations
 
 import logging
-import random
 import re
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.db.models import PERSONAL_PREFIX_PREFIX, File, JobCheckpoint, Prefix, PrefixVersion
+from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
+from app.services.prefix_versions import PrefixStores as PrefixStores
+from app.services.prefix_versions import blob_referenced as blob_referenced
+from app.services.prefix_versions import delete_unreferenced_blobs as delete_unreferenced_blobs
+from app.services.prefix_versions import find_prefix, publish_version
 from app.services.uploads import convert_upload
-from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
+from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -33,20 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-INSERT_ATTEMPTS = 8
 DownloadFormat = Literal["native", "peft"]
-
-
-@dataclass(frozen=True)
-class PrefixStores:
-    """What prefix management needs besides the session: blobs, the served model's spec, limits, and a
-    callback freeing a prefix from the cache tiers (tenant_id, prefix_id)."""
-
-    blobs: BlobStore
-    spec: ModelSpec | None
-    max_virtual_tokens: int
-    max_bytes: int
-    invalidate: Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -110,71 +97,22 @@ def upload_prefix(
     spec = require_model(stores)
     converted = convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
                                max_bytes=stores.max_bytes)
-    try:
-        sha = stores.blobs.put(converted.native)
-    except BlobStoreUnavailable as exc:
-        log.error("blob store write failed: %s", exc)
-        raise Unavailable("the object store is unavailable; retry shortly",
-                          headers={"Retry-After": "5"}) from None
-    try:
-        prefix, row = _insert_version(
-            session, tenant_id=tenant_id, name=name,
-            values={"sha256": sha, "size_bytes": len(converted.native),
-                    "num_virtual_tokens": converted.num_virtual_tokens,
-                    "source_format": converted.source_format,
-                    "base_model_fingerprint": spec.fingerprint,
-                    "recorded_base_model": converted.recorded_base_model},
-        )
-    except BaseException:
-        session.rollback()
-        delete_unreferenced_blobs(session=session, stores=stores, shas=[sha])
-        raise
-    # A concurrent delete may have collected the shared blob between our put and our commit: write it again.
-    stores.blobs.put(converted.native)
+    prefix, row = publish_version(
+        session=session, blobs=stores.blobs, tenant_id=tenant_id, name=name, native=converted.native,
+        values={"num_virtual_tokens": converted.num_virtual_tokens, "source_format": converted.source_format,
+                "base_model_fingerprint": spec.fingerprint, "recorded_base_model": converted.recorded_base_model},
+    )
     log.info("tenant %s stored prefix %s version %d (%s, %s)", tenant_id, name, row.version,
-             converted.source_format, sha[:12])
+             converted.source_format, row.sha256[:12])
     return PrefixUploaded(
         id=prefix.id, name=name, version=row.version, num_virtual_tokens=row.num_virtual_tokens,
-        base_model=spec.model_id, sha256=sha, size_bytes=row.size_bytes, source_format=row.source_format,
+        base_model=spec.model_id, sha256=row.sha256, size_bytes=row.size_bytes, source_format=row.source_format,
         created_at=row.created_at, warnings=converted.warnings,
     )
 
 
-def _insert_version(
-    session: Session, *, tenant_id: str, name: str, values: dict[str, object]
-) -> tuple[Prefix, PrefixVersion]:
-    """Insert version max+1, retrying when a concurrent upload took the number (UNIQUE(prefix_id, version)),
-    created the prefix first (UNIQUE(tenant_id, name)), or held SQLite's write lock."""
-    for attempt in range(INSERT_ATTEMPTS):
-        try:
-            prefix = _find(session, tenant_id, name)
-            if prefix is None:
-                prefix = Prefix(tenant_id=tenant_id, name=name)
-                session.add(prefix)
-                session.flush()
-            latest = session.execute(
-                sa.select(sa.func.max(PrefixVersion.version)).where(PrefixVersion.prefix_id == prefix.id)
-            ).scalar()
-            row = PrefixVersion(prefix_id=prefix.id, version=(latest or 0) + 1, **values)
-            session.add(row)
-            session.commit()
-            return prefix, row
-        except (IntegrityError, OperationalError) as exc:
-            session.rollback()
-            retryable = isinstance(exc, IntegrityError) or "locked" in str(exc.orig)
-            if not retryable or attempt == INSERT_ATTEMPTS - 1:
-                if retryable:
-                    raise Conflict(f"concurrent uploads of prefix {name!r}; retry", code="conflict") from None
-                raise
-            time.sleep(random.uniform(0.005, 0.05) * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 def _find(session: Session, tenant_id: str, name: str) -> Prefix | None:
-    return session.execute(
-        sa.select(Prefix)
-        .where(Prefix.tenant_id == tenant_id, Prefix.name == name, Prefix.end_user_id.is_(None))
-    ).scalar_one_or_none()
+    return find_prefix(session, tenant_id, name)
 
 
 def _version_info(v: PrefixVersion) -> PrefixVersionInfo:
@@ -275,22 +213,3 @@ def _to_peft_zip(data: bytes, stores: PrefixStores, recorded: str | None) -> byt
     except PrefixError as exc:
         raise Conflict(f"the stored prefix does not fit the served model: {exc}",
                        code="model_mismatch") from None
-
-
-def blob_referenced(session: Session, sha256: str) -> bool:
-    """Whether any row (of any tenant) points to the blob: prefix versions, files, training checkpoints."""
-    return any(
-        session.execute(sa.select(sa.literal(1)).where(col == sha256).limit(1)).first() is not None
-        for col in (PrefixVersion.sha256, File.sha256, JobCheckpoint.sha256)
-    )
-
-
-def delete_unreferenced_blobs(*, session: Session, stores: PrefixStores, shas: Iterable[str]) -> None:
-    """Delete each blob no row references. A failure only leaves an orphan blob behind (logged)."""
-    for sha in sorted(set(shas)):
-        try:
-            if not blob_referenced(session, sha):
-                stores.blobs.delete(sha)
-        except (BlobStoreUnavailable, sa.exc.SQLAlchemyError) as exc:
-            log.warning("could not collect blob %s (left as an orphan): %s", sha, exc)
-    session.rollback()  # end the read transaction

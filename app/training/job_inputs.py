@@ -1,0 +1,140 @@
+"""What a training job trains on: its examples (files or an end user's stored examples) and its warm start.
+
+Every problem is raised as `JobFailed` with the error the job will carry: bad data names the file (or user
+example) and the line, a missing warm-start prefix names the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import File, TrainingJob, UserExample
+from app.training.data import parse_jsonl_numbered, tokenize_examples
+from app.training.job_config import warm_start_of
+from app.training.lease import JobError
+from app.training.types import TokenizedExample, TrainingDataError
+from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
+
+if TYPE_CHECKING:
+    from app.engine.model import LoadedModel
+    from prefix_store.types import PrefixKV
+
+log = logging.getLogger(__name__)
+
+# The API validated the file at upload time with its own limits; this bound only keeps a worker's memory sane.
+MAX_FILE_EXAMPLES = 1_000_000
+
+
+class JobFailed(Exception):
+    """The job cannot succeed; `error` says why (stored on the job and in its events)."""
+
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class JobData:
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+
+
+def load_job_data(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
+                  max_tokens: int) -> JobData:
+    """The job's tokenized examples. max_tokens: the longest sequence (context length − virtual tokens)."""
+    if job.end_user_id is not None:
+        records = _user_records(sessions, job.end_user_id)
+        return JobData(_tokenize(records, loaded, max_tokens, what="user example", param=None), [])
+    if job.training_file_id is None:
+        raise JobFailed(JobError("training_file_missing", "the training file was deleted", "training_file"))
+    train = _file_examples(job, job.training_file_id, "training file", "training_file", sessions, blobs, loaded,
+                           max_tokens)
+    val: list[TokenizedExample] = []
+    if job.validation_file_id is not None:
+        val = _file_examples(job, job.validation_file_id, "validation file", "validation_file", sessions, blobs,
+                             loaded, max_tokens)
+    return JobData(train, val)
+
+
+def _user_records(sessions: sessionmaker[Session], end_user_id: str) -> list[tuple[int, dict[str, Any]]]:
+    with sessions() as session:
+        rows = session.execute(
+            sa.select(UserExample.data).where(UserExample.end_user_id == end_user_id)
+            .order_by(UserExample.created_at, UserExample.id)
+        ).scalars().all()
+    if not rows:
+        raise JobFailed(JobError("no_examples", "the end user has no examples to train on"))
+    return [(i, data) for i, data in enumerate(rows, start=1)]
+
+
+def _file_examples(job: TrainingJob, file_id: str, what: str, param: str, sessions: sessionmaker[Session],
+                   blobs: BlobStore, loaded: LoadedModel, max_tokens: int) -> list[TokenizedExample]:
+    with sessions() as session:
+        row = session.get(File, file_id)
+    if row is None or row.tenant_id != job.tenant_id:
+        raise JobFailed(JobError(f"{param}_missing", f"the {what} {file_id} was deleted", param))
+    try:
+        data = blobs.get(row.sha256)
+    except (BlobNotFound, BlobStoreUnavailable) as exc:
+        log.error("job %s: cannot read the %s %s (blob %s): %r", job.id, what, file_id, row.sha256, exc)
+        raise JobFailed(JobError("storage_unavailable", f"the {what} {file_id} cannot be read right now",
+                                 param)) from None
+    try:
+        records = parse_jsonl_numbered(data, max_examples=MAX_FILE_EXAMPLES)
+    except TrainingDataError as exc:
+        raise _data_error(exc, f"{what} {file_id}", param) from None
+    return _tokenize(records, loaded, max_tokens, what=f"{what} {file_id}", param=param)
+
+
+def _tokenize(records: Sequence[tuple[int, dict[str, Any]]], loaded: LoadedModel, max_tokens: int, *, what: str,
+              param: str | None) -> list[TokenizedExample]:
+    try:
+        return tokenize_examples([r for _, r in records], loaded.tokenizer, max_tokens=max_tokens,
+                                 lines=[n for n, _ in records])
+    except TrainingDataError as exc:
+        raise _data_error(exc, what, param) from None
+
+
+def _data_error(exc: TrainingDataError, what: str, param: str | None) -> JobFailed:
+    """`training file file-x, line 3: ...` for a file; `user example 3: ...` for an end user's examples."""
+    if exc.line is None:
+        return JobFailed(JobError("invalid_training_data", f"{what}: {exc.reason}", param))
+    where = f"{what}, line {exc.line}" if param else f"{what} {exc.line}"
+    return JobFailed(JobError("invalid_training_data", f"{where}: {exc.reason}", param))
+
+
+def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
+                    max_virtual_tokens: int, max_bytes: int) -> PrefixKV | None:
+    """The prefix the job starts from (`options.warm_start`, a `name@version` reference), or None."""
+    ref = warm_start_of(job)
+    if ref is None:
+        return None
+    from app.services.catalog import DbCatalog
+    from prefix_store.codec import decode_native
+    from prefix_store.types import PrefixError
+
+    name, sep, raw = ref.rpartition("@")
+    if not sep or not raw.isdigit():
+        name, raw = ref, ""
+    found = DbCatalog(sessions).lookup(job.tenant_id, name, int(raw) if raw else None)
+    if found is None:
+        raise JobFailed(JobError("warm_start_not_found", f"the warm-start prefix {ref!r} does not exist "
+                                 "(it was deleted after the job was created)", "warm_start"))
+    try:
+        kv = decode_native(blobs.get(found.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
+                           max_bytes=max_bytes)
+    except (BlobNotFound, BlobStoreUnavailable) as exc:
+        log.error("job %s: cannot read warm-start blob %s: %r", job.id, found.sha256, exc)
+        raise JobFailed(JobError("storage_unavailable", f"the warm-start prefix {ref!r} cannot be read right now",
+                                 "warm_start")) from None
+    except PrefixError as exc:
+        raise JobFailed(JobError("invalid_warm_start", f"the warm-start prefix {ref!r} does not fit the model: {exc}",
+                                 "warm_start")) from None
+    log.info("job %s warm-starts from %s (version %d)", job.id, name, found.version)
+    return kv
