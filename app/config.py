@@ -72,6 +72,22 @@ class Settings(BaseSettings):
     # Intra-op threads of a `prefixserve worker` / `prefixserve train` process (default: torch's choice).
     training_torch_threads: int | None = Field(default=None, ge=1)
 
+    # Per-tenant limits (issue #7): the default of each `tenant_limits` column a tenant leaves NULL; None here
+    # means unlimited. Rates are per minute (fixed windows); generated tokens are counted after generation.
+    tenant_requests_per_minute: int | None = Field(default=600, ge=0)
+    tenant_tokens_per_minute: int | None = Field(default=1_000_000, ge=0)
+    tenant_max_concurrent_requests: int | None = Field(default=64, ge=0)
+    tenant_max_prefixes: int | None = Field(default=10_000, ge=0)
+    tenant_max_stored_bytes: int | None = Field(default=10 * 2**30, ge=0)  # prefix versions + files
+    tenant_max_concurrent_jobs: int | None = Field(default=4, ge=0)
+    tenant_max_examples_per_user: int | None = Field(default=10_000, ge=0)
+    # A generation still queued or running this long is ended with a 504 and its engine row freed.
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    # A streaming client that has not taken one SSE message for this long is disconnected (its rows cancelled).
+    stream_send_timeout_s: float = Field(default=30.0, gt=0)
+    # Browser origins allowed by CORS, comma-separated; empty (the default) sends no CORS headers at all.
+    cors_allow_origins: str = ""
+
     log_level: str = "INFO"
     log_json: bool = False
     # Prompt text in the access log: a debugging aid only (prompts may hold personal data), so off by default.
@@ -100,6 +116,10 @@ class Settings(BaseSettings):
         if v == "arq" and not info.data.get("redis_url"):
             raise ValueError("arq needs PREFIXSERVE_REDIS_URL")
         return v
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
     @property
     def resolved_database_url(self) -> str:

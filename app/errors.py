@@ -83,6 +83,14 @@ class Unavailable(ServiceError):
     error_type = "service_unavailable"
 
 
+class RequestTimeout(ServiceError):
+    """A generation outlived PREFIXSERVE_REQUEST_TIMEOUT_S (queued or running); the engine freed its row."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    code = "timeout"
+
+
 def error_body(
     message: str, error_type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, object]:

@@ -10,7 +10,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, Unauthorized, Unavailable
+from app.observability.context import current as request_record
 from app.observability.context import note_tenant
+from app.protocol.admin import TenantLimitValues
+from app.services import limits
 from app.services.auth import Principal, authenticate
 
 if TYPE_CHECKING:
@@ -54,14 +57,31 @@ def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) ->
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require_tenant(scope: str) -> Callable[[Principal], Principal]:
-    """A dependency: a tenant key holding `scope` (the admin key is not a tenant and is refused here)."""
+def get_limits(principal: PrincipalDep, runtime: RuntimeDep, session: SessionDep) -> TenantLimitValues | None:
+    """The calling tenant's effective limits (None for the admin key, which has none)."""
+    if principal.tenant_id is None:
+        return None
+    try:
+        return limits.effective_limits(session=session, settings=runtime.settings, tenant_id=principal.tenant_id)
+    except OperationalError:
+        raise Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
 
-    def dep(principal: PrincipalDep) -> Principal:
+
+LimitsDep = Annotated[TenantLimitValues | None, Depends(get_limits)]
+
+
+def require_tenant(scope: str) -> Callable[..., Principal]:
+    """A dependency: a tenant key holding `scope` (the admin key is not a tenant and is refused here), within
+    its requests_per_minute (every tenant request counts)."""
+
+    def dep(principal: PrincipalDep, tenant_limits: LimitsDep, runtime: RuntimeDep) -> Principal:
         if principal.is_admin:
             raise Forbidden("the admin key cannot access tenant data; use a tenant API key")
         if scope not in principal.scopes and not (scope == "inference" and "manage" in principal.scopes):
             raise Forbidden(f"this API key lacks the `{scope}` scope")
+        assert principal.tenant_id is not None and tenant_limits is not None
+        limits.check_request_rate(store=limits.counters(runtime), tenant_id=principal.tenant_id,
+                                  limits=tenant_limits)
         return principal
 
     return dep
@@ -76,6 +96,26 @@ def require_admin(principal: PrincipalDep) -> Principal:
 InferenceDep = Annotated[Principal, Depends(require_tenant("inference"))]
 ManageDep = Annotated[Principal, Depends(require_tenant("manage"))]
 AdminDep = Annotated[Principal, Depends(require_admin)]
+
+
+def generation_slot(principal: InferenceDep, tenant_limits: LimitsDep, runtime: RuntimeDep) -> Iterator[None]:
+    """A completions/chat request: room left in tokens_per_minute and one of max_concurrent_requests slots,
+    held until the response ends (a stream included); then its completion tokens are counted."""
+    assert principal.tenant_id is not None and tenant_limits is not None
+    store = limits.counters(runtime)
+    limits.check_token_rate(store=store, tenant_id=principal.tenant_id, limits=tenant_limits)
+    token = limits.acquire_request_slot(store=store, tenant_id=principal.tenant_id, limits=tenant_limits)
+    try:
+        yield
+    finally:
+        limits.release_request_slot(store=store, tenant_id=principal.tenant_id, token=token)
+        record = request_record()  # the serving core notes each choice's completion tokens there
+        if record is not None:
+            limits.record_tokens(store=store, tenant_id=principal.tenant_id, limits=tenant_limits,
+                                 tokens=record.completion_tokens)
+
+
+GenerationDep = Annotated[None, Depends(generation_slot)]
 
 
 def get_engine_client(request: Request) -> EngineClient:

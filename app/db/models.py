@@ -296,3 +296,25 @@ class JobCheckpoint(Base):
     job: Mapped[TrainingJob] = relationship(back_populates="checkpoints")
 
     __table_args__ = (sa.UniqueConstraint("job_id", "step"), sa.Index(None, "sha256"))
+
+
+class TenantLimits(Base):
+    """A tenant's own limits; a NULL column (or no row at all) means the default from Settings.
+
+    Rates are enforced through Redis (or in process), counts and bytes by queries when something is created
+    (see app/services/limits.py). One row per tenant, deleted with it.
+    """
+
+    __tablename__ = "tenant_limits"
+
+    tenant_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    requests_per_minute: Mapped[int | None] = mapped_column(sa.Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(sa.BigInteger)  # generated (completion) tokens
+    max_concurrent_requests: Mapped[int | None] = mapped_column(sa.Integer)
+    max_prefixes: Mapped[int | None] = mapped_column(sa.Integer)
+    max_stored_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)  # prefix versions + files
+    max_concurrent_jobs: Mapped[int | None] = mapped_column(sa.Integer)
+    max_examples_per_user: Mapped[int | None] = mapped_column(sa.Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.config import Settings
 from app.engine.detok import Decoder
 from app.engine.loop import Engine, EngineLimits
@@ -15,14 +17,15 @@ def context_length(loaded: LoadedModel) -> int:
     return int(n)
 
 
-def build_engine(loaded: LoadedModel, *, settings: Settings | None = None, **overrides: int) -> Engine:
+def build_engine(loaded: LoadedModel, *, settings: Settings | None = None, **overrides: float) -> Engine:
     """An engine (not started) on `loaded`; limits from `settings`, then keyword overrides."""
-    limits: dict[str, int] = {"max_positions": context_length(loaded)}
+    limits: dict[str, Any] = {"max_positions": context_length(loaded)}
     if settings is not None:
         limits |= {
             "max_batch_rows": settings.max_batch_rows,
             "max_batch_tokens": settings.max_batch_tokens,
             "max_waiting": settings.max_waiting,
+            "request_timeout_s": settings.request_timeout_s,
         }
     limits |= overrides
     pad = loaded.tokenizer.pad_token_id

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,7 @@ import torch
 
 from app.engine.batch import Batch, KVGeometry, NewRow
 from app.engine.detok import Decoder
+from app.engine.event_queue import EventQueue, deliver
 from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
@@ -37,6 +39,10 @@ class EngineLimits:
     max_waiting: int = 1024
     max_positions: int = 8192  # the model's context length
     resolver_threads: int = 4
+    # Events waiting for a request's consumer; past this the consumer has stalled and the request is cancelled.
+    max_buffered_events: int = 1024
+    # A request still queued or running this long after submission ends with an error of kind "timeout".
+    request_timeout_s: float | None = None
 
 
 @dataclass
@@ -48,11 +54,6 @@ class _Stats:
     waiting: int = 0  # submitted, not yet admitted or finished (what `max_waiting` bounds)
     # The most recent decode steps' batch sizes (bounded: a server runs millions of steps).
     batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
-
-
-def _deliver(items: list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]) -> None:
-    for q, ev in items:
-        q.put_nowait(ev)
 
 
 class Engine:
@@ -85,7 +86,7 @@ class Engine:
         self._active: dict[str, ActiveRequest] = {}
         # Events of one step, delivered with one wake-up per event loop: a wake-up per token would keep the
         # asyncio thread contending for the GIL while the model runs (measured: ~40% slower steps on 2 cores).
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[TokenEvent], TokenEvent]] = []
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, EventQueue, TokenEvent]] = []
         self._pool = ThreadPoolExecutor(self.limits.resolver_threads, thread_name_prefix="prefix-resolve")
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -120,9 +121,12 @@ class Engine:
             self._waiting_count += 1
             self.stats.waiting = self._waiting_count
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        events = EventQueue(request.request_id, self.limits.max_buffered_events,
+                             lambda: self.cancel(request.request_id))
         # Only the engine thread emits; events wait in the outbox until the end of the step.
         active = ActiveRequest(request, self.tokenizer, lambda ev: self._outbox.append((loop, events, ev)))
+        if self.limits.request_timeout_s is not None:
+            active.deadline = time.monotonic() + self.limits.request_timeout_s
         self._intake.put(active)
         self._wake.set()
         finished = False
@@ -149,6 +153,7 @@ class Engine:
         while not self._stop.is_set():
             self._take_intake()
             self._apply_cancellations()
+            self._expire()
             new_rows = self._admit()
             if new_rows:
                 self._prefill(new_rows)
@@ -165,12 +170,12 @@ class Engine:
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[TokenEvent], TokenEvent]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[EventQueue, TokenEvent]]] = {}
         for loop, q, ev in outbox:
             by_loop.setdefault(loop, []).append((q, ev))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the client's event loop is closed: nobody is listening any more
                 log.debug("dropped %d events for a closed event loop", len(items))
 
@@ -212,6 +217,19 @@ class Engine:
             if active is not None:
                 self._finish(active, "cancelled")
         if cancelled:
+            self._ready = deque(a for a in self._ready if not a.done)
+            self._filter_running()
+
+    def _expire(self) -> None:
+        """End the requests past their deadline, wherever they are (queued, loading a prefix, running)."""
+        if self.limits.request_timeout_s is None or not self._active:
+            return
+        now = time.monotonic()
+        late = [a for a in self._active.values() if a.deadline is not None and now >= a.deadline]
+        for active in late:
+            self._finish(active, "error", kind="timeout",
+                         error=f"the request timed out after {self.limits.request_timeout_s:g} s")
+        if late:
             self._ready = deque(a for a in self._ready if not a.done)
             self._filter_running()
 

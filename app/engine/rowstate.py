@@ -23,6 +23,7 @@ class ActiveRequest:
         self.completion_tokens = 0
         self.done = False
         self.queued = True  # counts against the engine's waiting limit until admitted or finished
+        self.deadline: float | None = None  # time.monotonic() past which the engine ends it (request timeout)
         self._emit = emit
 
     @property

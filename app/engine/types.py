@@ -12,7 +12,7 @@ from prefix_store.types import PrefixKV
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Why a request ended in "error": the API maps these to statuses without reading messages.
-ErrorKind = Literal["prefix_unavailable", "too_large", "internal"]
+ErrorKind = Literal["prefix_unavailable", "too_large", "timeout", "internal"]
 
 # A prefix is given resolved, or as a loader the engine calls on a side thread (cold loads never stall a step).
 PrefixSource = PrefixKV | Callable[[], PrefixKV] | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 Scope = Literal["inference", "manage"]
 
@@ -80,3 +80,35 @@ class Deleted(BaseModel):
     id: str
     object: str
     deleted: bool = True
+
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
+class TenantLimitValues(BaseModel):
+    """Per-tenant limits. In a `PUT` body and in `configured`, null means "the server's default"; in
+    `effective`, null means unlimited. 0 allows nothing (e.g. suspends a tenant's requests)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    tokens_per_minute: int | None = Field(default=None, ge=0, le=INT64_MAX,
+                                          description="generated (completion) tokens per minute")
+    max_concurrent_requests: int | None = Field(default=None, ge=0, le=INT32_MAX,
+                                                description="completions and chat requests in flight")
+    max_prefixes: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    max_stored_bytes: int | None = Field(default=None, ge=0, le=INT64_MAX,
+                                         description="prefix versions and files together")
+    max_concurrent_jobs: int | None = Field(default=None, ge=0, le=INT32_MAX,
+                                            description="training jobs queued or running")
+    max_examples_per_user: int | None = Field(default=None, ge=0, le=INT32_MAX)
+
+
+class TenantLimits(BaseModel):
+    """`GET/PUT /admin/tenants/{id}/limits`: the tenant's own values and the limits enforced."""
+
+    object: Literal["tenant.limits"] = "tenant.limits"
+    tenant_id: str
+    configured: TenantLimitValues
+    effective: TenantLimitValues

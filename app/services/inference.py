@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from starlette.types import Receive
 
 from app.db.models import Prefix, PrefixVersion
-from app.errors import InvalidRequest, NotFound, RateLimited, ServiceError, Unavailable, error_body
+from app.errors import InvalidRequest, NotFound, RateLimited, RequestTimeout, ServiceError, Unavailable, error_body
 from app.observability.context import note_event, note_model, note_prompt
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
 OVERLOAD_RETRY_AFTER_S = "1"
+EVENT_BUFFER = 256  # merged events of one API request waiting for its consumer
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,8 @@ def event_error(ev: TokenEvent) -> ServiceError:
         return Unavailable(msg, param="model", code="prefix_unavailable")
     if ev.error_kind == "too_large":
         return InvalidRequest(msg, param="max_tokens", code="context_length_exceeded")
+    if ev.error_kind == "timeout":
+        return RequestTimeout(msg)
     log.error("engine error event for %s: %s", ev.request_id, msg)
     return Unavailable(f"the engine failed: {msg}", code="engine_error", headers={"Retry-After": "5"})
 
@@ -161,7 +164,9 @@ class Generation:
     def __init__(self, streams: list[AsyncIterator[TokenEvent]],
                  disconnected: Callable[[], Awaitable[None]] | None = None) -> None:
         self.n = len(streams)
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        # Bounded: when the consumer stalls (a client that stopped reading its stream), the pumps wait, the
+        # engine's own per-request queue fills, and the engine cancels the rows (app/engine/event_queue.py).
+        self._queue: asyncio.Queue[object] = asyncio.Queue(EVENT_BUFFER)
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
         self._watch = asyncio.create_task(self._watch_disconnect(disconnected)) if disconnected else None
         self._buffer: list[tuple[int, TokenEvent]] = []
@@ -172,9 +177,9 @@ class Generation:
             async for ev in stream:
                 note_event(has_token=ev.token_id is not None,
                            completion_tokens=ev.completion_tokens if ev.final else None)  # access log, metrics
-                self._queue.put_nowait((index, ev))
+                await self._queue.put((index, ev))
         except Exception as exc:  # admission errors: RequestTooLarge, EngineOverloaded
-            self._queue.put_nowait(exc)
+            await self._queue.put(exc)
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
@@ -183,7 +188,7 @@ class Generation:
 
     async def _watch_disconnect(self, disconnected: Callable[[], Awaitable[None]]) -> None:
         await disconnected()
-        self._queue.put_nowait(_DISCONNECTED)
+        await self._queue.put(_DISCONNECTED)
 
     async def _next(self) -> tuple[int, TokenEvent]:
         item = await self._queue.get()

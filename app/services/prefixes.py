@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.protocol.admin import TenantLimitValues
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
+from app.services.limits import check_new_prefix
 from app.services.prefix_versions import PrefixStores as PrefixStores
 from app.services.prefix_versions import blob_referenced as blob_referenced
 from app.services.prefix_versions import delete_unreferenced_blobs as delete_unreferenced_blobs
@@ -90,13 +92,18 @@ def _missing(name: str, version: int | None) -> NotFound:
 
 
 def upload_prefix(
-    *, session: Session, stores: PrefixStores, tenant_id: str, name: str, files: list[tuple[str, bytes]]
+    *, session: Session, stores: PrefixStores, tenant_id: str, name: str, files: list[tuple[str, bytes]],
+    limits: TenantLimitValues | None = None,
 ) -> PrefixUploaded:
-    """Store an upload as the next version of `name` (version 1 for a new name)."""
+    """Store an upload as the next version of `name` (version 1 for a new name), within the tenant's
+    max_prefixes and max_stored_bytes (`limits`; None = unchecked)."""
     name = validate_name(name)
     spec = require_model(stores)
     converted = convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
                                max_bytes=stores.max_bytes)
+    if limits is not None:
+        check_new_prefix(session=session, limits=limits, tenant_id=tenant_id, name=name,
+                         new_bytes=len(converted.native))
     prefix, row = publish_version(
         session=session, blobs=stores.blobs, tenant_id=tenant_id, name=name, native=converted.native,
         values={"num_virtual_tokens": converted.num_virtual_tokens, "source_format": converted.source_format,

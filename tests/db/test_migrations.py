@@ -27,6 +27,7 @@ APP_TABLES = {
     "training_jobs",
     "job_events",
     "job_checkpoints",
+    "tenant_limits",
 }
 
 

@@ -1,4 +1,4 @@
-"""Platform admin endpoints (the admin key only): tenants and their API keys."""
+"""Platform admin endpoints (the admin key only): tenants, their API keys and their limits."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from app.protocol.admin import (
     KeyList,
     TenantCreate,
     TenantCreated,
+    TenantLimits,
+    TenantLimitValues,
     TenantList,
 )
-from app.services import tenants
+from app.services import limits, tenants
 from app.services.prefixes import stores_from_runtime
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -56,3 +58,17 @@ def list_keys(tenant_id: str, session: SessionDep, _: AdminDep) -> KeyList:
 def revoke_key(key_id: str, session: SessionDep, _: AdminDep) -> KeyInfo:
     """Revoke a key; it stops authenticating at once."""
     return tenants.revoke_key(session=session, key_id=key_id)
+
+
+@router.get("/tenants/{tenant_id}/limits")
+def get_limits(tenant_id: str, session: SessionDep, runtime: RuntimeDep, _: AdminDep) -> TenantLimits:
+    """The tenant's own limits (null = the server default) and the limits enforced (null = unlimited)."""
+    return limits.get_tenant_limits(session=session, settings=runtime.settings, tenant_id=tenant_id)
+
+
+@router.put("/tenants/{tenant_id}/limits")
+def set_limits(tenant_id: str, body: TenantLimitValues, session: SessionDep, runtime: RuntimeDep,
+               _: AdminDep) -> TenantLimits:
+    """Replace the tenant's limits: a null or absent field returns to the default. Effective at once."""
+    return limits.set_tenant_limits(session=session, settings=runtime.settings, tenant_id=tenant_id,
+                                    values=body)

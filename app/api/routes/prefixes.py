@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ManageDep, RuntimeDep, SessionDep
+from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixList, PrefixUploaded
 from app.services import prefixes
 from app.services.uploads import check_content_length, read_prefix_form
@@ -34,7 +34,7 @@ _UPLOAD_DOC: dict[str, Any] = {
 
 @router.post("", status_code=201, openapi_extra=_UPLOAD_DOC)
 async def upload_prefix(
-    request: Request, principal: ManageDep, session: SessionDep, runtime: RuntimeDep
+    request: Request, principal: ManageDep, session: SessionDep, runtime: RuntimeDep, tenant_limits: LimitsDep
 ) -> PrefixUploaded:
     """Upload a prefix (native or HF PEFT); an existing name gets a new version."""
     stores = prefixes.stores_from_runtime(runtime)
@@ -45,7 +45,7 @@ async def upload_prefix(
     assert principal.tenant_id is not None  # ManageDep refuses the admin key
     return await run_in_threadpool(
         prefixes.upload_prefix, session=session, stores=stores, tenant_id=principal.tenant_id, name=name,
-        files=files,
+        files=files, limits=tenant_limits,
     )
 
 

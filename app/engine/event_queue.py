@@ -1,0 +1,50 @@
+"""The per-request event queue between the engine thread and a request's consumer on its event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from app.engine.types import TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class EventQueue:
+    """One request's events on its event loop, bounded. A consumer that stops taking them (a client that no
+    longer reads its stream) gets its request cancelled once `maxsize` events wait, so it costs at most that
+    many buffered events and frees its batch row, instead of buffering every token up to max_tokens."""
+
+    def __init__(self, request_id: str, maxsize: int, on_overflow: Callable[[], None]) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue(maxsize)
+        self._on_overflow = on_overflow
+        self.overflowed = False
+
+    def put(self, ev: TokenEvent) -> None:
+        """On the event loop's thread (delivered from the engine's outbox)."""
+        if self.overflowed:
+            return
+        try:
+            self._queue.put_nowait(ev)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            log.warning("request %s: its consumer stopped reading (%d events waiting); cancelling it",
+                        self.request_id, self._queue.maxsize)
+            self._on_overflow()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    async def get(self) -> TokenEvent:
+        """The next event; after an overflow, the buffered ones and then a final "cancelled" event."""
+        if self.overflowed and self._queue.empty():
+            return TokenEvent(self.request_id, None, "", finish_reason="cancelled",
+                              error="cancelled: the consumer stopped reading its events")
+        return await self._queue.get()
+
+
+def deliver(items: list[tuple[EventQueue, TokenEvent]]) -> None:
+    for q, ev in items:
+        q.put(ev)
