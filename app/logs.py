@@ -7,8 +7,10 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-# Attributes every LogRecord has; anything else on a record came from `extra={...}`.
-_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra={...}`. uvicorn adds an ANSI-coloured
+# copy of its messages as `color_message`: noise in a log file.
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "color_message"}
 
 
 def record_extras(record: logging.LogRecord) -> dict[str, object]:
