@@ -72,10 +72,12 @@ class ArqJobQueue:
         if job is None:
             log.debug("job %s is already in the arq queue", job_id)
 
-    async def ensure_queued(self, job_id: str) -> None:
-        """Leave a job that is waiting in the queue alone; otherwise clear what arq holds for it (a dead
-        worker's in-progress claim, an old result) and enqueue it afresh. Safe when it runs twice: the
-        database claim lets only one worker run the job."""
+    async def ensure_queued(self, job_id: str, *, replace_claim: bool = False) -> None:
+        """Leave a job that is waiting in the queue, or that a worker is picking up, alone; otherwise clear what
+        arq holds for it (a finished message, an old result) and enqueue it afresh. `replace_claim`: the
+        worker holding arq's in-progress claim is dead (the sweep saw its heartbeat go stale), so clear the
+        claim too; without it arq would keep the message for the whole job timeout. Running twice is safe:
+        the database claim lets only one worker run the job."""
         try:
             pool = await self._get_pool()
             async with pool.pipeline(transaction=False) as pipe:
@@ -83,7 +85,7 @@ class ArqJobQueue:
                 pipe.exists(in_progress_key_prefix + job_id)
                 pipe.zscore(QUEUE_NAME, job_id)
                 has_job, in_progress, score = await pipe.execute()
-            if has_job and score is not None and not in_progress:
+            if has_job and score is not None and (not in_progress or not replace_claim):
                 return
             keys = (job_key_prefix, in_progress_key_prefix, retry_key_prefix, result_key_prefix)
             async with pool.pipeline(transaction=True) as pipe:

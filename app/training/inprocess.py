@@ -52,7 +52,7 @@ class InProcessJobQueue:
     async def enqueue(self, job_id: str) -> None:
         self.put(job_id)
 
-    async def ensure_queued(self, job_id: str) -> None:
+    async def ensure_queued(self, job_id: str, *, replace_claim: bool = False) -> None:
         self.put(job_id)
 
     async def close(self) -> None:

@@ -25,10 +25,11 @@ class JobQueue(Protocol):
 
 
 class RecoveringQueue(JobQueue, Protocol):
-    """A queue the recovery sweep can repair: `ensure_queued` makes sure the queue carries a job the
-    database says is queued (enqueues it unless it is already waiting; replaces a dead worker's claim)."""
+    """A queue the recovery sweep can repair: `ensure_queued` makes sure the queue carries a job the database
+    says is queued: enqueue it unless it is waiting or being picked up; `replace_claim` (for a job the sweep
+    just re-queued because its worker died) also discards the dead worker's claim on the queue message."""
 
-    async def ensure_queued(self, job_id: str) -> None: ...
+    async def ensure_queued(self, job_id: str, *, replace_claim: bool = False) -> None: ...
 
 
 class QueueUnavailable(Exception):
