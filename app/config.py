@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     redis_max_value_bytes: int = Field(default=16 * 2**20, ge=1)
     max_virtual_tokens: int = Field(default=256, ge=1)
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1)
+    # Training files (`POST /v1/files`): the largest accepted, and the most examples (lines) one may hold.
+    max_file_bytes: int = Field(default=64 * 2**20, ge=1)
+    max_file_examples: int = Field(default=100_000, ge=1)
 
     max_batch_rows: int = Field(default=64, ge=1)
     max_batch_tokens: int = Field(default=32768, ge=1)

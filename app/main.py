@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
 
-from app.api.routes import admin, chat, completions, health, models, prefixes
+from app.api.routes import admin, chat, completions, files, fine_tuning, health, models, prefixes, users
 from app.config import Settings, load_settings
 from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
@@ -53,7 +53,7 @@ def create_app(
     if metrics is not None:
         _add_metrics_route(app, metrics)
     app.include_router(health.router)
-    for module in (completions, chat, models, prefixes, admin):
+    for module in (completions, chat, models, prefixes, files, fine_tuning, users, admin):
         app.include_router(module.router)
     return app
 

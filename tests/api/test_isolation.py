@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from app.db.models import JobCheckpoint
 from tests.api.fixtures_admin import ADMIN, Api, api_fixture, bearer, native_bytes  # noqa: F401
+from tests.api.fixtures_training import create_job, file_id, pc, train_api_fixture  # noqa: F401
 
 # (method, path template) of every prefix endpoint that names a prefix; {ref} is the prefix reference.
 PREFIX_ENDPOINTS = [
@@ -98,3 +100,91 @@ def test_completions_cannot_use_another_tenants_prefix(two: tuple[Api, str, str]
     assert theirs.json()["error"]["type"] == missing.json()["error"]["type"]
     own = api.client.post("/v1/completions", headers=bearer(a), json={**body, "model": "secret"})
     assert own.status_code == 200, own.text
+
+
+# ---- files, fine-tuning jobs, end users ------------------------------------------------------------------------
+MISSING = {"file": "file-000000000000000000000000", "job": "ftjob-000000000000000000000000", "user": "nobody"}
+# (method, path template) of every endpoint that names a file, a job or an end user.
+TRAINING_ENDPOINTS = [
+    ("GET", "/v1/files/{file}"),
+    ("GET", "/v1/files/{file}/content"),
+    ("DELETE", "/v1/files/{file}"),
+    ("GET", "/v1/files?after={file}"),
+    ("GET", "/v1/fine_tuning/jobs/{job}"),
+    ("POST", "/v1/fine_tuning/jobs/{job}/cancel"),
+    ("GET", "/v1/fine_tuning/jobs/{job}/events"),
+    ("GET", "/v1/fine_tuning/jobs/{job}/events?stream=true"),
+    ("GET", "/v1/fine_tuning/jobs/{job}/checkpoints"),
+    ("GET", "/v1/fine_tuning/jobs?after={job}"),
+    ("GET", "/v1/users/{user}"),
+    ("POST", "/v1/users/{user}/personalize"),
+    ("DELETE", "/v1/users/{user}"),
+]
+
+
+@pytest.fixture
+def owned(train_api: Api) -> tuple[Api, str, str, dict[str, str]]:
+    """Tenant A owns a file, a queued job on it (with a checkpoint) and an end user `ann` with examples; tenant
+    B owns nothing. Returns (api, key A, key B, A's ids by kind)."""
+    api = train_api
+    _, a = api.tenant("a")
+    _, b = api.tenant("b")
+    file = file_id(api, a)
+    job = create_job(api, a, training_file=file, suffix="secret").json()["id"]
+    with api.runtime.sessions() as s:
+        s.add(JobCheckpoint(job_id=job, step=1, sha256="0" * 64, metrics={}))
+        s.commit()
+    r = api.client.post("/v1/users/ann/examples", headers=bearer(a), json={"examples": [pc(0)]})
+    assert r.status_code == 201
+    return api, a, b, {"file": file, "job": job, "user": "ann"}
+
+
+@pytest.mark.parametrize(("method", "template"), TRAINING_ENDPOINTS)
+def test_other_tenants_files_jobs_and_users_are_answered_as_missing(
+        owned: tuple[Api, str, str, dict[str, str]], method: str, template: str) -> None:
+    api, a, b, ids = owned
+    theirs = api.client.request(method, template.format(**ids), headers=bearer(b))
+    missing = api.client.request(method, template.format(**MISSING), headers=bearer(b))
+    assert theirs.status_code in (400, 404), theirs.text
+    assert theirs.status_code == missing.status_code
+    body = theirs.text
+    for kind, own_id in ids.items():
+        body = body.replace(own_id, MISSING[kind])
+    assert body == missing.text
+    # A's objects are untouched (B's DELETE, cancel and personalize did nothing) and A still sees them.
+    assert api.client.get(f"/v1/files/{ids['file']}/content", headers=bearer(a)).status_code == 200
+    job = api.client.get(f"/v1/fine_tuning/jobs/{ids['job']}", headers=bearer(a)).json()
+    assert job["status"] == "queued"
+    assert api.client.get("/v1/users/ann", headers=bearer(a)).json()["example_count"] == 1
+    assert len(api.client.get("/v1/fine_tuning/jobs", headers=bearer(a)).json()["data"]) == 1
+
+
+def test_references_to_another_tenants_objects_read_as_missing(
+        owned: tuple[Api, str, str, dict[str, str]]) -> None:
+    api, a, b, ids = owned
+    assert api.upload(a, "secret-prefix", native_bytes(api.spec)).status_code == 201
+    train = file_id(api, b)
+    for field, own, absent in [("training_file", ids["file"], MISSING["file"]),
+                               ("validation_file", ids["file"], MISSING["file"]),
+                               ("warm_start", "secret-prefix", "nothing")]:
+        body = {"training_file": train, field: own}
+        theirs = create_job(api, b, **body)
+        missing = create_job(api, b, **{**body, field: absent})
+        assert theirs.status_code == missing.status_code == 400
+        assert theirs.text.replace(own, absent) == missing.text
+    r = api.client.post("/v1/users/ann/personalize", headers=bearer(b), json={"warm_start": "secret-prefix"})
+    assert r.status_code == 404  # B has no user `ann`
+
+
+def test_lists_and_users_are_per_tenant(owned: tuple[Api, str, str, dict[str, str]]) -> None:
+    api, a, b, _ = owned
+    for path in ("/v1/files", "/v1/fine_tuning/jobs"):
+        assert api.client.get(path, headers=bearer(b)).json()["data"] == []
+    # B's `ann` is B's own user: posting examples for it does not touch A's.
+    r = api.client.post("/v1/users/ann/examples", headers=bearer(b), json={"examples": [pc(1), pc(2)]})
+    assert r.status_code == 201 and r.json()["example_count"] == 2
+    assert api.client.get("/v1/users/ann", headers=bearer(a)).json()["example_count"] == 1
+    assert api.client.delete("/v1/users/ann", headers=bearer(b)).json()["examples_deleted"] == 2
+    assert api.client.get("/v1/users/ann", headers=bearer(a)).json()["example_count"] == 1
+    # The same suffix in two tenants does not clash.
+    assert create_job(api, b, training_file=file_id(api, b), suffix="secret").status_code == 200

@@ -1,0 +1,175 @@
+"""The Files API: a tenant's JSONL training files (purpose `fine-tune`). Keyword-only, tenant-scoped functions.
+
+An upload is counted while it streams (413 past the limit) and every line is validated (`parse_jsonl`, its line
+number in the 400) before anything is stored. The bytes go to the blob store first (content-addressed, so the
+same file uploaded twice is stored once), then the row commits; a delete commits first, then collects the blob
+when no row of any kind references it any more.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from app.db.models import JOB_TERMINAL_STATUSES, File, TrainingJob
+from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.protocol.admin import TenantLimitValues
+from app.protocol.files import FileDeleted, FileList, FileObject
+from app.services.limits import check_storage
+from app.services.pagination import after_cursor, fetch_page
+from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
+from app.services.uploads import limited_receive, read_part
+from app.training.data import parse_jsonl
+from app.training.types import TrainingDataError
+from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
+
+log = logging.getLogger(__name__)
+
+PURPOSES = ("fine-tune",)
+MAX_FILENAME = 255
+
+
+@dataclass(frozen=True)
+class Upload:
+    purpose: str
+    filename: str
+    data: bytes
+
+
+def _filename(raw: str | None) -> str:
+    # Only the last path component of what the client sent, bounded to the column's size.
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return (name or "upload.jsonl")[:MAX_FILENAME]
+
+
+def check_purpose(purpose: object) -> str:
+    if not isinstance(purpose, str) or not purpose:
+        raise InvalidRequest("missing form field `purpose` (use \"fine-tune\")", param="purpose",
+                             code="missing_purpose")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"unsupported purpose {purpose[:40]!r}: this server accepts only \"fine-tune\" files",
+                             param="purpose", code="invalid_purpose")
+    return purpose
+
+
+async def read_file_form(request: Request, *, limit: int) -> Upload:
+    """Parse `POST /v1/files` (multipart: `file` and `purpose`); the body is counted while it streams and the
+    file part may hold at most `limit` bytes (413 beyond)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("send multipart/form-data with a `file` and `purpose` (\"fine-tune\")")
+    limited = Request(request.scope, limited_receive(request.receive, limit))
+    async with limited.form(max_files=2, max_fields=8) as form:
+        purpose = check_purpose(form.get("purpose"))
+        parts = form.getlist("file")
+        if len(parts) != 1 or not isinstance(parts[0], UploadFile):
+            raise InvalidRequest("send exactly one `file` part (a JSONL file, with a filename)", param="file",
+                                 code="missing_file")
+        data = await read_part(parts[0], limit=limit)
+        return Upload(purpose, _filename(parts[0].filename), data)
+
+
+def file_object(row: File) -> FileObject:
+    return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()),
+                      filename=row.filename, purpose="fine-tune", status="processed")
+
+
+def create_file(
+    *, session: Session, stores: PrefixStores, tenant_id: str, upload: Upload, max_examples: int,
+    limits: TenantLimitValues | None = None,
+) -> FileObject:
+    """Validate every line, then store the bytes and the row (nothing is stored when anything fails)."""
+    try:
+        lines = len(parse_jsonl(upload.data, max_examples=max_examples))
+    except TrainingDataError as exc:
+        raise InvalidRequest(f"invalid training file {upload.filename!r}: {exc}", param="file",
+                             code="invalid_file") from None
+    if limits is not None:
+        check_storage(session=session, limits=limits, tenant_id=tenant_id, new_bytes=len(upload.data))
+    try:
+        sha = stores.blobs.put(upload.data)
+    except BlobStoreUnavailable as exc:
+        log.error("blob store write failed: %s", exc)
+        raise Unavailable("the object store is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
+    row = File(tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, bytes=len(upload.data),
+               sha256=sha, line_count=lines, status="processed")
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        delete_unreferenced_blobs(session=session, stores=stores, shas=[sha])
+        raise
+    # A concurrent delete of an identical file may have collected the shared blob before our commit.
+    stores.blobs.put(upload.data)
+    log.info("tenant %s stored file %s (%d bytes, %d examples)", tenant_id, row.id, row.bytes, lines)
+    return file_object(row)
+
+
+def get_file_row(session: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
+    """The tenant's file, or the 404 a missing one (or another tenant's) gets."""
+    row = session.execute(
+        sa.select(File).where(File.id == file_id, File.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound(f"No such File object: {file_id[:100]}", param=param)
+    return row
+
+
+def list_files(
+    *, session: Session, tenant_id: str, purpose: str | None = None, limit: int, after: str | None = None,
+    order: str = "desc",
+) -> FileList:
+    """The tenant's files, newest first (or oldest first with order="asc"), `limit` per page."""
+    stmt = sa.select(File).where(File.tenant_id == tenant_id)
+    if purpose is not None:
+        stmt = stmt.where(File.purpose == purpose)
+    cursor: tuple[datetime, str] | None = None
+    if after is not None:
+        last = get_file_row(session, tenant_id=tenant_id, file_id=after, param="after")
+        cursor = (last.created_at, last.id)
+    rows, more = fetch_page(session, after_cursor(stmt, File.created_at, File.id, cursor,
+                                                  descending=order != "asc"), limit)
+    data = [file_object(r.File) for r in rows]
+    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)
+
+
+def get_file(*, session: Session, tenant_id: str, file_id: str) -> FileObject:
+    return file_object(get_file_row(session, tenant_id=tenant_id, file_id=file_id))
+
+
+def file_content(*, session: Session, stores: PrefixStores, tenant_id: str, file_id: str) -> tuple[str, bytes]:
+    """(filename, the bytes as uploaded)."""
+    row = get_file_row(session, tenant_id=tenant_id, file_id=file_id)
+    try:
+        return row.filename, stores.blobs.get(row.sha256)
+    except (BlobNotFound, BlobStoreUnavailable) as exc:
+        log.error("cannot read blob %s of file %s: %r", row.sha256, row.id, exc)
+        raise Unavailable("the file cannot be read right now; retry shortly", headers={"Retry-After": "5"}) from None
+
+
+def delete_file(*, session: Session, stores: PrefixStores, tenant_id: str, file_id: str) -> FileDeleted:
+    """Delete the row, then the blob if nothing else references it. A file a job still has to read (queued or
+    running) is refused with 409: cancel the job first."""
+    row = get_file_row(session, tenant_id=tenant_id, file_id=file_id)
+    user = session.execute(
+        sa.select(TrainingJob.id).where(
+            TrainingJob.tenant_id == tenant_id, TrainingJob.status.not_in(JOB_TERMINAL_STATUSES),
+            sa.or_(TrainingJob.training_file_id == row.id, TrainingJob.validation_file_id == row.id),
+        ).limit(1)
+    ).scalar_one_or_none()
+    if user is not None:
+        raise Conflict(f"file {row.id} is used by fine-tuning job {user}, which has not finished; cancel the job "
+                       "or wait for it", param="file_id", code="file_in_use")
+    sha = row.sha256
+    session.execute(sa.delete(File).where(File.id == row.id))
+    session.commit()
+    log.info("tenant %s deleted file %s", tenant_id, row.id)
+    delete_unreferenced_blobs(session=session, stores=stores, shas=[sha])
+    return FileDeleted(id=row.id)
