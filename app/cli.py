@@ -38,7 +38,8 @@ def serve(
 
     settings = _settings(host=host, port=port)
     configure_logging(settings.log_level, json_format=settings.log_json)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    # access_log=False: the app writes its own access line (request id, tenant, tokens; app.observability).
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ Real processes, real services; every wait is bounded and the cluster is always s
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -33,6 +34,7 @@ MODEL = "random:tiny-llama"
 PROMPT = "The quick brown fox"
 START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 30.0
+JOB_TIMEOUT_S = 180.0
 
 
 @dataclass
@@ -161,3 +163,32 @@ def test_delete_through_a_stops_b_at_once(cluster: Cluster, tenant_key: str, tmp
     new_text = _text(cluster.b, tenant_key, "gone")
     assert new_text != old_text
     assert _text(cluster.a, tenant_key, "gone") == new_text
+
+
+def _jsonl(n: int) -> bytes:
+    return b"".join(json.dumps({"prompt": f"name: N{i} =>", "completion": f" N{i}."}).encode() + b"\n"
+                    for i in range(n))
+
+
+def test_job_created_through_a_runs_on_the_worker_and_b_serves_it(cluster: Cluster, tenant_key: str) -> None:
+    auth = {"Authorization": f"Bearer {tenant_key}"}
+    r = cluster.a.post("/v1/files", headers=auth, data={"purpose": "fine-tune"},
+                       files={"file": ("train.jsonl", _jsonl(8), "application/jsonl")})
+    assert r.status_code == 200, r.text
+    r = cluster.a.post("/v1/fine_tuning/jobs", headers=auth, json={
+        "model": _base_model(cluster.a, tenant_key), "training_file": r.json()["id"], "suffix": "trained",
+        "num_virtual_tokens": 4, "seed": 1, "hyperparameters": {"max_steps": 3, "batch_size": 4}})
+    assert r.status_code == 200, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:  # watched through B: the job's state lives in the shared database
+        job = cluster.b.get(f"/v1/fine_tuning/jobs/{job_id}", headers=auth).json()
+        if job["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    assert job_id in (cluster.dir / "worker.log").read_text()  # the worker process trained it, not an API
+    model = job["fine_tuned_model"]
+    assert model and model.startswith("trained")
+    assert _complete(cluster.b, tenant_key, model).status_code == 200
+    assert _text(cluster.b, tenant_key, model) == _text(cluster.a, tenant_key, model)
