@@ -8,12 +8,14 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
 
 from app.api.routes import admin, chat, completions, files, fine_tuning, health, models, prefixes, users
 from app.config import Settings, load_settings
 from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.observability.middleware import ObservabilityMiddleware
+from app.protocol.errors import ERROR_RESPONSES
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -49,12 +51,18 @@ def create_app(
     # One registry per app (tests build many apps in one process); collectors find the runtime at scrape time.
     metrics = Metrics(lambda: getattr(app.state, "runtime", None)) if cfg.metrics_enabled else None
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_prompts=cfg.log_prompts)
+    if cfg.cors_origins:
+        # Closed by default: no CORS headers unless origins are configured. Keys travel in the Authorization
+        # header, never in cookies, so credentials stay off.
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     install_handlers(app)
     if metrics is not None:
         _add_metrics_route(app, metrics)
     app.include_router(health.router)
     for module in (completions, chat, models, prefixes, files, fine_tuning, users, admin):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
 
 

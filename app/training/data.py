@@ -70,6 +70,8 @@ def parse_jsonl_numbered(data: bytes, *, max_examples: int) -> list[tuple[int, d
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise TrainingDataError(f"invalid JSON: {exc.msg} (column {exc.colno})", line=number) from None
+        except RecursionError:  # e.g. `[[[[...` 100k deep: the decoder recurses per level
+            raise TrainingDataError("invalid JSON: nested too deeply", line=number) from None
         out.append((number, validate_record(obj, line=number)))
     if not out:
         raise TrainingDataError("the file has no examples (it is empty or only blank lines)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from app.api.deps import RuntimeDep
 
@@ -16,7 +19,13 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, bool]
+
+
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready: `checks` says what is missing"}})
 def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Ready when the model is loaded (its engine thread running) and the database answers; 503 otherwise."""
     checks = runtime.readiness()
