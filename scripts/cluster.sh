@@ -49,6 +49,7 @@ spawn() {
   local name=$1; shift
   setsid "$@" >>"$DIR/$name.log" 2>&1 < /dev/null &
   echo $! >"$DIR/$name.pid"
+  disown $!  # stopped by pid file, not by this shell's job control (and no "Killed" notices from it)
 }
 
 wait_http() {  # name url: wait until the URL answers 200 (or the process dies, or the timeout)
