@@ -22,6 +22,7 @@ from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.admin import TenantLimitValues
 from app.protocol.files import FileDeleted, FileList, FileObject
 from app.services.limits import check_storage
+from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
 from app.services.uploads import limited_receive, read_part
@@ -113,7 +114,7 @@ def create_file(
 
 def get_file_row(session: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
     """The tenant's file, or the 404 a missing one (or another tenant's) gets."""
-    row = session.execute(
+    row = None if not is_id("file", file_id) else session.execute(
         sa.select(File).where(File.id == file_id, File.tenant_id == tenant_id)
     ).scalar_one_or_none()
     if row is None:
@@ -131,7 +132,10 @@ def list_files(
         stmt = stmt.where(File.purpose == purpose)
     cursor: tuple[datetime, str] | None = None
     if after is not None:
-        last = get_file_row(session, tenant_id=tenant_id, file_id=after, param="after")
+        try:
+            last = get_file_row(session, tenant_id=tenant_id, file_id=after, param="after")
+        except NotFound as exc:
+            raise InvalidRequest(f"after: {exc.message}", param="after") from None
         cursor = (last.created_at, last.id)
     rows, more = fetch_page(session, after_cursor(stmt, File.created_at, File.id, cursor,
                                                   descending=order != "asc"), limit)

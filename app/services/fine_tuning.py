@@ -20,6 +20,7 @@ from app.protocol.admin import TenantLimitValues
 from app.protocol.fine_tuning import FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobError
 from app.services.inference import model_not_found
 from app.services.limits import check_new_job
+from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.training_setup import (
     TrainingContext,
@@ -57,7 +58,8 @@ def _suffix(suffix: str | None) -> str:
 
 
 def _training_file(session: Session, *, tenant_id: str, file_id: str, param: str) -> File:
-    row = session.execute(sa.select(File).where(File.id == file_id, File.tenant_id == tenant_id)).scalar()
+    row = None if not is_id("file", file_id) else session.execute(
+        sa.select(File).where(File.id == file_id, File.tenant_id == tenant_id)).scalar()
     if row is None:  # another tenant's file reads exactly like a missing one
         raise InvalidRequest(f"{param}: no file {file_id[:100]!r}", param=param, code="file_not_found")
     if row.purpose != "fine-tune":
@@ -140,7 +142,7 @@ def _with_facts() -> sa.Select[TrainingJob, int, str]:
 
 def job_row(session: Session, *, tenant_id: str, job_id: str) -> TrainingJob:
     """The tenant's job, or the 404 a missing one (or another tenant's) gets."""
-    row = session.execute(
+    row = None if not is_id("training_job", job_id) else session.execute(
         sa.select(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.tenant_id == tenant_id)
     ).scalar_one_or_none()
     if row is None:

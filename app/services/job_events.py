@@ -25,6 +25,7 @@ from app.protocol.fine_tuning import (
     FineTuningJobEventList,
 )
 from app.services.fine_tuning import job_row
+from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def event_object(e: JobEvent) -> FineTuningJobEvent:
 
 
 def _event_cursor(session: Session, job_id: str, event_id: str) -> tuple[datetime, str]:
-    row = session.execute(
+    row = None if not is_id("job_event", event_id) else session.execute(
         sa.select(JobEvent.created_at, JobEvent.id).where(JobEvent.id == event_id, JobEvent.job_id == job_id)
     ).first()
     if row is None:
@@ -116,7 +117,7 @@ def list_checkpoints(*, session: Session, tenant_id: str, job_id: str, limit: in
     job = job_row(session, tenant_id=tenant_id, job_id=job_id)
     cursor = None
     if after is not None:
-        last = session.execute(
+        last = None if not is_id("job_checkpoint", after) else session.execute(
             sa.select(JobCheckpoint.step, JobCheckpoint.id).where(JobCheckpoint.id == after,
                                                                   JobCheckpoint.job_id == job.id)).first()
         if last is None:

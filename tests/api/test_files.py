@@ -106,7 +106,9 @@ def test_bad_forms(train_api: Api) -> None:
     assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
     assert api.client.get("/v1/files?limit=0", headers=bearer(key)).status_code == 400
     r = api.client.get("/v1/files?after=file-nope", headers=bearer(key))
-    assert r.status_code == 404 and r.json()["error"]["param"] == "after"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "after"
+    # Not even the form of an id (NUL would be refused by PostgreSQL): answered like a missing one.
+    assert api.client.get("/v1/files/file-a%00b", headers=bearer(key)).status_code == 404
     assert rows(api, File) == 0 and api.blob_files() == []
 
 

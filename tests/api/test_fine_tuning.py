@@ -119,6 +119,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str]] = [
     ({"suffix": "Bad Name"}, 400, "suffix", "invalid prefix name"),
     ({"suffix": "user:bob"}, 400, "suffix", "reserved"),
     ({"training_file": "file-missing"}, 400, "training_file", "no file"),
+    ({"training_file": "file-\x00"}, 400, "training_file", "no file"),
     ({"validation_file": "file-missing"}, 400, "validation_file", "no file"),
     ({"warm_start": "nothing"}, 400, "warm_start", "no prefix 'nothing'"),
     ({"warm_start": "user:bob"}, 400, "warm_start", "reserved"),
@@ -320,6 +321,7 @@ def test_events_stream_until_the_job_ends(train_api: Api) -> None:
     assert messages[0] == "Validating training data" and messages[-3:] == ["Step 1/2", "Step 2/2", "Job succeeded"]
     r = api.client.get("/v1/fine_tuning/jobs/ftjob-nope/events?stream=true", headers=bearer(key))
     assert r.status_code == 404
+    assert api.client.get("/v1/fine_tuning/jobs/ftjob-%00/events", headers=bearer(key)).status_code == 404
 
 
 def test_checkpoints(train_api: Api) -> None:
