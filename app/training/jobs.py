@@ -112,7 +112,7 @@ def _run(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, started: float)
     job = lease.job()
     try:
         result = _train(lease, heartbeat, ctx, job)
-        if heartbeat.cause is not None:  # a stop request that came after the last step
+        if heartbeat.cause in ("cancelled", "lost"):  # came after the last step; a shutdown still publishes
             return _stopped(lease, heartbeat.cause, ctx)
         return _publish(lease, ctx, job, result, time.monotonic() - started)
     except TrainingCancelled:

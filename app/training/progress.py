@@ -97,7 +97,11 @@ class JobReporter:
         if not due and now - self._last_written < self.min_interval_s:
             return
         self._last_written = now
-        self.lease.event(describe(event), data=event.data())
+        try:
+            self.lease.event(describe(event), data=event.data())
+        except sa.exc.SQLAlchemyError as exc:
+            # A database blip costs a progress line, not the training run (JobLost still ends it).
+            log.warning("job %s: event at step %d not written: %s", self.lease.job_id, event.step, exc)
 
     def on_checkpoint(self, step: int, prefix: PrefixKV, metrics: dict[str, float]) -> None:
         """Store the checkpoint's native blob and row. A storage failure costs the checkpoint, not the job."""
@@ -112,7 +116,11 @@ class JobReporter:
             log.warning("job %s: checkpoint at step %d not saved: %s", self.lease.job_id, step, exc)
             self.lease.event(f"checkpoint at step {step} not saved: the object store is unavailable", level="warn")
             return
-        replaced = self.lease.checkpoint(step, sha, metrics)
+        try:
+            replaced = self.lease.checkpoint(step, sha, metrics)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("job %s: checkpoint at step %d not recorded: %s", self.lease.job_id, step, exc)
+            return
         if replaced:
             with self.lease.sessions() as session:
                 delete_unreferenced_blobs(session=session, blobs=self.blobs, shas=replaced)

@@ -97,3 +97,28 @@ def test_personalization_job_is_served_as_the_user(client: TestClient) -> None:
     assert job["status"] == "succeeded" and job["fine_tuned_model"] == "user:alice@2", job
     assert job["prefix_options"].get("warm_start") == "user:alice@1"
     assert client.get("/v1/users/alice", headers=_auth(key)).json()["personal_prefix"]["version"] == 2
+
+
+def test_serving_while_the_in_process_worker_trains_is_unchanged_and_cancel_stops_it(client: TestClient) -> None:
+    key = _tenant(client)
+    base = client.get("/v1/models", headers=_auth(key)).json()["data"][0]["id"]
+    before = _complete(client, key, base)
+    r = client.post("/v1/users/bob/examples", headers=_auth(key), json={"examples": RECORDS})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/users/bob/personalize", headers=_auth(key),
+                    json={"hyperparameters": {"max_steps": 1_000_000, "batch_size": 4}, "num_virtual_tokens": 4})
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while not any(e.get("type") == "metrics" for e in client.get(
+            f"/v1/fine_tuning/jobs/{job_id}/events", headers=_auth(key)).json()["data"]):
+        assert time.monotonic() < deadline, "no training step within 60 s"
+        time.sleep(0.1)
+
+    # The engine thread serves with the same frozen model the worker thread is training against.
+    assert [_complete(client, key, base) for _ in range(3)] == [before] * 3
+
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=_auth(key))
+    assert r.status_code == 200, r.text
+    job = _wait_done(client, key, job_id, timeout=60)
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
+    assert client.get("/v1/users/bob", headers=_auth(key)).json()["personal_prefix"] is None
