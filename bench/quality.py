@@ -90,6 +90,20 @@ def _few_shot_prompt(shots: list[Example], ex: Example) -> str:
     return INSTRUCTION + demos + ex.prompt
 
 
+async def _all_events(client: httpx.AsyncClient, job_id: str) -> list[dict[str, Any]]:
+    """Every event of a job (the API pages them newest first, 100 at a time)."""
+    events: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        r = await client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params)
+        r.raise_for_status()
+        page = r.json()
+        events += page["data"]
+        if not page.get("has_more") or not page["data"]:
+            return events
+        params["after"] = page["data"][-1]["id"]
+
+
 async def _train_ours(client: httpx.AsyncClient, train_jsonl: bytes, args: argparse.Namespace) -> dict[str, Any]:
     files = {"file": ("train.jsonl", train_jsonl, "application/jsonl")}
     r = await client.post("/v1/files", files=files, data={"purpose": "fine-tune"})
@@ -113,7 +127,7 @@ async def _train_ours(client: httpx.AsyncClient, train_jsonl: bytes, args: argpa
     wall = time.perf_counter() - t0
     if job["status"] != "succeeded":
         raise RuntimeError(f"training job {job['status']}: {job.get('error')}")
-    events = (await client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1000})).json()["data"]
+    events = await _all_events(client, job["id"])
     steps = [e for e in events if (e.get("data") or {}).get("step")]
     steps.sort(key=lambda e: e["created_at"])
     step_s = None
