@@ -40,7 +40,8 @@ def _last_sign_of_life() -> sa.ColumnElement[datetime]:
 
 def sweep(sessions: sessionmaker[Session], *, stale_after_s: float, max_attempts: int,
           now: datetime | None = None) -> SweepResult:
-    """Re-queue or fail stale running jobs, finish queued jobs whose cancel was requested, list queued jobs."""
+    """Re-queue or fail stale running jobs, finish queued jobs whose cancel was requested, fail jobs stuck in
+    validation, list queued jobs."""
     cutoff = (now or utcnow()) - timedelta(seconds=stale_after_s)
     out = SweepResult()
     with sessions() as session:
@@ -52,6 +53,7 @@ def sweep(sessions: sessionmaker[Session], *, stale_after_s: float, max_attempts
         for job_id, attempts, cancel in stale:
             _recover(session, job_id, attempts, cancel, cutoff, stale_after_s, max_attempts, out)
         _cancel_queued(session, out)
+        _fail_stuck_validation(session, cutoff, out)
         out.queued = list(session.execute(
             sa.select(TrainingJob.id).where(TrainingJob.status == "queued").order_by(TrainingJob.created_at)
         ).scalars())
@@ -85,6 +87,26 @@ def _recover(session: Session, job_id: str, attempts: int, cancel: bool, cutoff:
         add_event(session, job_id, message, level=level, data={"attempt": attempts})
         bucket.append(job_id)
     session.commit()
+
+
+def _fail_stuck_validation(session: Session, cutoff: datetime, out: SweepResult) -> None:
+    """Jobs left in `validating_files` by an API process that died mid-request (validation takes a request's
+    time, so one older than the stale cutoff is orphaned): fail them, or they would hold their suffix and count
+    against the tenant's concurrent-job limit forever."""
+    ids = list(session.execute(
+        sa.select(TrainingJob.id).where(TrainingJob.status == "validating_files", TrainingJob.created_at < cutoff)
+    ).scalars())
+    for job_id in ids:
+        error = JobError("validation_interrupted", "the server stopped while validating this job's files")
+        stmt = (
+            sa.update(TrainingJob)
+            .where(TrainingJob.id == job_id, TrainingJob.status == "validating_files")
+            .values(status="failed", finished_at=utcnow(), error=error.as_json())
+        )
+        if updated(session, stmt) == 1:
+            add_event(session, job_id, f"job failed: {error.message}", level="error")
+            out.failed.append(job_id)
+        session.commit()
 
 
 def _cancel_queued(session: Session, out: SweepResult) -> None:

@@ -93,6 +93,22 @@ def test_sweep_finishes_cancelled_jobs(env: JobEnv) -> None:
     assert env.job(running).status == env.job(queued).status == "cancelled"
 
 
+def test_sweep_fails_jobs_stuck_in_validation(env: JobEnv) -> None:
+    """An API process that died while validating leaves `validating_files`; the sweep fails such a job once it is
+    older than the stale cutoff, and leaves one that is still being validated."""
+    stuck, fresh = env.add_job(), env.add_job()
+    with env.sessions() as s:
+        s.execute(sa.update(TrainingJob).where(TrainingJob.id.in_([stuck, fresh])).values(status="validating_files"))
+        s.execute(sa.update(TrainingJob).where(TrainingJob.id == stuck)
+                  .values(created_at=utcnow() - timedelta(seconds=120)))
+        s.commit()
+    found = sweep(env.sessions, stale_after_s=60, max_attempts=2)
+    assert found.failed == [stuck] and stuck not in found.queued
+    job = env.job(stuck)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "validation_interrupted"
+    assert env.job(fresh).status == "validating_files"
+
+
 def test_sweep_leaves_a_job_whose_heartbeat_arrives_after_it_looked(env: JobEnv) -> None:
     job_id = env.add_job()
     lease = claim(env.sessions, job_id)
