@@ -22,6 +22,7 @@ from app.db.models import (
     Prefix,
     PrefixVersion,
     Tenant,
+    TenantLimits,
     TrainingJob,
     UserExample,
     personal_prefix_name,
@@ -74,6 +75,7 @@ def _version(p: Prefix, version: int, fmt: str = "native") -> PrefixVersion:
 def _populate(s: Session, tenant: Tenant) -> None:
     """One row in every table, all owned by `tenant`."""
     s.add(ApiKey(tenant_id=tenant.id, key_hash=new_id("api_key"), key_prefix="sk-abcde", scopes="inference"))
+    s.add(TenantLimits(tenant_id=tenant.id, requests_per_minute=60))
     prefix = _prefix(s, tenant, "support", 1)
     user = EndUser(tenant_id=tenant.id, external_id="u1")
     s.add(user)
