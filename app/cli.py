@@ -31,15 +31,14 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default PREFIXSERVE_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default PREFIXSERVE_PORT).")] = None,
 ) -> None:
-    """Start the HTTP server (the embedded default needs no other service)."""
-    import uvicorn
-
+    """Start the HTTP server (the embedded default needs no other service). SIGTERM stops it gracefully:
+    in-flight requests get PREFIXSERVE_SHUTDOWN_GRACE_S to finish (app/server.py)."""
     from app.main import create_app
+    from app.server import serve as run_server
 
     settings = _settings(host=host, port=port)
     configure_logging(settings.log_level, json_format=settings.log_json)
-    # access_log=False: the app writes its own access line (request id, tenant, tokens; app.observability).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+    run_server(create_app(settings), settings)
 
 
 @cli.command()

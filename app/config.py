@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(default=600.0, gt=0)
     # A streaming client that has not taken one SSE message for this long is disconnected (its rows cancelled).
     stream_send_timeout_s: float = Field(default=30.0, gt=0)
+    # Graceful shutdown (SIGTERM): in-flight requests get this long to finish, then the engine ends the rest with
+    # an error (a stream gets its error chunk and [DONE]); the in-process training job is handed back as queued.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
     # Browser origins allowed by CORS, comma-separated; empty (the default) sends no CORS headers at all.
     cors_allow_origins: str = ""
 

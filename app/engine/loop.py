@@ -78,6 +78,8 @@ class Engine:
         self.stats = _Stats()
         self._intake: queue.Queue[ActiveRequest] = queue.Queue()
         self._cancelled: set[str] = set()
+        # Set by `fail_all_requests` (a server whose shutdown grace ran out); read and cleared by the engine thread.
+        self._fail_reason: str | None = None
         self._lock = threading.Lock()
         self._waiting_count = 0
         self._resolving: list[tuple[ActiveRequest, Future[PrefixKV]]] = []
@@ -145,6 +147,14 @@ class Engine:
         """Ask for a request to leave; it does so at the next step."""
         with self._lock:
             self._cancelled.add(request_id)
+        self._wake.set()
+
+    def fail_all_requests(self, why: str) -> None:
+        """End every request queued or running now with an error event (kind "internal", message `why`), at the
+        next step. For a server whose shutdown grace period ran out: each stream still gets its error chunk and
+        `[DONE]` instead of a cut connection. The engine keeps running; later submissions are served."""
+        with self._lock:
+            self._fail_reason = why
         self._wake.set()
 
     # ---- engine thread ---------------------------------------------------------------------------------------
@@ -216,7 +226,11 @@ class Engine:
             active = self._active.get(rid)
             if active is not None:
                 self._finish(active, "cancelled")
-        if cancelled:
+        with self._lock:
+            reason, self._fail_reason = self._fail_reason, None
+        if reason is not None:
+            self._fail_all(reason)
+        if cancelled or reason is not None:
             self._ready = deque(a for a in self._ready if not a.done)
             self._filter_running()
 
