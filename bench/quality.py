@@ -48,11 +48,13 @@ def _start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         "PREFIXSERVE_PORT": str(port),
     }
     exe = Path(sys.executable).with_name("prefixserve")
-    proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server's log goes to a file: a pipe nobody drains fills up and blocks every thread that logs.
+    log_file = (data_dir / "server.log").open("wb")
+    proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            raise RuntimeError(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
                 return proc

@@ -24,7 +24,7 @@ log = logging.getLogger("bench.quality")
 def _encode(tok: Any, ex: Example) -> tuple[list[int], list[int]]:
     """(input ids, labels): the prompt as the server encodes it, then the completion and EOS."""
     prompt = list(tok.encode(ex.prompt))
-    completion = list(tok.encode(ex.completion, add_special_tokens=False)) + [tok.eos_token_id]
+    completion = [*tok.encode(ex.completion, add_special_tokens=False), tok.eos_token_id]
     return prompt + completion, [-100] * len(prompt) + completion
 
 
