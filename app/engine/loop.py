@@ -161,20 +161,33 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            self._take_intake()
-            self._apply_cancellations()
-            self._expire()
-            new_rows = self._admit()
-            if new_rows:
-                self._prefill(new_rows)
-            if self._running is not None:
-                self._decode()
+            try:
+                idle = self._step()
+            except Exception:
+                # A bug in the book-keeping must not kill the thread (every later request would hang): fail
+                # what is in flight, start from an empty batch, and keep serving.
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all("internal error in the engine", keep_running=True)
+                idle = False
             self._flush_events()
-            if self._running is None and not self._ready and not new_rows:
+            if idle:
                 self._wake.wait(0.05 if self._resolving else 1.0)
                 self._wake.clear()
         self._fail_all("engine stopped")
         self._flush_events()
+
+    def _step(self) -> bool:
+        """One scheduling round: intake, cancellations, deadlines, admission + prefill, one decode step.
+        Returns whether there was nothing to do."""
+        self._take_intake()
+        self._apply_cancellations()
+        self._expire()
+        new_rows = self._admit()
+        if new_rows:
+            self._prefill(new_rows)
+        if self._running is not None:
+            self._decode()
+        return self._running is None and not self._ready and not new_rows
 
     def _flush_events(self) -> None:
         if not self._outbox:
@@ -250,7 +263,7 @@ class Engine:
     def _reserved_tokens(self) -> int:
         if self._running is None:
             return 0
-        return sum(self._active[r.request_id].budget_tokens for r in self._running.rows)
+        return sum(a.budget_tokens for r in self._running.rows if (a := self._active.get(r.request_id)) is not None)
 
     def _admit(self) -> list[ActiveRequest]:
         rows = len(self._running) if self._running is not None else 0
@@ -293,7 +306,8 @@ class Engine:
             for a in admitted:
                 self._finish(a, "error", error=f"internal error during prefill: {type(exc).__name__}", kind="internal")
             return
-        kept = batch.filter({r.request_id for r in batch.rows if not self._active[r.request_id].done})
+        # Rows that finished on their first token (EOS, a stop string, max_tokens=1) already left _active.
+        kept = batch.filter({r.request_id for r in batch.rows if r.request_id in self._active})
         if kept is not None:
             self._running = kept if self._running is None else Batch.concatenate([self._running, kept])
 
@@ -308,9 +322,9 @@ class Engine:
         except Exception as exc:
             log.exception("decode step failed")
             for r in batch.rows:
-                self._finish(
-                    self._active[r.request_id], "error", error=f"internal error: {type(exc).__name__}", kind="internal"
-                )
+                active = self._active.get(r.request_id)
+                if active is not None:
+                    self._finish(active, "error", error=f"internal error: {type(exc).__name__}", kind="internal")
         self._filter_running()
 
     def _choose(self, batch: Batch, logits: torch.Tensor) -> None:
@@ -352,6 +366,11 @@ class Engine:
                 self._waiting_count -= 1
                 self.stats.waiting = self._waiting_count
 
-    def _fail_all(self, why: str) -> None:
+    def _fail_all(self, why: str, *, keep_running: bool = False) -> None:
+        """Fail every request the engine holds; with keep_running, also reset to an empty batch and queues."""
         for active in list(self._active.values()):
             self._finish(active, "error", error=why, kind="internal")
+        if keep_running:
+            self._running, self._resolving = None, []
+            self._ready.clear()
+            self.stats.running_rows = 0

@@ -207,3 +207,51 @@ async def test_eos_and_stop_strings_finish_with_stop(tiny_llama) -> None:
         assert stopped.text == free.text[: free.text.index(stop)]
     finally:
         engine.stop()
+
+
+async def test_requests_that_finish_on_their_first_token(tiny_llama) -> None:
+    """max_tokens=1, EOS as the first token, and a stop string in the first token end at prefill, alone and next
+    to rows that go on; the engine keeps serving afterwards (this once killed the engine thread)."""
+    engine = make_engine(tiny_llama)
+    try:
+        free = await collect(engine, GenerationRequest([7, 8, 9], SamplingParams(max_tokens=5, temperature=0.0)))
+        one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        eos_first = SamplingParams(max_tokens=10, temperature=0.0)
+        stop_first = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop=(free.text[:1],))
+        long = asyncio.create_task(collect(engine, GenerationRequest([1, 2], LONG)))
+        engine.eos_token_ids = frozenset({free.tokens[0]})
+        got = await asyncio.gather(*[
+            collect(engine, GenerationRequest([7, 8, 9], p)) for p in (one, eos_first, stop_first, SHORT)
+        ])
+        engine.eos_token_ids = frozenset()
+        assert [r.final.finish_reason for r in got if r.final] == ["length", "stop", "stop", "length"]
+        assert len(got[0].tokens) == 1 and got[1].tokens == [free.tokens[0]] and got[2].text == ""
+        assert len(got[3].tokens) == 4
+        assert engine.alive
+        assert len((await long).tokens) == 200
+        assert len((await collect(engine, GenerationRequest([3], SHORT))).tokens) == 4
+    finally:
+        engine.stop()
+
+
+async def test_a_bug_in_a_step_fails_requests_in_flight_but_the_engine_survives(tiny_llama) -> None:
+    engine = make_engine(tiny_llama)
+    try:
+        real = engine._admit
+        calls = {"n": 0}
+
+        def broken() -> list:  # type: ignore[type-arg]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyError("book-keeping bug")
+            return real()
+
+        engine._admit = broken  # type: ignore[method-assign]
+        failed = await collect(engine, GenerationRequest([1, 2], SHORT))
+        assert failed.final is not None and failed.final.finish_reason == "error"
+        assert failed.final.error_kind == "internal"
+        assert engine.alive
+        ok = await collect(engine, GenerationRequest([1, 2], SHORT))
+        assert len(ok.tokens) == 4 and ok.final is not None and ok.final.finish_reason == "length"
+    finally:
+        engine.stop()
