@@ -10,6 +10,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,17 @@ def install_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=exc.headers,
         )
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    async def _database(request: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
+        # The database went away in the middle of a request (stopped, restarted, connection cut): the client
+        # retries, as with the 503 the authentication dependency gives when it cannot reach the database. Only
+        # the class is logged: the statement and its parameters may hold tenant data.
+        log.warning("database unavailable during %s %s: %s", request.method, request.url.path,
+                    type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__)
+        return await _service(request, Unavailable("the database is unavailable; retry shortly",
+                                                   headers={"Retry-After": "5"}))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
