@@ -125,9 +125,11 @@ def test_sigterm_finishes_short_requests_bounds_long_ones_and_hands_the_job_back
     short: dict[str, httpx.Response] = {}
     shorter = threading.Thread(target=lambda: short.setdefault("r", httpx.post(
         server.url + "/v1/completions", headers=auth, timeout=30,
-        json={"model": base, "prompt": "hello", "max_tokens": 4, "temperature": 0})))
+        json={"model": base, "prompt": "hello", "max_tokens": 200, "temperature": 0})))
     shorter.start()
-    time.sleep(0.05)
+    # Time to be accepted (a connection the server never accepted would be refused after the signal): the
+    # request is then decoding in the long one's batch, a few hundred ms, when the signal comes.
+    time.sleep(0.3)
     server.terminate()
     signalled = time.monotonic()
 
@@ -147,6 +149,7 @@ def test_sigterm_finishes_short_requests_bounds_long_ones_and_hands_the_job_back
     assert server.proc.wait(GRACE_S + SHUTDOWN_FLUSH_S + 30) == 0
     exited_after = time.monotonic() - signalled
     assert exited_after < GRACE_S + SHUTDOWN_FLUSH_S + 15, exited_after  # + the lifespan's engine/worker stop
+    print(f"stream ended {long['ended'] - signalled:.2f} s and the process {exited_after:.2f} s after SIGTERM")
 
     # The in-process training job was handed back (read in the database: no server runs now) ...
     db = sa.create_engine(settings["PREFIXSERVE_DATABASE_URL"])
