@@ -255,3 +255,24 @@ async def test_a_bug_in_a_step_fails_requests_in_flight_but_the_engine_survives(
         assert len(ok.tokens) == 4 and ok.final is not None and ok.final.finish_reason == "length"
     finally:
         engine.stop()
+
+
+async def test_fail_all_requests_ends_running_and_waiting_ones_and_the_engine_serves_on(tiny_llama) -> None:
+    """A server whose shutdown grace ran out: every request in flight ends with an error event, at once."""
+    engine = make_engine(tiny_llama, max_batch_rows=1)
+    try:
+        endless = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+        running = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], endless)))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.create_task(collect(engine, GenerationRequest([4, 5], endless)))  # no row for it
+        await asyncio.sleep(0.05)
+        engine.fail_all_requests("shutting down")
+        for res in await asyncio.wait_for(asyncio.gather(running, waiting), 10):
+            assert res.final is not None and res.final.finish_reason == "error"
+            assert (res.final.error, res.final.error_kind) == ("shutting down", "internal")
+            assert len(res.tokens) < 1500
+        assert engine.stats.waiting == 0
+        after = await collect(engine, GenerationRequest([6, 7], SHORT))
+        assert len(after.tokens) == 4
+    finally:
+        engine.stop()
