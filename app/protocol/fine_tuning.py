@@ -69,6 +69,9 @@ class TrainingOptions(OpenAIRequest):
     prefix_projection: bool | None = Field(
         default=None, description="train through Li & Liang's MLP reparameterization (default: directly)")
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None
+    prefix_init: Literal["real_tokens", "random"] | None = Field(
+        default=None, description="a new prefix starts from the model's activations of real tokens (default) "
+        "or from random values; ignored with warm_start")
     warm_start: str | None = Field(
         default=None, description="start from one of your prefixes: `name` (its newest version) or `name@version`")
     validation_split: Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)] | None = Field(

@@ -129,6 +129,7 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
         seed=opts.seed if opts.seed is not None else secrets.randbelow(MAX_SEED + 1),  # recorded: reproducible
         eval_every=hp.eval_every or base.eval_every, early_stopping_patience=patience,
         checkpoint_every=hp.checkpoint_every, validation_split=opts.validation_split or 0.0,
+        prefix_init=opts.prefix_init or base.prefix_init,
     )
     display = {"learning_rate_multiplier": hp.learning_rate_multiplier} if hp.learning_rate_multiplier else {}
     return config, display

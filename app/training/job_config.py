@@ -17,7 +17,7 @@ from app.training.types import TrainConfig
 # TrainConfig fields stored under `options`; every other field goes under `hyperparameters`.
 OPTION_FIELDS: Final = frozenset({
     "num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "validation_split",
-    "early_stopping_patience", "seed",
+    "early_stopping_patience", "seed", "prefix_init",
 })
 WARM_START_KEY: Final = "warm_start"  # options key: the pinned `name@version` to start from, or absent/None
 

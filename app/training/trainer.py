@@ -23,6 +23,7 @@ from app.engine.model import LoadedModel
 from app.training.batches import batch_stream, eval_batches, split_validation
 from app.training.checks import check_config, check_examples
 from app.training.forward import PrefixForward, TrainBatch, collate
+from app.training.init_kv import real_token_kv
 from app.training.prefix_params import PrefixParameters
 from app.training.types import (
     StopReason,
@@ -264,5 +265,7 @@ def train_prefix(
     )
     # The calling thread may be in no-grad or inference mode (the engine thread is); both are thread-local. The
     # prefix is created inside too: a parameter made in inference mode could never take part in autograd.
+    if init is None and config.prefix_init == "real_tokens":
+        init = real_token_kv(loaded, train_set[0].input_ids, config.num_virtual_tokens)
     with torch.inference_mode(False), torch.enable_grad():
         return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks()).run()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 StopReason = Literal["completed", "early_stopped", "cancelled"]
+PrefixInit = Literal["real_tokens", "random"]
 
 
 class TrainingDataError(ValueError):
@@ -65,6 +66,9 @@ class TrainConfig:
     early_stopping_patience: int | None = 3  # evals without improvement before stopping; None: never
     checkpoint_every: int | None = None  # steps between checkpoints; None: only the final prefix
     validation_split: float = 0.0  # held out of the training set when no validation set is given
+    # A new prefix (no warm start) starts from the model's KV of the first training example's tokens
+    # ("real_tokens", app/training/init_kv.py: 22% -> 97% exact match on bench/quality.py) or from N(0, 1).
+    prefix_init: PrefixInit = "real_tokens"
 
     def total_steps(self, n_train: int) -> int:
         """Optimizer steps for `n_train` examples."""

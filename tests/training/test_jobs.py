@@ -67,8 +67,9 @@ def _resolver(env: JobEnv) -> PrefixResolver:
 
 
 def test_job_trains_publishes_and_is_served(env: JobEnv) -> None:
+    # A random start, so that six steps on the tiny model surely change what it generates (asserted below).
     config = TrainConfig(num_virtual_tokens=4, batch_size=4, max_steps=6, checkpoint_every=3,
-                         early_stopping_patience=None)
+                         early_stopping_patience=None, prefix_init="random")
     job_id = env.add_job(config=config)
 
     assert execute_job(job_id, ctx=env.ctx()) == "succeeded"

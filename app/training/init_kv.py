@@ -1,0 +1,35 @@
+"""Where a new prefix starts: the frozen model's own keys/values of real text.
+
+Li & Liang (2021, §7.2) found that initialising the prefix with activations of real words trains far better
+than random values, and it does here: on bench/quality.py's task (SmolLM2-135M, P=16, lr 3e-2, 150 steps),
+a prefix drawn from N(0, 1) reached 22% held-out exact match (train loss 0.12), one started from the KV of a
+training example's tokens 97% (train loss 0.002). Random N(0, 1) keys and values are nothing like the
+per-layer scales of real activations, so the first many steps only undo them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from app.engine.model import LoadedModel
+from app.engine.runner import cache_kwarg_name
+from prefix_store.types import PrefixKV
+
+
+def real_token_kv(loaded: LoadedModel, token_ids: Sequence[int], num_virtual_tokens: int) -> PrefixKV:
+    """The model's keys/values [L, H_kv, P, D] (float32, CPU) for `token_ids` cycled or cut to P tokens, computed
+    at positions 0..P-1 (the positions a prefix occupies, DESIGN.md §1)."""
+    if not token_ids:
+        raise ValueError("real_token_kv needs at least one token id")
+    ids = [token_ids[i % len(token_ids)] for i in range(num_virtual_tokens)]
+    cache_kw = cache_kwarg_name(loaded.model)
+    with torch.no_grad():
+        out = loaded.model(
+            input_ids=torch.tensor([ids], device=loaded.device), use_cache=True, logits_to_keep=1,
+        )
+    cache = getattr(out, cache_kw, None) or out.past_key_values
+    keys = torch.stack([layer.keys[0] for layer in cache.layers]).float().cpu()  # [L, H_kv, P, D]
+    values = torch.stack([layer.values[0] for layer in cache.layers]).float().cpu()
+    return PrefixKV(keys, values, base_fingerprint=loaded.spec.fingerprint, created_by="init:real_tokens")
