@@ -138,3 +138,27 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
                                  "warm_start")) from None
     log.info("job %s warm-starts from %s (version %d)", job.id, name, found.version)
     return kv
+
+
+def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
+                      max_virtual_tokens: int, max_bytes: int) -> tuple[int, PrefixKV] | None:
+    """(step, prefix) of the job's latest checkpoint — left by an earlier attempt that was interrupted (it
+    checkpoints on the way out) or died after a periodic checkpoint — or None. An unreadable checkpoint is
+    skipped: the attempt then starts over, which is always correct."""
+    from app.db.models import JobCheckpoint
+    from prefix_store.codec import decode_native
+    from prefix_store.types import PrefixError
+
+    with sessions() as session:
+        row = session.execute(sa.select(JobCheckpoint.step, JobCheckpoint.sha256)
+                              .where(JobCheckpoint.job_id == job.id)
+                              .order_by(JobCheckpoint.step.desc()).limit(1)).first()
+    if row is None:
+        return None
+    try:
+        kv = decode_native(blobs.get(row.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
+                           max_bytes=max_bytes)
+    except (BlobNotFound, BlobStoreUnavailable, PrefixError) as exc:
+        log.warning("job %s: checkpoint at step %d unusable (%r); starting over", job.id, row.step, exc)
+        return None
+    return int(row.step), kv

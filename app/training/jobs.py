@@ -10,6 +10,7 @@ published: the recovery sweep (app.training.recovery) re-queues or fails the job
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -24,7 +25,7 @@ from app.config import Settings
 from app.db.models import PERSONAL_PREFIX_PREFIX, PrefixVersion, TrainingJob
 from app.errors import ServiceError
 from app.training.job_config import config_from_job
-from app.training.job_inputs import JobFailed, load_job_data, load_warm_start
+from app.training.job_inputs import JobFailed, load_job_data, load_resume_point, load_warm_start
 from app.training.lease import JobError, JobLease, JobLost, claim
 from app.training.progress import Heartbeat, JobReporter, StopCause, storable
 from app.training.types import (
@@ -141,14 +142,28 @@ def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: Training
         raise JobFailed(JobError("end_user_deleted", "the end user was deleted"))
     data = load_job_data(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded,
                          max_tokens=context_length(ctx.loaded) - config.num_virtual_tokens)
-    init = load_warm_start(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded,
-                           max_virtual_tokens=s.max_virtual_tokens, max_bytes=s.max_upload_bytes)
-    lease.event(f"training on {len(data.train)} examples ({len(data.val)} validation), "
-                f"{config.total_steps(len(data.train))} steps", data={"examples": len(data.train),
-                                                                      "validation_examples": len(data.val)})
-    reporter = JobReporter(lease, blobs=ctx.blobs, spec=ctx.loaded.spec)
-    result = ctx.train(ctx.loaded, data.train, data.val or None, config, init=init,
-                       callbacks=reporter.callbacks(heartbeat))
+    limits = {"max_virtual_tokens": s.max_virtual_tokens, "max_bytes": s.max_upload_bytes}
+    init = load_warm_start(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
+    total = config.total_steps(len(data.train))
+    lease.event(f"training on {len(data.train)} examples ({len(data.val)} validation), {total} steps",
+                data={"examples": len(data.train), "validation_examples": len(data.val)})
+    done = 0
+    resume = load_resume_point(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
+    if resume is not None:
+        # Continue from an earlier attempt's last checkpoint for the steps left (a fresh optimizer and warm-up;
+        # at least one step, so the result is always a trained prefix of this attempt).
+        done, init = resume
+        config = dataclasses.replace(config, max_steps=max(1, total - done), n_epochs=None)
+        lease.event(f"resuming from the checkpoint at step {done} of {total}", data={"resumed_from_step": done})
+    reporter = JobReporter(lease, blobs=ctx.blobs, spec=ctx.loaded.spec, step_offset=done)
+    try:
+        result = ctx.train(ctx.loaded, data.train, data.val or None, config, init=init,
+                           callbacks=reporter.callbacks(heartbeat))
+    except TrainingCancelled as exc:
+        if heartbeat.cause == "interrupted" and exc.prefix is not None:
+            # The worker is shutting down: keep what this attempt learnt for the next one.
+            reporter.on_checkpoint(exc.step, exc.prefix, {"interrupted": 1.0})
+        raise
     loss = result.final_train_loss
     if loss is not None and not math.isfinite(loss):
         raise TrainingDiverged(f"the final training loss is {loss}; lower the learning rate")

@@ -78,10 +78,12 @@ class JobReporter:
     """Turns the trainer's events and checkpoints into job events and checkpoint rows."""
 
     def __init__(self, lease: JobLease, *, blobs: BlobStore, spec: ModelSpec,
-                 min_interval_s: float = EVENT_MIN_INTERVAL_S) -> None:
+                 min_interval_s: float = EVENT_MIN_INTERVAL_S, step_offset: int = 0) -> None:
         self.lease = lease
         self.blobs = blobs
         self.spec = spec
+        # A resumed attempt's trainer counts from 1 again; events and checkpoints keep the job's own numbering.
+        self.step_offset = step_offset
         self.min_interval_s = min_interval_s
         self.last_event: TrainEvent | None = None
         self._last_written = -float("inf")
@@ -91,6 +93,9 @@ class JobReporter:
                               on_checkpoint=self.on_checkpoint)
 
     def on_event(self, event: TrainEvent) -> None:
+        if self.step_offset:
+            event = dataclasses.replace(event, step=event.step + self.step_offset,
+                                        total_steps=event.total_steps + self.step_offset)
         self.last_event = event
         now = time.monotonic()
         due = event.step <= 1 or event.step >= event.total_steps or event.val_loss is not None
@@ -109,6 +114,7 @@ class JobReporter:
         from prefix_store.blobs import BlobStoreUnavailable
         from prefix_store.codec import encode_native
 
+        step += self.step_offset
         data = encode_native(storable(prefix, self.spec))
         try:
             sha = self.blobs.put(data)

@@ -129,7 +129,8 @@ class _Run:
         step = 0
         while step < self.total:
             if self.callbacks.should_stop():
-                raise TrainingCancelled(f"training cancelled after {step} of {self.total} steps")
+                raise TrainingCancelled(f"training cancelled after {step} of {self.total} steps", step=step,
+                                        prefix=self._export(step) if step else None)
             step += 1
             lr, tokens_per_s = self._train_step(step)
             due = step % self.config.eval_every == 0 or step == self.total

@@ -24,7 +24,13 @@ class TrainingDataError(ValueError):
 
 
 class TrainingCancelled(Exception):
-    """Raised inside the trainer when `should_stop` says so; the job runner turns it into `cancelled`."""
+    """Raised inside the trainer when `should_stop` says so; the job runner turns it into `cancelled` (or, on a
+    worker's shutdown, into a checkpoint of `prefix` after `step` steps and a re-queue)."""
+
+    def __init__(self, message: str, *, step: int = 0, prefix: Any = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.prefix = prefix  # a prefix_store PrefixKV: the prefix after `step` steps (None before the first)
 
 
 class TrainingDiverged(RuntimeError):

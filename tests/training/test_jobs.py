@@ -298,6 +298,43 @@ def test_interrupt_requeues_then_fails_at_max_attempts(sqlite_env: JobEnv) -> No
     assert _versions(env) == []
 
 
+def test_an_interrupted_job_checkpoints_and_the_next_attempt_resumes(sqlite_env: JobEnv) -> None:
+    """A worker's shutdown (SIGTERM) saves the prefix it has as a checkpoint before the job is re-queued; the next
+    attempt starts from it for the steps left, and the job's step numbering carries on."""
+    env = sqlite_env
+    job_id = env.add_job(config=TrainConfig(num_virtual_tokens=4, batch_size=4, max_steps=12))
+    interrupt = threading.Event()
+
+    def train_and_shut_down_at_step_5(*args: Any, callbacks: TrainCallbacks, **kw: Any) -> TrainResult:
+        def on_event(ev: TrainEvent) -> None:
+            callbacks.on_event(ev)
+            if ev.step == 5:
+                interrupt.set()
+
+        return train_prefix(*args, callbacks=TrainCallbacks(on_event, callbacks.should_stop), **kw)
+
+    assert execute_job(job_id, ctx=env.ctx(train=train_and_shut_down_at_step_5), interrupt=interrupt) == "requeued"
+    with env.sessions() as s:
+        checkpoints = list(s.execute(sa.select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).scalars())
+    assert [(c.step, c.metrics) for c in checkpoints] == [(5, {"interrupted": 1.0})]
+    saved = _decode(env, checkpoints[0].sha256)
+
+    seen: list[Any] = []
+
+    def train_and_record(*args: Any, init: Any = None, **kw: Any) -> TrainResult:
+        seen.append((init, args[3]))
+        return train_prefix(*args, init=init, **kw)
+
+    assert execute_job(job_id, ctx=env.ctx(train=train_and_record)) == "succeeded"
+    init, config = seen[0]
+    assert torch.equal(init.keys, saved.keys) and config.max_steps == 7  # 12 - 5
+    messages = [e.message for e in env.events(job_id)]
+    assert any(m == "resuming from the checkpoint at step 5 of 12" for m in messages)
+    steps = [e.data["step"] for e in env.events(job_id) if e.data and "train_loss" in e.data]
+    assert steps[-1] == 12 and env.job(job_id).attempts == 2
+    assert len(_versions(env)) == 1
+
+
 def test_personalization_trains_on_the_users_examples(env: JobEnv) -> None:
     user_id = env.add_user("alice", RECORDS[:6])
     job_id = env.add_job(name="user:alice", end_user_id=user_id)
