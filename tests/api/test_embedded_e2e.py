@@ -2,11 +2,13 @@
 
 The base model answers a factual chat question; a real HF PEFT prefix-tuning adapter uploaded through the
 prefix API gives exactly the greedy tokens of `PeftModel.forward` (full recompute each step); streaming chat
-with the prefix ends in `[DONE]`.
+with the prefix ends in `[DONE]`; a prefix trained through the fine-tuning API is served and has learnt its task.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +121,34 @@ def test_streaming_chat_with_prefix(env: Env, adapter: tuple[LoadedModel, object
     assert chunks[-1]["choices"][0]["finish_reason"] in {"stop", "length"}
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text
+
+
+def test_a_prefix_trained_through_the_api_is_served(env: Env) -> None:
+    """Issue #5's end to end: a small prefix trained on the embedded model through the Files and Fine-tuning APIs
+    (the embedded server's in-process worker) is served at once and has learnt its task."""
+    items = ["lamp", "chair", "kettle", "rope", "tent", "boots", "map", "torch", "bucket", "ladder", "saw", "net"]
+    lines = [json.dumps({"prompt": f"Order #{i}: one {item}.\nReply:", "completion": " ACCEPTED"})
+             for i, item in enumerate(items)]
+    r = env.client.post("/v1/files", headers=env.headers, data={"purpose": "fine-tune"},
+                        files={"file": ("orders.jsonl", "\n".join(lines).encode(), "application/jsonl")})
+    assert r.status_code == 200, r.text
+    r = env.client.post("/v1/fine_tuning/jobs", headers=env.headers, json={
+        "model": env.base, "training_file": r.json()["id"], "suffix": "orders", "seed": 0,
+        "num_virtual_tokens": 8, "hyperparameters": {"max_steps": 20, "batch_size": 4}})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    deadline = time.monotonic() + 240
+    while job["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job still {job['status']} after 240 s"
+        time.sleep(0.5)
+        job = env.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=env.headers).json()
+    assert job["status"] == "succeeded", job
+    assert job["fine_tuned_model"] == "orders@1"
+
+    prompt = "Order #99: one shovel.\nReply:"  # an item it never saw
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0}
+    tuned = env.client.post("/v1/completions", headers=env.headers, json={**body, "model": "orders"})
+    base = env.client.post("/v1/completions", headers=env.headers, json={**body, "model": env.base})
+    assert tuned.status_code == base.status_code == 200
+    assert tuned.json()["choices"][0]["text"].startswith(" ACCEPTED")
+    assert not base.json()["choices"][0]["text"].startswith(" ACCEPTED")
