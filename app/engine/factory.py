@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Settings
+from app.engine.admission import EngineLimits
 from app.engine.detok import Decoder
-from app.engine.loop import Engine, EngineLimits
+from app.engine.loop import Engine
 from app.engine.model import LoadedModel
 from app.engine.runner import geometry_of
 

@@ -16,10 +16,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.admission import EngineLimits, EngineStats, admit
 from app.engine.batch import Batch, KVGeometry, NewRow
 from app.engine.detok import Decoder
 from app.engine.event_queue import EventQueue, deliver
@@ -30,30 +30,6 @@ from app.engine.types import EngineOverloaded, ErrorKind, FinishReason, Generati
 from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_batch_rows: int = 64
-    max_batch_tokens: int = 32768  # sum over rows of prefix + prompt + max_tokens
-    max_waiting: int = 1024
-    max_positions: int = 8192  # the model's context length
-    resolver_threads: int = 4
-    # Events waiting for a request's consumer; past this the consumer has stalled and the request is cancelled.
-    max_buffered_events: int = 1024
-    # A request still queued or running this long after submission ends with an error of kind "timeout".
-    request_timeout_s: float | None = None
-
-
-@dataclass
-class _Stats:
-    steps: int = 0
-    prefills: int = 0
-    generated_tokens: int = 0
-    running_rows: int = 0
-    waiting: int = 0  # submitted, not yet admitted or finished (what `max_waiting` bounds)
-    # The most recent decode steps' batch sizes (bounded: a server runs millions of steps).
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=4096))
 
 
 class Engine:
@@ -75,7 +51,7 @@ class Engine:
         self.pad_token_id = pad_token_id
         self.eos_token_ids = eos_token_ids
         self.limits = limits or EngineLimits()
-        self.stats = _Stats()
+        self.stats = EngineStats()
         self._intake: queue.Queue[ActiveRequest] = queue.Queue()
         self._cancelled: set[str] = set()
         # Set by `fail_all_requests` (a server whose shutdown grace ran out); read and cleared by the engine thread.
@@ -267,25 +243,11 @@ class Engine:
 
     def _admit(self) -> list[ActiveRequest]:
         rows = len(self._running) if self._running is not None else 0
-        tokens = self._reserved_tokens()
-        admitted: list[ActiveRequest] = []
-        while self._ready:
-            cand = self._ready[0]
-            if rows + 1 > self.limits.max_batch_rows:
-                break
-            if tokens + cand.budget_tokens > self.limits.max_batch_tokens:
-                if rows == 0 and not admitted:  # can never fit, even alone
-                    self._finish(
-                        cand, "error", kind="too_large",
-                        error="prefix + prompt + max_tokens exceed the batch token budget",
-                    )
-                    self._ready.popleft()
-                    continue
-                break
-            self._ready.popleft()
-            admitted.append(cand)
-            rows += 1
-            tokens += cand.budget_tokens
+        admitted, too_large = admit(self._ready, rows=rows, reserved_tokens=self._reserved_tokens(),
+                                    limits=self.limits)
+        for active in too_large:
+            self._finish(active, "error", kind="too_large",
+                         error="prefix + prompt + max_tokens exceed the batch token budget")
         return admitted
 
     def _prefill(self, admitted: list[ActiveRequest]) -> None:
