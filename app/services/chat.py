@@ -102,12 +102,8 @@ async def serve_chat(
     ]
     completion_tokens = sum(events[-1].completion_tokens for events in per_choice)
     return ChatCompletion(id=rid, created=created, model=req.model, choices=choices,
-                          usage=_usage(len(prompt_ids), completion_tokens))
+                          usage=Usage.of(len(prompt_ids), completion_tokens))
 
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
 
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatCompletionChunk,
@@ -133,7 +129,7 @@ async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatComplet
                                     logprobs=chat_logprobs(engine, [ev]) if req.logprobs else None,
                                     finish_reason=ev.finish_reason))  # type: ignore[arg-type]
         if req.include_usage:
-            usage = _usage(prompt_tokens, completion_tokens)
+            usage = Usage.of(prompt_tokens, completion_tokens)
             yield head.model_copy(update={"usage": usage}).model_dump_json()
     except ServiceError as exc:
         yield error_payload(exc)

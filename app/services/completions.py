@@ -83,12 +83,8 @@ async def serve_completion(
         choices.append(CompletionChoice(index=i, text="".join(ev.text for ev in events), logprobs=logprobs,
                                         finish_reason=events[-1].finish_reason))  # type: ignore[arg-type]
     completion_tokens = sum(events[-1].completion_tokens for events in per_choice)
-    return head.model_copy(update={"choices": choices, "usage": _usage(len(prompt_ids), completion_tokens)})
+    return head.model_copy(update={"choices": choices, "usage": Usage.of(len(prompt_ids), completion_tokens)})
 
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
 
 
 async def _stream(req: CompletionRequest, gen: Generation, head: Completion, engine: EngineClient,
@@ -111,7 +107,7 @@ async def _stream(req: CompletionRequest, gen: Generation, head: Completion, eng
                                       finish_reason=ev.finish_reason)  # type: ignore[arg-type]
             yield head.model_copy(update={"choices": [choice]}).model_dump_json(exclude=exclude)
         if req.include_usage:
-            usage = _usage(prompt_tokens, completion_tokens)
+            usage = Usage.of(prompt_tokens, completion_tokens)
             yield head.model_copy(update={"usage": usage}).model_dump_json()
     except ServiceError as exc:
         yield error_payload(exc)
