@@ -38,26 +38,34 @@ class EngineStats:
 
 def admit(
     ready: deque[ActiveRequest], *, rows: int, reserved_tokens: int, limits: EngineLimits
-) -> tuple[list[ActiveRequest], list[ActiveRequest]]:
+) -> tuple[list[ActiveRequest], list[tuple[ActiveRequest, str]]]:
     """Pop from `ready` the requests that join a batch of `rows` rows reserving `reserved_tokens` tokens.
 
-    Returns (admitted, too_large): too_large are requests that could never fit, even in an empty batch (the
-    caller fails them). Stops at the first request that does not fit now, so none overtakes an older one.
+    Returns (admitted, refused): refused are (request, why) for requests that can never run — prefix + prompt
+    leave no position in the model's context (known only once the prefix is resolved), or the request does not
+    fit the token budget even in an empty batch; the caller fails them. Stops at the first request that does
+    not fit now, so none overtakes an older one.
     """
     admitted: list[ActiveRequest] = []
-    too_large: list[ActiveRequest] = []
+    refused: list[tuple[ActiveRequest, str]] = []
     tokens = reserved_tokens
     while ready:
         cand = ready[0]
+        context = cand.prefix_len + len(cand.request.prompt_ids)
+        if context >= limits.max_positions:
+            refused.append((ready.popleft(), f"prefix ({cand.prefix_len} virtual tokens) + prompt "
+                            f"({len(cand.request.prompt_ids)} tokens) exceed the model's context of "
+                            f"{limits.max_positions} positions"))
+            continue
         if rows + 1 > limits.max_batch_rows:
             break
         if tokens + cand.budget_tokens > limits.max_batch_tokens:
             if rows == 0 and not admitted:  # can never fit, even alone
-                too_large.append(ready.popleft())
+                refused.append((ready.popleft(), "prefix + prompt + max_tokens exceed the batch token budget"))
                 continue
             break
         ready.popleft()
         admitted.append(cand)
         rows += 1
         tokens += cand.budget_tokens
-    return admitted, too_large
+    return admitted, refused

@@ -22,6 +22,7 @@ class IncrementalText:
         self._ids: list[int] = []
         self._prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already in self.text
         self._read_offset = 0
+        self._prefix_text = ""  # decode(ids[prefix_offset:read_offset]): changes only when the offsets move
         self.text = ""  # all decoded text so far (may include a held-back tail)
         self._emitted = 0  # chars of self.text already released
         self.stopped = False
@@ -35,12 +36,12 @@ class IncrementalText:
             return ""
         self._ids.append(token_id)
         # Decode with a little left context: many tokenizers render a token differently at the start.
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text) :]
+        if len(new_text) > len(self._prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(self._prefix_text) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
+            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         return self._release()
 
     def _release(self) -> str:

@@ -220,8 +220,7 @@ class Engine:
         if reason is not None:
             self._fail_all(reason)
         if cancelled or reason is not None:
-            self._ready = deque(a for a in self._ready if not a.done)
-            self._filter_running()
+            self._drop_finished()
 
     def _expire(self) -> None:
         """End the requests past their deadline, wherever they are (queued, loading a prefix, running)."""
@@ -233,8 +232,12 @@ class Engine:
             self._finish(active, "error", kind="timeout",
                          error=f"the request timed out after {self.limits.request_timeout_s:g} s")
         if late:
-            self._ready = deque(a for a in self._ready if not a.done)
-            self._filter_running()
+            self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        """Remove requests that just finished (cancelled, failed, timed out) from the ready queue and the batch."""
+        self._ready = deque(a for a in self._ready if not a.done)
+        self._filter_running()
 
     def _reserved_tokens(self) -> int:
         if self._running is None:
@@ -242,12 +245,13 @@ class Engine:
         return sum(a.budget_tokens for r in self._running.rows if (a := self._active.get(r.request_id)) is not None)
 
     def _admit(self) -> list[ActiveRequest]:
+        if not self._ready:
+            return []
         rows = len(self._running) if self._running is not None else 0
-        admitted, too_large = admit(self._ready, rows=rows, reserved_tokens=self._reserved_tokens(),
-                                    limits=self.limits)
-        for active in too_large:
-            self._finish(active, "error", kind="too_large",
-                         error="prefix + prompt + max_tokens exceed the batch token budget")
+        admitted, refused = admit(self._ready, rows=rows, reserved_tokens=self._reserved_tokens(),
+                                  limits=self.limits)
+        for active, why in refused:
+            self._finish(active, "error", kind="too_large", error=why)
         return admitted
 
     def _prefill(self, admitted: list[ActiveRequest]) -> None:

@@ -27,10 +27,13 @@ class ActiveRequest:
         self._emit = emit
 
     @property
+    def prefix_len(self) -> int:
+        return self.prefix.num_virtual_tokens if self.prefix is not None else 0
+
+    @property
     def budget_tokens(self) -> int:
         """KV tokens this row may come to hold: its prefix, prompt and every token it may generate."""
-        p = self.prefix.num_virtual_tokens if self.prefix is not None else 0
-        return p + len(self.request.prompt_ids) + self.request.sampling.max_tokens
+        return self.prefix_len + len(self.request.prompt_ids) + self.request.sampling.max_tokens
 
     def on_token(self, choice: TokenChoice, *, eos: frozenset[int], at_context_end: bool) -> None:
         """Account for one generated token and emit its event (the final one when a stop condition holds)."""

@@ -105,7 +105,6 @@ async def serve_chat(
                           usage=Usage.of(len(prompt_ids), completion_tokens))
 
 
-
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatCompletionChunk,
                   engine: EngineClient, prompt_tokens: int) -> AsyncIterator[str]:
     """Chunk payloads: each choice's role first, then content deltas, its finish; usage if asked; [DONE]."""

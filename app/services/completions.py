@@ -86,7 +86,6 @@ async def serve_completion(
     return head.model_copy(update={"choices": choices, "usage": Usage.of(len(prompt_ids), completion_tokens)})
 
 
-
 async def _stream(req: CompletionRequest, gen: Generation, head: Completion, engine: EngineClient,
                   prompt_tokens: int) -> AsyncIterator[str]:
     """Chunk payloads: one per event that carries text, logprobs or a finish; usage last if asked; [DONE]."""

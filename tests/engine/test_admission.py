@@ -7,9 +7,15 @@ from collections import deque
 from app.engine.admission import EngineLimits, admit
 
 
+class _Request:
+    def __init__(self, prompt_len: int) -> None:
+        self.prompt_ids = [1] * prompt_len
+
+
 class _Req:
-    def __init__(self, name: str, budget: int) -> None:
-        self.name, self.budget_tokens = name, budget
+    def __init__(self, name: str, budget: int, prefix_len: int = 0, prompt_len: int = 1) -> None:
+        self.name, self.budget_tokens, self.prefix_len = name, budget, prefix_len
+        self.request = _Request(prompt_len)
 
 
 def _names(reqs: list) -> list[str]:  # type: ignore[type-arg]
@@ -33,4 +39,13 @@ def test_a_request_that_can_never_fit_is_handed_back_as_too_large() -> None:
     ready = deque([_Req("huge", 500), _Req("ok", 50)])
     admitted, too_large = admit(ready, rows=0, reserved_tokens=0,  # type: ignore[arg-type]
                                 limits=EngineLimits(max_batch_rows=8, max_batch_tokens=100))
-    assert _names(too_large) == ["huge"] and _names(admitted) == ["ok"] and not ready
+    assert [r.name for r, _ in too_large] == ["huge"] and _names(admitted) == ["ok"] and not ready
+    assert "token budget" in too_large[0][1]
+
+
+def test_prefix_plus_prompt_beyond_the_context_is_refused_once_the_prefix_is_known() -> None:
+    ready = deque([_Req("long", 40, prefix_len=20, prompt_len=12), _Req("fits", 40, prefix_len=20, prompt_len=11)])
+    admitted, refused = admit(ready, rows=0, reserved_tokens=0,  # type: ignore[arg-type]
+                              limits=EngineLimits(max_positions=32))
+    assert [r.name for r, _ in refused] == ["long"] and _names(admitted) == ["fits"]
+    assert "context of 32 positions" in refused[0][1]
