@@ -90,7 +90,8 @@ def test_personalization_job_is_served_as_the_user(client: TestClient) -> None:
     assert job["status"] == "succeeded" and job["fine_tuned_model"] == "user:alice@1", job
     user = client.get("/v1/users/alice", headers=_auth(key)).json()
     assert user["personal_prefix"]["version"] == 1 and user["example_count"] == 8
-    assert _complete(client, key, "user:alice")
+    base = client.get("/v1/models", headers=_auth(key)).json()["data"][0]["id"]
+    assert _complete(client, key, "user:alice") != _complete(client, key, base)
 
     # Re-personalizing warm-starts from the current personal prefix and replaces what `user:alice` serves.
     r = client.post("/v1/users/alice/personalize", headers=_auth(key), json={"hyperparameters": HYPER})

@@ -134,11 +134,12 @@ def test_sweep_leaves_a_job_whose_heartbeat_arrives_after_it_looked(env: JobEnv)
 # ---- the in-process worker ---------------------------------------------------------------------------------------
 def test_in_process_queue_runs_jobs_and_picks_up_orphans(env: JobEnv) -> None:
     queue = InProcessJobQueue(env.ctx())
+    enqueued = env.add_job()
+    asyncio.run(queue.enqueue(enqueued))
+    asyncio.run(queue.enqueue(enqueued))  # a duplicate is a no-op: one entry waits
+    assert queue._pending.qsize() == 1
     queue.start()
     try:
-        enqueued = env.add_job()
-        asyncio.run(queue.enqueue(enqueued))
-        asyncio.run(queue.enqueue(enqueued))  # a duplicate is a no-op
         # Created while Redis was down / by a replica with job_queue=none: never enqueued here.
         orphan = env.add_job(name="other")
         wait_for(lambda: env.job(enqueued).status == env.job(orphan).status == "succeeded", what="both jobs")
