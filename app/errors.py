@@ -112,9 +112,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)
     async def _database(request: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
-        # The database went away in the middle of a request (stopped, restarted, connection cut): the client
-        # retries, as with the 503 the authentication dependency gives when it cannot reach the database. Only
-        # the class is logged: the statement and its parameters may hold tenant data.
+        # The database is down or went away mid-request (stopped, restarted, connection cut), in a route or a
+        # dependency (authentication included): a 503 the client retries. Only the class is logged: the
+        # statement and its parameters may hold tenant data.
         log.warning("database unavailable during %s %s: %s", request.method, request.url.path,
                     type(exc.orig).__name__ if exc.orig is not None else type(exc).__name__)
         return await _service(request, Unavailable("the database is unavailable; retry shortly",

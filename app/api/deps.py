@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, Unauthorized, Unavailable
@@ -42,12 +41,8 @@ def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) ->
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    try:
-        principal = authenticate(session, raw_key=key.strip(), admin_key=runtime.admin_key)
-    except OperationalError:
-        raise Unavailable(
-            "the database is unavailable; retry shortly", headers={"Retry-After": "5"}
-        ) from None
+    # A database outage here is the global handler's 503 (app/errors.py install_handlers).
+    principal = authenticate(session, raw_key=key.strip(), admin_key=runtime.admin_key)
     if principal is None:
         raise Unauthorized("invalid API key")
     note_tenant(principal.tenant_id)  # for the access log
@@ -61,10 +56,7 @@ def get_limits(principal: PrincipalDep, runtime: RuntimeDep, session: SessionDep
     """The calling tenant's effective limits (None for the admin key, which has none)."""
     if principal.tenant_id is None:
         return None
-    try:
-        return limits.effective_limits(session=session, settings=runtime.settings, tenant_id=principal.tenant_id)
-    except OperationalError:
-        raise Unavailable("the database is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
+    return limits.effective_limits(session=session, settings=runtime.settings, tenant_id=principal.tenant_id)
 
 
 LimitsDep = Annotated[TenantLimitValues | None, Depends(get_limits)]

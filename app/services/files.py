@@ -24,6 +24,7 @@ from app.protocol.files import FileDeleted, FileList, FileObject
 from app.services.limits import check_storage
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
+from app.services.prefix_versions import store_blob_then_commit
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
 from app.services.uploads import limited_receive, read_part
 from app.training.data import parse_jsonl
@@ -92,22 +93,14 @@ def create_file(
                              code="invalid_file") from None
     if limits is not None:
         check_storage(session=session, limits=limits, tenant_id=tenant_id, new_bytes=len(upload.data))
-    try:
-        sha = stores.blobs.put(upload.data)
-    except BlobStoreUnavailable as exc:
-        log.error("blob store write failed: %s", exc)
-        raise Unavailable("the object store is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
-    row = File(tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, bytes=len(upload.data),
-               sha256=sha, line_count=lines, status="processed")
-    try:
+    def commit(sha: str) -> File:
+        row = File(tenant_id=tenant_id, filename=upload.filename, purpose=upload.purpose, bytes=len(upload.data),
+                   sha256=sha, line_count=lines, status="processed")
         session.add(row)
         session.commit()
-    except BaseException:
-        session.rollback()
-        delete_unreferenced_blobs(session=session, stores=stores, shas=[sha])
-        raise
-    # A concurrent delete of an identical file may have collected the shared blob before our commit.
-    stores.blobs.put(upload.data)
+        return row
+
+    row = store_blob_then_commit(session=session, blobs=stores.blobs, data=upload.data, commit=commit)
     log.info("tenant %s stored file %s (%d bytes, %d examples)", tenant_id, row.id, row.bytes, lines)
     return file_object(row)
 

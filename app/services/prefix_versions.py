@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 INSERT_ATTEMPTS = 8
 # Runs inside the publishing transaction, after the version row is flushed and before the commit; raising
 # aborts the publication (the training job runner marks its job succeeded here, fenced on its lease).
@@ -63,26 +64,41 @@ def publish_version(
 
     Raise Unavailable when the object store cannot be written; whatever `finalize` raises aborts it all.
     """
+    def commit(sha: str) -> tuple[Prefix, PrefixVersion]:
+        return insert_version(
+            session, tenant_id=tenant_id, name=name, end_user_id=end_user_id, finalize=finalize,
+            values={"sha256": sha, "size_bytes": len(native), **values},
+        )
+
+    return store_blob_then_commit(session=session, blobs=blobs, data=native, commit=commit)
+
+
+def store_blob_then_commit(
+    *, session: Session, blobs: BlobStore, data: bytes, commit: Callable[[str], T]
+) -> T:
+    """Write `data` as a blob, then run `commit(sha256)` (which commits the rows pointing at it).
+
+    Unavailable (503) when the object store cannot be written; if `commit` raises, the blob is deleted again
+    unless another row references it. After the commit the blob is written once more, because a concurrent
+    delete of an identical blob may have collected it in between (a failure there is only logged: the row is
+    committed and the next identical write restores the blob).
+    """
     try:
-        sha = blobs.put(native)
+        sha = blobs.put(data)
     except BlobStoreUnavailable as exc:
         log.error("blob store write failed: %s", exc)
         raise Unavailable("the object store is unavailable; retry shortly", headers={"Retry-After": "5"}) from None
     try:
-        prefix, row = insert_version(
-            session, tenant_id=tenant_id, name=name, end_user_id=end_user_id, finalize=finalize,
-            values={"sha256": sha, "size_bytes": len(native), **values},
-        )
+        result = commit(sha)
     except BaseException:
         session.rollback()
         delete_unreferenced_blobs(session=session, blobs=blobs, shas=[sha])
         raise
     try:
-        # A concurrent delete may have collected the shared blob between our put and our commit: write it again.
-        blobs.put(native)
+        blobs.put(data)
     except BlobStoreUnavailable as exc:
-        log.warning("could not re-write blob %s after publishing %s@%d: %s", sha, name, row.version, exc)
-    return prefix, row
+        log.warning("could not re-write blob %s after its row committed: %s", sha, exc)
+    return result
 
 
 def insert_version(
