@@ -25,12 +25,24 @@ from tests.api.conftest import ADMIN_KEY
 from tests.api.fake_engine import FakeEngineClient
 from tests.api.fixtures_admin import Api, bearer, make_api
 
-LONG = {"prompt": "hi", "max_tokens": 1000, "temperature": 0}  # ~10+ s on the tiny model: never finishes
+LONG = {"prompt": "hi", "max_tokens": 1000, "temperature": 0}  # >= 5 s with the slowed model below
 
 
 @pytest.fixture
 def tight(tmp_path: Path) -> Iterator[Api]:
-    yield from make_api(tmp_path, max_batch_rows=1, max_waiting=1, request_timeout_s=0.6)
+    for api in make_api(tmp_path, max_batch_rows=1, max_waiting=1, request_timeout_s=0.6):
+        # The tiny model decodes 1000 tokens in well under a second now: make each step take 5 ms, so that
+        # LONG surely outlives the 0.6 s timeout whatever the machine's speed.
+        engine = api.runtime.engine
+        assert engine is not None
+        forward = engine.runner.forward
+
+        def slow(batch, _forward=forward):  # type: ignore[no-untyped-def]
+            time.sleep(0.005)
+            return _forward(batch)
+
+        engine.runner.forward = slow  # type: ignore[method-assign]
+        yield api
 
 
 def _engine_idle(api: Api) -> bool:
