@@ -31,7 +31,6 @@ from app.services.inference import (
     collect,
     completion_budget,
     error_payload,
-    event_error,
     lookup_target,
     sampling_params,
     start_generation,
@@ -118,8 +117,6 @@ async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatComplet
         for i in range(gen.n):
             yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
         async for index, ev in gen.events():
-            if ev.final and ev.finish_reason not in ("stop", "length"):
-                raise event_error(ev)
             if not (ev.text or ev.final or req.logprobs):
                 continue
             if ev.final:

@@ -19,7 +19,6 @@ from app.services.inference import (
     collect,
     completion_budget,
     error_payload,
-    event_error,
     lookup_target,
     sampling_params,
     start_generation,
@@ -95,8 +94,6 @@ async def _stream(req: CompletionRequest, gen: Generation, head: Completion, eng
     completion_tokens = 0
     try:
         async for index, ev in gen.events():
-            if ev.final and ev.finish_reason not in ("stop", "length"):
-                raise event_error(ev)
             if not (ev.text or ev.final or builders):
                 continue
             if ev.final:

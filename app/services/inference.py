@@ -198,21 +198,23 @@ class Generation:
         if isinstance(item, Exception):
             self.close()
             raise engine_exception(item)
-        return cast("tuple[int, TokenEvent]", item)
+        index, ev = cast("tuple[int, TokenEvent]", item)
+        if ev.final and ev.finish_reason not in ("stop", "length"):  # failed, cancelled, timed out
+            self.close()
+            raise event_error(ev)
+        return index, ev
 
     async def start(self) -> None:
         """Wait for every choice's first event; raise the client's error if one failed to start."""
         started: set[int] = set()
         while len(started) < self.n:
             index, ev = await self._next()
-            if ev.final and ev.finish_reason not in ("stop", "length"):
-                self.close()
-                raise event_error(ev)
             started.add(index)
             self._buffer.append((index, ev))
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """(choice index, event) until every choice has its final event. Error events are yielded too."""
+        """(choice index, event) until every choice has its final event; a choice that ends in an error raises
+        its ServiceError (event_error) instead, and the other choices are cancelled."""
         try:
             while self._open:
                 index, ev = self._buffer.pop(0) if self._buffer else await self._next()
@@ -268,8 +270,6 @@ async def collect(gen: Generation) -> list[list[TokenEvent]]:
     """Every choice's events, in order; raises the client's error if a choice ended in an error."""
     out: list[list[TokenEvent]] = [[] for _ in range(gen.n)]
     async for index, ev in gen.events():
-        if ev.final and ev.finish_reason not in ("stop", "length"):
-            raise event_error(ev)
         out[index].append(ev)
     return out
 
