@@ -22,10 +22,10 @@ from rich.console import Console
 
 from app.cli_progress import JobProgress, TrainOptions, summary
 from app.config import Settings
+from app.db.models import JOB_TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 POLL_S = 0.5
 STREAM_RETRIES = 30
 
@@ -90,7 +90,7 @@ def _follow_remote(client: httpx.Client, job_id: str, view: JobProgress) -> dict
                 raise TrainCommandError(f"lost the connection to the server: {exc}") from None
             time.sleep(1.0)
         job = _check(client.get(f"/v1/fine_tuning/jobs/{job_id}"), "reading the job")
-        if job["status"] in TERMINAL:
+        if job["status"] in JOB_TERMINAL_STATUSES:
             return job
 
 
@@ -221,7 +221,7 @@ def _follow_local(runtime: Any, job_id: str, worker: threading.Thread, view: Job
             seen += len(events)
             if job is None:
                 raise TrainCommandError(f"job {job_id} was deleted")
-            if job.status in TERMINAL and not worker.is_alive():
+            if job.status in JOB_TERMINAL_STATUSES and not worker.is_alive():
                 out: dict[str, Any] = job_object(session, job).model_dump(mode="json")
                 return out
         time.sleep(POLL_S)

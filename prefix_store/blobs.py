@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
+def sha256_hex(data: bytes) -> str:
+    """Hex SHA-256 of `data`: the content address of a blob."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class BlobNotFound(KeyError):
     """No blob with this hash exists in the store."""
 
@@ -87,7 +92,7 @@ class FileBlobStore:
         return self.root / sha256[:2] / sha256[2:4] / sha256
 
     def put(self, data: bytes) -> str:
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = sha256_hex(data)
         path = self.path_for(sha256)
         if path.exists():
             return sha256  # content-addressed: same hash, same bytes
@@ -227,7 +232,7 @@ class S3BlobStore:
     def put(self, data: bytes) -> str:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = sha256_hex(data)
         key = self.key_for(sha256)
         if self.exists(sha256):
             return sha256  # dedupe: skip the upload

@@ -10,11 +10,11 @@ Encoding is deterministic (sorted header, no timestamps), so equal prefixes give
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import torch
 
+from prefix_store.blobs import sha256_hex as sha256_hex  # re-exported: an encoded prefix's address
 from prefix_store.types import ModelSpec, PrefixError, PrefixKV
 from prefix_store.validate import (
     DTYPE_CODES,
@@ -37,11 +37,6 @@ NATIVE_DTYPES: dict[str, torch.dtype] = {
 _INT_FIELDS = ("num_virtual_tokens", "num_layers", "num_kv_heads", "head_dim")
 RESERVED_METADATA = frozenset({"format", "base_fingerprint", "dtype", "created_by", *_INT_FIELDS})
 _WHAT = "native prefix"
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex SHA-256 of `data` (content address of a blob)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def is_safetensors(data: bytes) -> bool:

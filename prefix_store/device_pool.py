@@ -1,8 +1,8 @@
 """The device pool: decoded prefixes already on the model's device, an LRU bounded in bytes (§3.1).
 
 Keyed by the immutable PrefixKey, so an entry is never stale, only possibly unwanted (deleted or replaced),
-which `evict_prefix` handles. A prefix used by a running batch row is pinned (refcounted) and never evicted:
-evicting it would not free its memory anyway (the row still holds the tensors) and would force a reload.
+which `evict_prefix` handles. Entries can be pinned (refcounted) so they are never evicted; the engine does not
+pin: a batch copies each prefix into its own cache at prefill, so an entry's tensors are not held by any row.
 
 Bound: `max_bytes` is a target, not a hard limit. When every entry is pinned, a put still succeeds and the
 pool exceeds its bound until rows finish and unpin; failing the request instead would turn memory pressure

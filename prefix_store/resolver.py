@@ -16,7 +16,6 @@ Thread-safe; the engine calls it from its own thread (no asyncio here).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
+from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable, sha256_hex
 from prefix_store.cache_tier import CacheTier, PrefixKey
 from prefix_store.device_pool import DevicePool
 from prefix_store.types import ModelSpec, PrefixKV
@@ -228,7 +227,7 @@ class PrefixResolver:
         key = ref.key
         source: Source = "cache"
         data = self.cache.get(key)
-        if data is not None and hashlib.sha256(data).hexdigest() != ref.sha256:
+        if data is not None and sha256_hex(data) != ref.sha256:
             log.warning("cache tier returned corrupt bytes for %s; reading the blob store", key.redis_key)
             self._count("corrupt")
             data = None
@@ -275,7 +274,7 @@ class PrefixResolver:
             raise PrefixUnavailable(
                 f"prefix {ref.name!r} v{ref.version} is not cached and the object store is unavailable"
             ) from exc
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
+        if sha256_hex(data) != ref.sha256:
             self._count("corrupt")
             raise PrefixUnavailable(f"prefix {ref.name!r} v{ref.version}: stored data fails its hash check")
         self._count("blob_hits")

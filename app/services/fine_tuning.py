@@ -30,10 +30,10 @@ from app.services.training_setup import (
     create_job_row,
     finish_validation,
     resolve_warm_start,
-    updated,
 )
 from app.training.data import parse_jsonl_numbered
 from app.training.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job
+from app.training.lease import updated
 from app.training.queue import QueueUnavailable
 from app.training.types import TrainConfig, TrainingDataError
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable

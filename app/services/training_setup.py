@@ -12,7 +12,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -23,6 +23,7 @@ from app.protocol.fine_tuning import MAX_SEED, Hyperparameters, TrainingOptions
 from app.services.inference import parse_model_name
 from app.training.data import tokenize_examples
 from app.training.job_config import job_columns
+from app.training.lease import updated
 from app.training.types import TrainConfig, TrainingDataError
 
 if TYPE_CHECKING:
@@ -158,11 +159,6 @@ def check_examples(records: Sequence[tuple[int, dict[str, Any]]], ctx: TrainingC
     except TrainingDataError as exc:
         raise InvalidRequest(describe(exc), param=param, code="invalid_training_data") from None
     return sum(len(e.input_ids) for e in examples)
-
-
-def updated(session: Session, stmt: sa.Update) -> int:
-    """Run an UPDATE; how many rows it matched."""
-    return int(cast("sa.CursorResult[Any]", session.execute(stmt)).rowcount)
 
 
 def create_job_row(session: Session, job: TrainingJob, config: TrainConfig, *, warm: WarmStart | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from app.engine.factory import context_length
 from app.engine.model import LoadedModel
 from app.training.types import TokenizedExample, TrainConfig, TrainingDataError
 
@@ -29,12 +30,11 @@ def check_config(config: TrainConfig, total_steps: int) -> None:
 
 def check_examples(examples: Sequence[TokenizedExample], loaded: LoadedModel, p: int, what: str) -> None:
     """Every example fits the model (context length with the prefix, vocabulary) and has a target to learn."""
-    cfg = loaded.model.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    max_pos = context_length(loaded)
     vocab = int(loaded.model.config.vocab_size)
     for i, ex in enumerate(examples, start=1):
         n = len(ex.input_ids)
-        if max_pos is not None and p + n > max_pos:
+        if p + n > max_pos:
             raise TrainingDataError(
                 f"{what} example {i} has {n} tokens; with the {p}-token prefix that exceeds the model's "
                 f"context length {max_pos}"

@@ -55,9 +55,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     runtime = await asyncio.to_thread(open_runtime, settings, load_model=False)
     loaded = await asyncio.to_thread(load_base_model, settings,
                                      torch_threads=settings.training_torch_threads or settings.torch_threads)
-    # runtime.cache is the Redis tier here: its invalidations reach every serving replica.
-    job_ctx = JobContext(sessions=runtime.sessions, blobs=runtime.blobs, loaded=loaded, settings=settings,
-                         invalidate=runtime.cache.invalidate)
+    # No resolver without a model: invalidations go to runtime.cache, the Redis tier, which reaches every replica.
+    job_ctx = JobContext.from_runtime(runtime, loaded=loaded)
     state = WorkerState(settings, runtime, job_ctx, ArqJobQueue(pool=ctx["redis"]))
     state.sweeper = asyncio.create_task(_sweep_forever(state), name="recovery-sweep")
     ctx["prefixserve"] = state
