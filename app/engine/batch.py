@@ -82,11 +82,6 @@ class Batch:
     def request_ids(self) -> list[str]:
         return [r.request_id for r in self.rows]
 
-    @property
-    def kv_tokens(self) -> int:
-        """Tokens held per row after the next forward (the budget unit: B * this)."""
-        return int(self.attention_mask.shape[1])
-
     @classmethod
     def from_requests(cls, new_rows: Sequence[NewRow], *, geometry: KVGeometry, pad_token_id: int) -> Batch:
         """A batch ready for prefill: prefixes copied into a fresh cache, prompts left-padded."""

@@ -34,9 +34,6 @@ class EventQueue:
                         self.request_id, self._queue.maxsize)
             self._on_overflow()
 
-    def qsize(self) -> int:
-        return self._queue.qsize()
-
     async def get(self) -> TokenEvent:
         """The next event; after an overflow, the buffered ones and then a final "cancelled" event."""
         if self.overflowed and self._queue.empty():

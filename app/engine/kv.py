@@ -64,31 +64,6 @@ class SlabCache(DynamicCache):
         super(DynamicCache, self).__init__(layers=layers)  # type: ignore[arg-type]
 
     @classmethod
-    def empty(
-        cls,
-        *,
-        num_layers: int,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        capacity: int = _MIN_CAPACITY,
-    ) -> SlabCache:
-        """A zero-length cache for `batch` rows."""
-        shape = (batch, kv_heads, capacity, head_dim)
-        return cls(
-            [
-                SlabLayer(
-                    torch.empty(shape, dtype=dtype, device=device),
-                    torch.empty(shape, dtype=dtype, device=device),
-                    0,
-                )
-                for _ in range(num_layers)
-            ]
-        )
-
-    @classmethod
     def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], headroom: int) -> SlabCache:
         """Own copies of per-layer keys/values [B, H_kv, T, D], with room for `headroom` more tokens."""
         layers = []
