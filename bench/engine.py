@@ -27,6 +27,9 @@ import torch
 
 log = logging.getLogger("bench.engine")
 CONFIGS = ("engine_prefixes", "engine_no_prefix", "peft_sequential")
+# Not run by default: PEFT one at a time on the same oneDNN-packed linear layers the engine uses on CPU, to show
+# how much of (1)/(3) is the kernel and how much is batching.
+EXTRA_CONFIGS = ("peft_sequential_packed",)
 
 
 def _adapters(loaded: Any, n: int, workdir: Path) -> list[tuple[str, Path, int]]:
@@ -91,12 +94,14 @@ def _summary(
     }
 
 
-async def _run_engine(loaded: Any, prompts: list[list[int]], prefixes: list[Any], new_tokens: int) -> Any:
+async def _run_engine(
+    loaded: Any, prompts: list[list[int]], prefixes: list[Any], new_tokens: int, *, packed: bool
+) -> Any:
     from app.engine.factory import build_engine
     from app.engine.sampling import SamplingParams
     from app.engine.types import GenerationRequest
 
-    engine = build_engine(loaded, max_batch_rows=max(64, len(prompts)))
+    engine = build_engine(loaded, packed_linears=packed, max_batch_rows=max(64, len(prompts)))
     engine.start()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -175,7 +180,11 @@ def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
         loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
         adapters = _adapters(loaded, args.n, Path(tmp))
         prompts = _prompts(loaded.tokenizer, args.n)
-        if config == "peft_sequential":
+        if config.startswith("peft_sequential"):
+            if config == "peft_sequential_packed":
+                from app.engine.packed_linear import pack_linears
+
+                pack_linears(loaded.model)  # before PEFT loads: only the base model's linears
             res, wall = _peft_sequential(loaded, adapters, prompts, args.new_tokens)
         else:
             prefixes: list[Any] = [None] * args.n
@@ -190,7 +199,9 @@ def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
                     )[0]
                     for _, d, _ in adapters
                 ]
-            res, wall = asyncio.run(_run_engine(loaded, prompts, prefixes, args.new_tokens))
+            res, wall = asyncio.run(
+                _run_engine(loaded, prompts, prefixes, args.new_tokens, packed=not args.unpacked)
+            )
     tokens = sum(len(t) for _, t in res)
     conn.send(_summary(config, [r[0] for r in res], tokens, wall, [t for _, t in res]))
 
@@ -204,7 +215,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--data-dir", default="data")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"also: {', '.join(EXTRA_CONFIGS)}")
+    ap.add_argument("--unpacked", action="store_true", help="engine without oneDNN-packed linears (CPU)")
     ap.add_argument("--out", default="bench/out/engine.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -220,11 +232,11 @@ def main() -> None:
     lines = [
         f"model={args.model} n={args.n} new_tokens={args.new_tokens} device={args.device} "
         f"machine={platform.machine()} cpus={torch.get_num_threads()} torch={torch.__version__}",
-        f"{'config':<18}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'peak MiB':>10}{'wall s':>9}",
+        f"{'config':<24}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'peak MiB':>10}{'wall s':>9}",
     ]
     for r in rows:
         lines.append(
-            f"{r['config']:<18}{r['tok_s']:>10.1f}{r['ttft_p50_s']:>10.2f}s{r['ttft_p99_s']:>10.2f}s"
+            f"{r['config']:<24}{r['tok_s']:>10.1f}{r['ttft_p50_s']:>10.2f}s{r['ttft_p99_s']:>10.2f}s"
             f"{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>9.1f}"
         )
     ratios: dict[str, float] = {}
@@ -235,6 +247,8 @@ def main() -> None:
             for a, b in zip(by["engine_prefixes"]["outputs"], by["peft_sequential"]["outputs"], strict=True)
         )
         lines.append(f"requests with identical greedy tokens, engine vs PEFT: {same}/{args.n}")
+    if "engine_prefixes" in by and "peft_sequential_packed" in by:
+        ratios["prefixes_vs_peft_packed"] = by["engine_prefixes"]["tok_s"] / by["peft_sequential_packed"]["tok_s"]
     if "engine_prefixes" in by and "engine_no_prefix" in by:
         ratios["prefixes_vs_no_prefix"] = by["engine_prefixes"]["tok_s"] / by["engine_no_prefix"]["tok_s"]
     lines += [f"{k}: {v:.2f}x" for k, v in ratios.items()]
