@@ -81,13 +81,13 @@ def _direct(loaded: Any, n: int, steps: int, with_prefix: bool) -> dict[str, flo
     }
 
 
-async def _engine(loaded: Any, n: int, steps: int, with_prefix: bool) -> float:
+async def _engine(loaded: Any, n: int, steps: int, with_prefix: bool, packed: bool = True) -> float:
     """Milliseconds per decode step of the whole engine (thread, intake, events) on the same requests."""
     from app.engine.factory import build_engine
     from app.engine.sampling import SamplingParams
     from app.engine.types import GenerationRequest
 
-    engine = build_engine(loaded, max_batch_rows=max(64, n))
+    engine = build_engine(loaded, packed_linears=packed, max_batch_rows=max(64, n))
     engine.start()
     rows = _rows(loaded, n, with_prefix)
     params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
@@ -144,17 +144,22 @@ def main() -> None:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over a few engine steps")
     ap.add_argument("--cprofile", action="store_true", help="cProfile of the engine thread")
+    ap.add_argument("--unpacked", action="store_true", help="CPU: leave the linear layers unpacked")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from app.engine.model import load_model
 
     loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
     torch.set_grad_enabled(False)
+    if not args.unpacked and loaded.device.type == "cpu":
+        from app.engine.packed_linear import pack_linears
+
+        pack_linears(loaded.model)  # what the engine does (build_engine), so direct and engine times compare
     lines = [f"model={args.model} n={args.n} steps={args.steps} device={loaded.device} dtype={loaded.dtype}"]
     for with_prefix in (False, True):
         _direct(loaded, args.n, 4, with_prefix)  # warm-up
         d = _direct(loaded, args.n, args.steps, with_prefix)
-        e = asyncio.run(_engine(loaded, args.n, args.steps, with_prefix))
+        e = asyncio.run(_engine(loaded, args.n, args.steps, with_prefix, packed=not args.unpacked))
         lines.append(
             f"prefixes={with_prefix!s:<5} prefill {d['prefill_ms']:8.1f} ms | decode step: forward "
             f"{d['forward_ms']:7.2f} ms, select {d['select_ms']:6.2f} ms, advance {d['advance_ms']:6.2f} ms"
