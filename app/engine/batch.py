@@ -98,20 +98,27 @@ class Batch:
         input_ids = torch.full((b, s_max), pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((b, s_max), dtype=torch.long)
         mask = torch.zeros((b, p_max + s_max), dtype=torch.long)
-        # All layers at once: [L, B, H_kv, P_max, D]; zeros on the pad columns (masked anyway).
-        shape = (g.num_layers, b, g.kv_heads, p_max, g.head_dim)
-        keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
-        values = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        cache = SlabCache.allocate(num_layers=g.num_layers, shape=(b, g.kv_heads, p_max, g.head_dim),
+                                   headroom=s_max + 16, dtype=g.dtype, device=g.device)
         for i, (row, p, s) in enumerate(zip(new_rows, p_lens, s_lens, strict=True)):
             input_ids[i, s_max - s :] = torch.tensor(row.prompt_ids, dtype=torch.long)
             position_ids[i, s_max - s :] = torch.arange(p, p + s)
             mask[i, p_max - p : p_max] = 1
             mask[i, p_max + s_max - s :] = 1
+        # Staged for all layers at once, [L, B, H_kv, P_max, D] (one copy per row instead of one per row and
+        # layer); zeros on the pad columns: masked, but they must be finite (0 * NaN would leak through).
+        shape = (g.num_layers, b, g.kv_heads, p_max, g.head_dim)
+        keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        values = torch.zeros(shape, dtype=g.dtype, device=g.device)
+        for i, (row, p) in enumerate(zip(new_rows, p_lens, strict=True)):
             if row.prefix is not None and p > 0:
                 # prefix.keys: [L, H_kv, P, D] -> right-aligned in the prefix region of row i.
-                keys[:, i, :, p_max - p :] = row.prefix.keys.to(device=g.device, dtype=g.dtype)
-                values[:, i, :, p_max - p :] = row.prefix.values.to(device=g.device, dtype=g.dtype)
-        cache = SlabCache.from_tensors(list(keys.unbind(0)), list(values.unbind(0)), headroom=s_max + 16)
+                keys[:, i, :, p_max - p :] = row.prefix.keys
+                values[:, i, :, p_max - p :] = row.prefix.values
+        for slab, k, v in zip(cache.slabs, keys, values, strict=True):
+            k_slab, v_slab = slab.valid()
+            k_slab.copy_(k)
+            v_slab.copy_(v)
         rows = [
             Row(request_id=r.request_id, prefix_len=p, prompt_len=s, sampler=r.sampler)
             for r, p, s in zip(new_rows, p_lens, s_lens, strict=True)
@@ -136,22 +143,21 @@ class Batch:
             return batches[0]
         t_max = max(bt.cache.length for bt in batches)
         total = sum(len(bt) for bt in batches)
-        first = batches[0].cache.slabs
-        keys, values = [], []
-        for layer_idx, ref in enumerate(first):
-            k_ref = ref.keys
-            assert k_ref is not None
-            shape = (total, k_ref.shape[1], t_max, k_ref.shape[3])
-            k_out, v_out = k_ref.new_zeros(shape), k_ref.new_zeros(shape)
+        k_ref, _ = batches[0].cache.slabs[0].valid()  # [B, H_kv, T, D]
+        cache = SlabCache.allocate(num_layers=len(batches[0].cache.slabs),
+                                   shape=(total, k_ref.shape[1], t_max, k_ref.shape[3]), headroom=64,
+                                   dtype=k_ref.dtype, device=k_ref.device)
+        for layer_idx, slab in enumerate(cache.slabs):
+            k_out, v_out = slab.valid()
             start = 0
             for bt in batches:
                 k, v = bt.cache.slabs[layer_idx].valid()
-                t = k.shape[2]
-                k_out[start : start + len(bt), :, t_max - t :] = k
-                v_out[start : start + len(bt), :, t_max - t :] = v
+                rows, pad = slice(start, start + len(bt)), t_max - k.shape[2]
+                k_out[rows, :, :pad].zero_()  # left padding: finite, masked
+                v_out[rows, :, :pad].zero_()
+                k_out[rows, :, pad:] = k
+                v_out[rows, :, pad:] = v
                 start += len(bt)
-            keys.append(k_out)
-            values.append(v_out)
         masks = []
         for bt in batches:
             pad = t_max + 1 - bt.attention_mask.shape[1]
@@ -161,7 +167,7 @@ class Batch:
             input_ids=torch.cat([bt.input_ids for bt in batches]),
             position_ids=torch.cat([bt.position_ids for bt in batches]),
             attention_mask=torch.cat(masks),
-            cache=SlabCache.from_tensors(keys, values, headroom=64),
+            cache=cache,
         )
 
     def filter(self, keep_ids: set[str]) -> Batch | None:
@@ -178,15 +184,19 @@ class Batch:
         mask = self.attention_mask.index_select(0, index)  # [B', T + 1]
         # Leading all-pad columns: the first column where any kept row has a real token.
         start = int(torch.nonzero(mask.any(dim=0))[0, 0])
-        keys, values = [], []
-        for slab in self.cache.slabs:
-            k, v = slab.valid()
-            keys.append(k.index_select(0, index)[:, :, start:])
-            values.append(v.index_select(0, index)[:, :, start:])
+        k_ref, _ = self.cache.slabs[0].valid()
+        cache = SlabCache.allocate(num_layers=len(self.cache.slabs),
+                                   shape=(len(idx), k_ref.shape[1], k_ref.shape[2] - start, k_ref.shape[3]),
+                                   headroom=64, dtype=k_ref.dtype, device=k_ref.device)
+        for old, new in zip(self.cache.slabs, cache.slabs, strict=True):
+            k, v = old.valid()
+            k_new, v_new = new.valid()
+            torch.index_select(k[:, :, start:], 0, index, out=k_new)  # written in place: one copy
+            torch.index_select(v[:, :, start:], 0, index, out=v_new)
         return Batch(
             rows=[self.rows[i] for i in idx],
             input_ids=self.input_ids.index_select(0, index),
             position_ids=self.position_ids.index_select(0, index),
             attention_mask=mask[:, start:],
-            cache=SlabCache.from_tensors(keys, values, headroom=64),
+            cache=cache,
         )

@@ -42,6 +42,23 @@ class EventQueue:
         return await self._queue.get()
 
 
+# Events of one engine step, with the event loop each one's consumer lives on.
+Outbox = list[tuple[asyncio.AbstractEventLoop, EventQueue, TokenEvent]]
+
+
 def deliver(items: list[tuple[EventQueue, TokenEvent]]) -> None:
     for q, ev in items:
         q.put(ev)
+
+
+def post(outbox: Outbox) -> None:
+    """From the engine thread: hand a step's events to their event loops, one wake-up per loop (a wake-up per
+    token would keep the asyncio thread contending for the GIL while the model runs)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[EventQueue, TokenEvent]]] = {}
+    for loop, q, ev in outbox:
+        by_loop.setdefault(loop, []).append((q, ev))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(deliver, items)
+        except RuntimeError:  # the client's event loop is closed: nobody is listening any more
+            log.debug("dropped %d events for a closed event loop", len(items))

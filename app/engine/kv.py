@@ -2,7 +2,8 @@
 
 transformers' `DynamicLayer` concatenates on every step (a full copy of the cache per token and layer). A slab
 layer keeps `[B, H_kv, capacity, D]` buffers and writes each step's keys/values in place, growing by doubling,
-so a decode step costs O(new tokens), not O(cache). The batch verbs (concatenate, filter) rebuild slabs.
+so a decode step costs O(new tokens), not O(cache). The batch verbs (concatenate, filter) write straight into
+new slabs (`SlabCache.allocate`): one copy of the KV per join or leave.
 """
 
 from __future__ import annotations
@@ -64,16 +65,18 @@ class SlabCache(DynamicCache):
         super(DynamicCache, self).__init__(layers=layers)  # type: ignore[arg-type]
 
     @classmethod
-    def from_tensors(cls, keys: list[torch.Tensor], values: list[torch.Tensor], headroom: int) -> SlabCache:
-        """Own copies of per-layer keys/values [B, H_kv, T, D], with room for `headroom` more tokens."""
+    def allocate(
+        cls, *, num_layers: int, shape: tuple[int, int, int, int], headroom: int, dtype: torch.dtype,
+        device: torch.device,
+    ) -> SlabCache:
+        """Per layer, uninitialised slabs for `shape` = (B, H_kv, T, D) with room for `headroom` more tokens; the
+        first T tokens count as valid, so the caller must fill them (batch.py writes every valid column once)."""
+        b, h, t, d = shape
+        capacity = max(_MIN_CAPACITY, t + headroom)
         layers = []
-        for k, v in zip(keys, values, strict=True):
-            t = k.shape[2]
-            shape = (k.shape[0], k.shape[1], max(_MIN_CAPACITY, t + headroom), k.shape[3])
-            kb, vb = k.new_empty(shape), v.new_empty(shape)
-            kb[:, :, :t] = k
-            vb[:, :, :t] = v
-            layers.append(SlabLayer(kb, vb, t))
+        for _ in range(num_layers):
+            kb = torch.empty((b, h, capacity, d), dtype=dtype, device=device)
+            layers.append(SlabLayer(kb, torch.empty_like(kb), t))
         return cls(layers)
 
     @property

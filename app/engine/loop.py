@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from app.engine.admission import EngineLimits, EngineStats, admit
 from app.engine.batch import Batch, KVGeometry, NewRow
 from app.engine.detok import Decoder
-from app.engine.event_queue import EventQueue, deliver
+from app.engine.event_queue import EventQueue, Outbox, post
+from app.engine.intake import Intake
 from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
 from app.engine.types import EngineOverloaded, ErrorKind, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
-from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +49,19 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.limits = limits or EngineLimits()
         self.stats = EngineStats()
-        self._intake: queue.Queue[ActiveRequest] = queue.Queue()
         self._cancelled: set[str] = set()
         # Set by `fail_all_requests` (a server whose shutdown grace ran out); read and cleared by the engine thread.
         self._fail_reason: str | None = None
         self._lock = threading.Lock()
         self._waiting_count = 0
-        self._resolving: list[tuple[ActiveRequest, Future[PrefixKV]]] = []
-        self._ready: deque[ActiveRequest] = deque()
         self._running: Batch | None = None
         self._active: dict[str, ActiveRequest] = {}
         # Events of one step, delivered with one wake-up per event loop: a wake-up per token would keep the
         # asyncio thread contending for the GIL while the model runs (measured: ~40% slower steps on 2 cores).
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, EventQueue, TokenEvent]] = []
-        self._pool = ThreadPoolExecutor(self.limits.resolver_threads, thread_name_prefix="prefix-resolve")
+        self._outbox: Outbox = []
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._intake = Intake(resolver_threads=self.limits.resolver_threads, wake=self._wake.set)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -78,7 +72,7 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._intake.shutdown()
 
     @property
     def alive(self) -> bool:
@@ -147,7 +141,7 @@ class Engine:
                 idle = False
             self._flush_events()
             if idle:
-                self._wake.wait(0.05 if self._resolving else 1.0)
+                self._wake.wait(0.05 if self._intake.resolving else 1.0)
                 self._wake.clear()
         self._fail_all("engine stopped")
         self._flush_events()
@@ -163,50 +157,18 @@ class Engine:
             self._prefill(new_rows)
         if self._running is not None:
             self._decode()
-        return self._running is None and not self._ready and not new_rows
+        return self._running is None and not self._intake.ready and not new_rows
 
     def _flush_events(self) -> None:
-        if not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[EventQueue, TokenEvent]]] = {}
-        for loop, q, ev in outbox:
-            by_loop.setdefault(loop, []).append((q, ev))
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, items)
-            except RuntimeError:  # the client's event loop is closed: nobody is listening any more
-                log.debug("dropped %d events for a closed event loop", len(items))
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            post(outbox)
 
     def _take_intake(self) -> None:
-        while True:
-            try:
-                active = self._intake.get_nowait()
-            except queue.Empty:
-                break
+        for active in self._intake.take_new():
             self._active[active.request_id] = active
-            src = active.request.prefix
-            if callable(src):
-                fut = self._pool.submit(src)
-                fut.add_done_callback(lambda _f: self._wake.set())
-                self._resolving.append((active, fut))
-            else:
-                active.prefix = src
-                self._ready.append(active)
-        still = []
-        for active, fut in self._resolving:
-            if not fut.done():
-                still.append((active, fut))
-                continue
-            if active.done:  # cancelled while its prefix was loading
-                continue
-            exc = fut.exception()
-            if exc is not None:
-                self._finish(active, "error", error=f"prefix could not be loaded: {exc}", kind="prefix_unavailable")
-            else:
-                active.prefix = fut.result()
-                self._ready.append(active)
-        self._resolving = still
+        for active, exc in self._intake.poll():
+            self._finish(active, "error", error=f"prefix could not be loaded: {exc}", kind="prefix_unavailable")
 
     def _apply_cancellations(self) -> None:
         with self._lock:
@@ -236,7 +198,7 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Remove requests that just finished (cancelled, failed, timed out) from the ready queue and the batch."""
-        self._ready = deque(a for a in self._ready if not a.done)
+        self._intake.drop_done()
         self._filter_running()
 
     def _reserved_tokens(self) -> int:
@@ -245,10 +207,10 @@ class Engine:
         return sum(a.budget_tokens for r in self._running.rows if (a := self._active.get(r.request_id)) is not None)
 
     def _admit(self) -> list[ActiveRequest]:
-        if not self._ready:
+        if not self._intake.ready:
             return []
         rows = len(self._running) if self._running is not None else 0
-        admitted, refused = admit(self._ready, rows=rows, reserved_tokens=self._reserved_tokens(),
+        admitted, refused = admit(self._intake.ready, rows=rows, reserved_tokens=self._reserved_tokens(),
                                   limits=self.limits)
         for active, why in refused:
             self._finish(active, "error", kind="too_large", error=why)
@@ -337,6 +299,6 @@ class Engine:
         for active in list(self._active.values()):
             self._finish(active, "error", error=why, kind="internal")
         if keep_running:
-            self._running, self._resolving = None, []
-            self._ready.clear()
+            self._running = None
+            self._intake.clear()
             self.stats.running_rows = 0

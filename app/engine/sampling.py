@@ -78,47 +78,97 @@ class TokenChoice:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
-def _filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Apply temperature, top-k and top-p to one row's logits [V] (float32); returns new logits [V]."""
-    x = logits / params.temperature
-    if params.top_k > 0 and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # Drop a token when the mass strictly before it already reaches top_p (the first token always stays).
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
+# top-p looks at the likeliest tokens first and sorts the whole vocabulary only for the rows whose nucleus is
+# wider (measured, 32 rows x 49152: topk 128 ~2 ms, a full sort ~57 ms batched, ~110 ms row by row).
+_TOP_P_FIRST_K = 128
+
+
+def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's nucleus: x [R, V] logits, top_p [R] -> logits [R, V] with the rest at -inf.
+
+    A token is dropped when the probability mass strictly before it (likeliest first) already reaches top_p; the
+    first token always stays. Exact: a row whose top `_TOP_P_FIRST_K` do not reach top_p is redone on all tokens.
+    """
+    probs = torch.softmax(x, dim=-1)
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    todo = torch.arange(x.shape[0], device=x.device)
+    k = min(_TOP_P_FIRST_K, x.shape[-1])
+    while todo.numel() > 0:
+        vals, idx = torch.topk(probs.index_select(0, todo), k, dim=-1)  # [r, k], likeliest first
+        mass = torch.cumsum(vals, dim=-1)
+        tp = top_p.index_select(0, todo).unsqueeze(1)  # [r, 1]
+        done = (mass[:, -1:] >= tp).squeeze(1) | (k == x.shape[-1])  # the nucleus lies within these k
+        rows = todo[done]
+        keep[rows] = keep[rows].scatter(1, idx[done], (mass - vals)[done] < tp[done])
+        todo, k = todo[~done], x.shape[-1]
+    return x.masked_fill(~keep, float("-inf"))
+
+
+def _filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p of each row: logits [R, V] float32 -> new logits [R, V]."""
+    dev, vocab = logits.device, logits.shape[-1]
+    x = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    ks = [p.top_k if p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values  # [R, k_max], largest first
+        k_t = torch.tensor(ks, device=dev).unsqueeze(1)
+        kth = top.gather(1, (k_t - 1).clamp(min=0))  # [R, 1]: each row's k-th largest
+        x = x.masked_fill((x < kth) & (k_t > 0), float("-inf"))
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]  # top_p 1 keeps all (no rounding at the tail)
+    if nucleus:
+        rows = torch.tensor(nucleus, device=dev)
+        x[rows] = _top_p(x.index_select(0, rows), torch.tensor([params[i].top_p for i in nucleus], device=dev))
     return x
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: probs [R, V], one uniform u [R] in [0, 1) per row -> token ids [R]."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    # A draw that rounds past the last positive probability takes the likeliest token instead.
+    zero = probs.gather(1, ids.unsqueeze(1)).squeeze(1) <= 0
+    if bool(zero.any()):
+        ids = torch.where(zero, probs.argmax(dim=-1), ids)
+    return ids
+
+
+def _rows_of(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] without a copy when `rows` is every row."""
+    if len(rows) == x.shape[0]:
+        return x
+    return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
 def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[TokenChoice]:
     """Choose the next token of every row.
 
     logits: [B, V] for the last position of each row, any float dtype; states: one per row.
-    Greedy rows are an argmax over the whole batch at once; sampled rows draw from their own generator.
+    Greedy rows are one argmax; sampled rows are filtered together and each draws one uniform number from its own
+    generator (inverse CDF), so a row's token never depends on its neighbours. Logprobs (of the model's own
+    distribution) and top alternatives are computed for the rows that ask, and read back in one transfer.
     """
     logits = logits.float()
-    need_logprobs = any(s.params.logprobs is not None for s in states)
-    logp = torch.log_softmax(logits, dim=-1) if need_logprobs else None
-    chosen = torch.argmax(logits, dim=-1)  # [B]
-    for i, state in enumerate(states):
-        if state.params.greedy:
-            continue
-        probs = torch.softmax(_filtered_logits(logits[i], state.params), dim=-1)
-        chosen[i] = torch.multinomial(probs, 1, generator=state.generator)[0]
+    dev = logits.device
+    sampled = [i for i, s in enumerate(states) if not s.params.greedy]
+    # argmax over a 49152-token vocabulary costs ~1 ms per 32 rows on a CPU: skipped when every row samples.
+    chosen = (torch.argmax(logits, dim=-1) if len(sampled) < len(states)
+              else torch.zeros(len(states), dtype=torch.long, device=dev))  # [B]
+    if sampled:
+        x = _filtered_logits(_rows_of(logits, sampled), [states[i].params for i in sampled])  # [R, V]
+        u = torch.cat([torch.rand(1, generator=states[i].generator, device=dev) for i in sampled])
+        chosen[torch.tensor(sampled, device=dev)] = _draw(torch.softmax(x, dim=-1), u)
     ids = chosen.tolist()
-    out: list[TokenChoice] = []
-    for i, state in enumerate(states):
-        k = state.params.logprobs
-        if k is None or logp is None:
-            out.append(TokenChoice(token_id=ids[i], logprob=None))
-            continue
-        top: tuple[tuple[int, float], ...] = ()
-        if k > 0:
-            vals, idx = torch.topk(logp[i], k)
-            top = tuple(zip(idx.tolist(), vals.tolist(), strict=True))
-        out.append(TokenChoice(token_id=ids[i], logprob=float(logp[i, ids[i]]), top_logprobs=top))
+    out = [TokenChoice(token_id=t, logprob=None) for t in ids]
+    want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if want:
+        logp = torch.log_softmax(_rows_of(logits, want), dim=-1)  # [W, V]
+        picked = logp.gather(1, _rows_of(chosen.unsqueeze(1), want)).squeeze(1).tolist()
+        k_max = max(states[i].params.logprobs or 0 for i in want)
+        top_v, top_i = torch.topk(logp, k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
+        top_vals, top_ids = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(want):
+            k = states[i].params.logprobs or 0
+            out[i] = TokenChoice(token_id=ids[i], logprob=picked[j],
+                                 top_logprobs=tuple(zip(top_ids[j][:k], top_vals[j][:k], strict=True)))
     return out
