@@ -74,3 +74,39 @@ def test_concatenate_left_pads_to_the_longest_cache() -> None:
     assert m.attention_mask.tolist() == [[1] * 6, [0, 0, 0, 0, 1, 1]]
     k, _ = m.cache.slabs[1].valid()
     assert torch.all(k[1, :, :4] == 0) and torch.all(k[0, :, :3] == 1.0)
+
+
+def test_new_slabs_never_expose_uninitialised_memory(monkeypatch) -> None:
+    """The verbs allocate slabs uninitialised and must write every valid column: with allocations filled with
+    NaN (what garbage may hold; a NaN pad would leak through attention as 0 * NaN), every valid column is
+    finite after from_requests, concatenate and filter, and pads are exactly zero."""
+    from app.engine.kv import SlabCache
+
+    original = SlabCache.allocate.__func__  # type: ignore[attr-defined]
+
+    def poisoned(cls, **kwargs):  # type: ignore[no-untyped-def]
+        cache = original(cls, **kwargs)
+        for slab in cache.slabs:
+            slab.keys.fill_(float("nan"))
+            slab.values.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(SlabCache, "allocate", classmethod(poisoned))
+    a = Batch.from_requests([_row("a", [1, 2], _prefix(3, 1.0)), _row("b", [4], _prefix(1, 2.0))],
+                            geometry=G, pad_token_id=0)
+    c = Batch.from_requests([_row("c", [1], None)], geometry=G, pad_token_id=0)
+    for bt, s in ((a, 2), (c, 1)):
+        for slab in bt.cache.slabs:
+            slab.update(torch.ones(len(bt), 2, s, 4), torch.ones(len(bt), 2, s, 4))
+        bt.advance([9] * len(bt))
+    merged = Batch.concatenate([a, c])
+    kept = merged.filter({"b", "c"})
+    assert kept is not None
+    for bt in (a, c, merged, kept):
+        for slab in bt.cache.slabs:
+            for t in slab.valid():
+                assert torch.isfinite(t).all()
+    k, _ = merged.cache.slabs[0].valid()  # row c: 4 pad columns, then its prompt token
+    assert torch.all(k[2, :, :4] == 0)
+    k, _ = kept.cache.slabs[0].valid()  # row b: [pad pad | prefix | pad | prompt], trimmed to its prefix
+    assert kept.cache.length == 3 and torch.all(k[0, :, 0] == 2.0) and torch.all(k[0, :, 1] == 0)
