@@ -1,8 +1,8 @@
 """oneDNN-prepacked linear layers for CPU inference of the frozen base model.
 
-PyTorch's CPU `nn.Linear` calls MKL's sgemm, which repacks the weight on every call and, on AMD CPUs, does not
-take the AVX-512 paths. oneDNN with the weight reordered once into its blocked layout is much faster for the
-small row counts of decode steps. Measured on this project's 2-vCPU AMD EPYC VM (AVX-512), the linears of one
+PyTorch's CPU `nn.Linear` calls MKL's sgemm on the plain weight every step. oneDNN's matmul (brgemm, AVX-512
+where the CPU has it) on a weight reordered once into its blocked layout is much faster for the small row counts
+of decode steps. Measured on this project's 2-vCPU AMD EPYC VM (AVX-512), the linears of one
 SmolLM2-135M decode step (fp32): 80 ms -> 48 ms at 32 rows, 23 ms -> 17 ms at 1 row; the whole 32-row decode
 forward 126 ms -> 85 ms (bench/RESULTS.md).
 
