@@ -132,7 +132,9 @@ class Batch:
         for row, tok in zip(self.rows, token_ids, strict=True):
             row.generated.append(tok)
         self.input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev).unsqueeze(1)  # [B, 1]
-        self.position_ids = torch.tensor([[r.last_position] for r in self.rows], dtype=torch.long, device=dev)
+        # Each row's newest token sits one past the last column's position (prompts are left-padded, so the last
+        # column is every row's newest real token): P_i + S_i + t, computed where the ids live.
+        self.position_ids = self.position_ids[:, -1:] + 1  # [B, 1]
         ones = torch.ones((len(self.rows), 1), dtype=self.attention_mask.dtype, device=dev)
         self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # [B, T + 1]
 
