@@ -23,6 +23,7 @@ from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
 
 if TYPE_CHECKING:
     from app.engine.model import LoadedModel
+    from app.training.train_state import TrainState
     from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,22 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
     return kv
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The job's latest checkpoint: its step, prefix, and the run's state (None in a prefix-only checkpoint)."""
+
+    step: int
+    prefix: PrefixKV
+    state: TrainState | None
+
+
 def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
-                      max_virtual_tokens: int, max_bytes: int) -> tuple[int, PrefixKV] | None:
-    """(step, prefix) of the job's latest checkpoint — left by an earlier attempt that was interrupted (it
-    checkpoints on the way out) or died after a periodic checkpoint — or None. An unreadable checkpoint is
-    skipped: the attempt then starts over, which is always correct."""
+                      max_virtual_tokens: int, max_bytes: int) -> ResumePoint | None:
+    """The job's latest checkpoint — left by an earlier attempt that was interrupted (it checkpoints on the way
+    out) or died after a periodic checkpoint — or None. An unreadable checkpoint is skipped: the attempt then
+    starts over, which is always correct."""
     from app.db.models import JobCheckpoint
+    from app.training.train_state import decode_checkpoint
     from prefix_store.codec import decode_native
     from prefix_store.types import PrefixError
 
@@ -156,9 +167,9 @@ def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blob
     if row is None:
         return None
     try:
-        kv = decode_native(blobs.get(row.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
-                           max_bytes=max_bytes)
-    except (BlobNotFound, BlobStoreUnavailable, PrefixError) as exc:
+        native, state = decode_checkpoint(blobs.get(row.sha256))
+        kv = decode_native(native, spec=loaded.spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+    except (BlobNotFound, BlobStoreUnavailable, PrefixError, ValueError) as exc:
         log.warning("job %s: checkpoint at step %d unusable (%r); starting over", job.id, row.step, exc)
         return None
-    return int(row.step), kv
+    return ResumePoint(int(row.step), kv, state)

@@ -25,7 +25,7 @@ from app.config import Settings
 from app.db.models import PERSONAL_PREFIX_PREFIX, PrefixVersion, TrainingJob
 from app.errors import ServiceError
 from app.training.job_config import config_from_job
-from app.training.job_inputs import JobFailed, load_job_data, load_resume_point, load_warm_start
+from app.training.job_inputs import JobData, JobFailed, load_job_data, load_resume_point, load_warm_start
 from app.training.lease import JobError, JobLease, JobLost, claim
 from app.training.progress import Heartbeat, JobReporter, StopCause, storable
 from app.training.types import (
@@ -42,6 +42,7 @@ from prefix_store.blobs import BlobStore
 if TYPE_CHECKING:
     from app.engine.model import LoadedModel
     from app.runtime import Runtime
+    from app.training.train_state import TrainState
     from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,11 @@ TrainFunction = Callable[..., TrainResult]  # app.training.trainer.train_prefix'
 def _default_train(
     loaded: LoadedModel, train: Sequence[TokenizedExample], val: Sequence[TokenizedExample] | None,
     config: TrainConfig, *, init: PrefixKV | None = None, callbacks: TrainCallbacks | None = None,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     from app.training.trainer import train_prefix
 
-    return train_prefix(loaded, train, val, config, init=init, callbacks=callbacks)
+    return train_prefix(loaded, train, val, config, init=init, callbacks=callbacks, resume=resume)
 
 
 @dataclass(frozen=True)
@@ -147,27 +149,38 @@ def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: Training
     total = config.total_steps(len(data.train))
     lease.event(f"training on {len(data.train)} examples ({len(data.val)} validation), {total} steps",
                 data={"examples": len(data.train), "validation_examples": len(data.val)})
-    done = 0
     resume = load_resume_point(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
+    offset, extra = 0, dict[str, Any]()
     if resume is not None:
-        # Continue from an earlier attempt's last checkpoint for the steps left (a fresh optimizer and warm-up;
-        # at least one step, so the result is always a trained prefix of this attempt).
-        done, init = resume
-        config = dataclasses.replace(config, max_steps=max(1, total - done), n_epochs=None)
-        lease.event(f"resuming from the checkpoint at step {done} of {total}", data={"resumed_from_step": done})
-    reporter = JobReporter(lease, blobs=ctx.blobs, spec=ctx.loaded.spec, step_offset=done)
+        if resume.state is not None and _resumable(resume.state, config, data):
+            # The same run from the checkpoint's step on: same optimizer moments, schedule, data order, init.
+            extra["resume"] = resume.state
+        else:
+            # A prefix-only checkpoint (older, or the examples changed): train the steps left from its prefix,
+            # with a fresh optimizer and warm-up (at least one step: the result is a prefix of this attempt).
+            offset, init = resume.step, resume.prefix
+            config = dataclasses.replace(config, max_steps=max(1, total - offset), n_epochs=None)
+        lease.event(f"resuming from the checkpoint at step {resume.step} of {total}",
+                    data={"resumed_from_step": resume.step, "optimizer_state": "resume" in extra})
+    reporter = JobReporter(lease, blobs=ctx.blobs, spec=ctx.loaded.spec, step_offset=offset)
     try:
         result = ctx.train(ctx.loaded, data.train, data.val or None, config, init=init,
-                           callbacks=reporter.callbacks(heartbeat))
+                           callbacks=reporter.callbacks(heartbeat), **extra)
     except TrainingCancelled as exc:
         if heartbeat.cause == "interrupted" and exc.prefix is not None:
             # The worker is shutting down: keep what this attempt learnt for the next one.
-            reporter.on_checkpoint(exc.step, exc.prefix, {"interrupted": 1.0})
+            reporter.on_checkpoint(exc.step, exc.prefix, {"interrupted": 1.0}, exc.state)
         raise
     loss = result.final_train_loss
     if loss is not None and not math.isfinite(loss):
         raise TrainingDiverged(f"the final training loss is {loss}; lower the learning rate")
     return result
+
+
+def _resumable(state: TrainState, config: TrainConfig, data: JobData) -> bool:
+    from app.training.train_state import run_key
+
+    return state.key == run_key(config, data.train, data.val)
 
 
 def _personal(job: TrainingJob) -> bool:

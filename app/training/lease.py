@@ -58,7 +58,9 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> JobLease | None:
         claimed = updated(session, (
             sa.update(TrainingJob)
             .where(TrainingJob.id == job_id, TrainingJob.status == "queued", TrainingJob.cancel_requested.is_(False))
-            .values(status="running", attempts=TrainingJob.attempts + 1, started_at=now, heartbeat_at=now,
+            # started_at: the first attempt's (a resumed job has been training since then)
+            .values(status="running", attempts=TrainingJob.attempts + 1,
+                    started_at=sa.func.coalesce(TrainingJob.started_at, now), heartbeat_at=now,
                     finished_at=None, error=None)
         ))
         if claimed != 1:
@@ -134,12 +136,18 @@ class JobLease:
             add_event(session, self.job_id, message, level=level, data=data)
             session.commit()
 
-    def checkpoint(self, step: int, sha256: str, metrics: dict[str, float]) -> list[str]:
+    def checkpoint(self, step: int, sha256: str, metrics: dict[str, float]) -> list[str] | None:
         """Record a checkpoint blob; replaces an earlier attempt's checkpoint of the same step. Returns the
-        replaced rows' blobs (for the caller to collect if unreferenced)."""
+        replaced rows' blobs (for the caller to collect if unreferenced), or None when nothing was recorded
+        because a cancel was requested: the check and the insert are one transaction behind the job row's
+        lock, so a checkpoint never lands after the request (deleting an end user deletes their job's
+        checkpoints right after requesting the cancel)."""
         with self.sessions() as session:
-            if not self._touch(session):
+            mine = sa.update(TrainingJob).where(self._mine(), TrainingJob.cancel_requested.is_(False))
+            if updated(session, mine.values(heartbeat_at=utcnow())) != 1:
                 session.rollback()
+                if self.cancel_requested():
+                    return None
                 raise JobLost(self.job_id)
             where = sa.and_(JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == step)
             replaced = list(session.execute(sa.select(JobCheckpoint.sha256).where(where)).scalars())

@@ -18,6 +18,7 @@ from app.training.lease import JobLease, JobLost
 from app.training.types import TrainCallbacks, TrainEvent
 
 if TYPE_CHECKING:
+    from app.training.train_state import TrainState
     from prefix_store.blobs import BlobStore
     from prefix_store.types import ModelSpec, PrefixKV
 
@@ -87,8 +88,10 @@ class JobReporter:
         self.min_interval_s = min_interval_s
         self.last_event: TrainEvent | None = None
         self._last_written = -float("inf")
+        self._heartbeat: Heartbeat | None = None
 
     def callbacks(self, heartbeat: Heartbeat) -> TrainCallbacks:
+        self._heartbeat = heartbeat
         return TrainCallbacks(on_event=self.on_event, should_stop=heartbeat.should_stop,
                               on_checkpoint=self.on_checkpoint)
 
@@ -108,14 +111,21 @@ class JobReporter:
             # A database blip costs a progress line, not the training run (JobLost still ends it).
             log.warning("job %s: event at step %d not written: %s", self.lease.job_id, event.step, exc)
 
-    def on_checkpoint(self, step: int, prefix: PrefixKV, metrics: dict[str, float]) -> None:
-        """Store the checkpoint's native blob and row. A storage failure costs the checkpoint, not the job."""
+    def on_checkpoint(self, step: int, prefix: PrefixKV, metrics: dict[str, float],
+                      state: TrainState | None = None) -> None:
+        """Store the checkpoint's blob (the prefix, plus `state` to resume from) and row. A storage failure costs
+        the checkpoint, not the job. Nothing is stored once a cancel was requested: a cancelled job (an end
+        user's deletion cancels theirs) must leave no checkpoint behind."""
         from app.services.prefix_versions import delete_unreferenced_blobs
+        from app.training.train_state import encode_checkpoint
         from prefix_store.blobs import BlobStoreUnavailable
         from prefix_store.codec import encode_native
 
         step += self.step_offset
-        data = encode_native(storable(prefix, self.spec))
+        if self._heartbeat is not None and self._heartbeat.cause == "cancelled":
+            log.info("job %s: cancel requested; checkpoint at step %d skipped", self.lease.job_id, step)
+            return
+        data = encode_checkpoint(encode_native(storable(prefix, self.spec)), state)
         try:
             sha = self.blobs.put(data)
         except BlobStoreUnavailable as exc:
@@ -123,13 +133,13 @@ class JobReporter:
             self.lease.event(f"checkpoint at step {step} not saved: the object store is unavailable", level="warn")
             return
         try:
+            # None: the cancel request reached the database first (the heartbeat has not seen it yet).
             replaced = self.lease.checkpoint(step, sha, metrics)
         except sa.exc.SQLAlchemyError as exc:
             log.warning("job %s: checkpoint at step %d not recorded: %s", self.lease.job_id, step, exc)
             return
-        if replaced:
-            with self.lease.sessions() as session:
-                delete_unreferenced_blobs(session=session, blobs=self.blobs, shas=replaced)
+        with self.lease.sessions() as session:
+            delete_unreferenced_blobs(session=session, blobs=self.blobs, shas=[sha] if replaced is None else replaced)
 
 
 def describe(event: TrainEvent) -> str:

@@ -5,7 +5,8 @@
     `backward(inputs=...)`, so no base weight ever gets a `.grad`, whatever its requires_grad flag;
   - the model object is shared with the serving engine's thread: it is never put in train mode or modified, and
     grad mode is switched on here, thread-locally (the engine thread runs under inference_mode);
-  - same seed + same data -> bit-identical prefix (private generators for init and data order).
+  - same seed + same data -> bit-identical prefix (private generators for init and data order), also across an
+    interruption: a run resumed from a checkpoint's TrainState (app/training/train_state.py) continues exactly.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +24,7 @@ from app.training.checks import check_config, check_examples
 from app.training.forward import PrefixForward, TrainBatch, collate
 from app.training.init_kv import real_token_kv
 from app.training.prefix_params import PrefixParameters
+from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
 from app.training.types import (
     StopReason,
     TokenizedExample,
@@ -39,8 +39,6 @@ from app.training.types import (
 from prefix_store.types import PrefixKV
 
 logger = logging.getLogger(__name__)
-
-LOSS_WINDOW = 10  # steps in the running mean reported as train_loss
 
 
 def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -67,25 +65,6 @@ def build_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(total_steps, warmup))
 
 
-@dataclass
-class _Progress:
-    """What the loop has seen so far."""
-
-    losses: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
-    trained_tokens: int = 0
-    target_tokens: int = 0
-    seconds: float = 0.0
-    last_val: float | None = None
-    best_val: float | None = None
-    best_step: int = 0
-    best_prefix: PrefixKV | None = None
-    bad_evals: int = 0
-
-    @property
-    def train_loss(self) -> float | None:
-        return sum(self.losses) / len(self.losses) if self.losses else None
-
-
 class _Run:
     """One training run's state: the prefix, optimizer, schedule, data and callbacks."""
 
@@ -97,8 +76,10 @@ class _Run:
         config: TrainConfig,
         init: PrefixKV | None,
         callbacks: TrainCallbacks,
+        key: str,
+        resume: TrainState | None,
     ) -> None:
-        self.loaded, self.config, self.callbacks = loaded, config, callbacks
+        self.loaded, self.config, self.callbacks, self.key = loaded, config, callbacks, key
         self.total = config.total_steps(len(train))
         self.prefix = PrefixParameters(
             loaded.spec,
@@ -114,7 +95,14 @@ class _Run:
         self.optimizer, self.scheduler = build_optimizer(self.prefix, config, self.total)
         self.batches: Iterator[list[TokenizedExample]] = batch_stream(train, config.batch_size, config.seed)
         self.val = [self._collate(b) for b in eval_batches(val, config.batch_size)]
-        self.progress = _Progress()
+        self.progress = Progress()
+        self.start = 0
+        if resume is not None:
+            if resume.key != key:
+                raise ValueError("the checkpoint's training state belongs to another configuration or data")
+            restore(resume, module=self.prefix, optimizer=self.optimizer, scheduler=self.scheduler,
+                    progress=self.progress, batches=self.batches)
+            self.start = resume.step
 
     def _collate(self, examples: Sequence[TokenizedExample]) -> TrainBatch:
         return collate(
@@ -126,23 +114,31 @@ class _Run:
 
     def run(self) -> TrainResult:
         stop_reason: StopReason = "completed"
-        step = 0
+        step = self.start
         while step < self.total:
             if self.callbacks.should_stop():
+                fresh = step > self.start  # else the checkpoint this run resumed from already holds this state
                 raise TrainingCancelled(f"training cancelled after {step} of {self.total} steps", step=step,
-                                        prefix=self._export(step) if step else None)
+                                        prefix=self._export(step) if fresh else None,
+                                        state=self._state(step) if fresh else None)
             step += 1
             lr, tokens_per_s = self._train_step(step)
             due = step % self.config.eval_every == 0 or step == self.total
             val_loss = self._evaluate() if self.val and due else None
             self.callbacks.on_event(TrainEvent(step, self.total, self.progress.train_loss, val_loss, lr, tokens_per_s))
+            # The evaluation is recorded before the checkpoint, so its state includes this step's best prefix.
+            stop = val_loss is not None and self._record_eval(step, val_loss)
             every = self.config.checkpoint_every
             if every is not None and step % every == 0:
-                self.callbacks.on_checkpoint(step, self._export(step), self._metrics(val_loss))
-            if val_loss is not None and self._record_eval(step, val_loss):
+                self.callbacks.on_checkpoint(step, self._export(step), self._metrics(val_loss), self._state(step))
+            if stop:
                 stop_reason = "early_stopped"
                 break
         return self._result(step, stop_reason)
+
+    def _state(self, step: int) -> TrainState:
+        return snapshot(key=self.key, step=step, module=self.prefix, optimizer=self.optimizer,
+                        scheduler=self.scheduler, progress=self.progress)
 
     def _train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step; returns (the learning rate it used, real tokens per second)."""
@@ -240,15 +236,19 @@ def train_prefix(
     *,
     init: PrefixKV | None = None,
     callbacks: TrainCallbacks | None = None,
+    resume: TrainState | None = None,
 ) -> TrainResult:
     """Train a prefix for `loaded`'s frozen model on `train`; returns the exported PrefixKV [L, H_kv, P, D] and facts.
 
     With a validation set (`val`, or `config.validation_split` of `train` held out with the seed), it is evaluated
     every `eval_every` steps and at the end; the best prefix is returned and early stopping may end the run.
-    Without one, the final prefix is returned. Raises TrainingCancelled (callbacks.should_stop), TrainingDataError
-    (unusable examples), TrainingDiverged (non-finite loss), ValueError (bad config or warm-start prefix).
+    Without one, the final prefix is returned. `resume` (a state the checkpoint callback got from a run with the
+    same arguments, `init` included) continues that run exactly from its step. Raises TrainingCancelled
+    (callbacks.should_stop), TrainingDataError (unusable examples), TrainingDiverged (non-finite loss), ValueError
+    (bad config, warm-start prefix, or a `resume` state of another run).
     """
     train_set, val_set = list(train), list(val or [])
+    key = run_key(config, train_set, val_set)
     if not val_set and config.validation_split > 0:
         train_set, val_set = split_validation(train_set, config.validation_split, config.seed)
     if not train_set:
@@ -269,4 +269,4 @@ def train_prefix(
     if init is None and config.prefix_init == "real_tokens":
         init = real_token_kv(loaded, train_set[0].input_ids, config.num_virtual_tokens)
     with torch.inference_mode(False), torch.enable_grad():
-        return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks()).run()
+        return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume).run()

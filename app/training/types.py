@@ -25,12 +25,13 @@ class TrainingDataError(ValueError):
 
 class TrainingCancelled(Exception):
     """Raised inside the trainer when `should_stop` says so; the job runner turns it into `cancelled` (or, on a
-    worker's shutdown, into a checkpoint of `prefix` after `step` steps and a re-queue)."""
+    worker's shutdown, into a checkpoint of `prefix` and `state` after `step` steps and a re-queue)."""
 
-    def __init__(self, message: str, *, step: int = 0, prefix: Any = None) -> None:
+    def __init__(self, message: str, *, step: int = 0, prefix: Any = None, state: Any = None) -> None:
         super().__init__(message)
         self.step = step
         self.prefix = prefix  # a prefix_store PrefixKV: the prefix after `step` steps (None before the first)
+        self.state = state  # an app.training.train_state.TrainState to resume from (None with `prefix`)
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,8 +108,9 @@ class TrainCallbacks:
     on_event: Callable[[TrainEvent], None] = lambda _e: None
     # Called every step; returning True stops training with TrainingCancelled.
     should_stop: Callable[[], bool] = lambda: False
-    # Called every `checkpoint_every` steps with (step, prefix, metrics); prefix is a prefix_store PrefixKV.
-    on_checkpoint: Callable[[int, Any, dict[str, float]], None] = lambda _s, _p, _m: None
+    # Called every `checkpoint_every` steps with (step, prefix, metrics, state); prefix is a prefix_store PrefixKV,
+    # state an app.training.train_state.TrainState (what `train_prefix(resume=...)` continues from).
+    on_checkpoint: Callable[[int, Any, dict[str, float], Any], None] = lambda _s, _p, _m, _t: None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Covers: claim → train → publish (events, checkpoints, the version servable through the resolver and the
 engine), cancel while queued and while running, bad data and a missing warm start failing with the reason,
 an atomic publish (a failure between blob and commit publishes nothing), a lost lease (the sweep re-queued the
-job) publishing nothing while the next attempt succeeds, interrupts, and per-user personalization.
+job) publishing nothing while the next attempt succeeds, interrupts, and per-user personalization (resuming
+an interrupted job: test_jobs_resume.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from app.services.catalog import DbCatalog
 from app.training.jobs import execute_job
 from app.training.lease import claim
 from app.training.recovery import sweep
+from app.training.train_state import decode_checkpoint
 from app.training.trainer import train_prefix
 from app.training.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
 from prefix_store.cache_tier import InProcessTier
@@ -92,8 +94,9 @@ def test_job_trains_publishes_and_is_served(env: JobEnv) -> None:
                                      .order_by(JobCheckpoint.step)).scalars())
     assert [c.step for c in checkpoints] == [3, 6]
     assert all(env.blobs.exists(c.sha256) for c in checkpoints) and "train_loss" in checkpoints[0].metrics
-    # The final prefix is the step-6 checkpoint (no validation set: the last prefix is the result).
-    assert checkpoints[1].sha256 == version.sha256
+    # The final prefix is the step-6 checkpoint's (no validation set: the last prefix is the result); a checkpoint
+    # also holds the run's state to resume from.
+    assert decode_checkpoint(env.blobs.get(checkpoints[1].sha256))[0] == env.blobs.get(version.sha256)
 
     # Servable at once: the resolver reads the catalog, the engine generates with it.
     resolved = _resolver(env).get(env.tenant_id, "tuned")
@@ -296,43 +299,6 @@ def test_interrupt_requeues_then_fails_at_max_attempts(sqlite_env: JobEnv) -> No
     job = env.job(job_id)
     assert job.error is not None and job.error["code"] == "interrupted" and job.attempts == 3
     assert _versions(env) == []
-
-
-def test_an_interrupted_job_checkpoints_and_the_next_attempt_resumes(sqlite_env: JobEnv) -> None:
-    """A worker's shutdown (SIGTERM) saves the prefix it has as a checkpoint before the job is re-queued; the next
-    attempt starts from it for the steps left, and the job's step numbering carries on."""
-    env = sqlite_env
-    job_id = env.add_job(config=TrainConfig(num_virtual_tokens=4, batch_size=4, max_steps=12))
-    interrupt = threading.Event()
-
-    def train_and_shut_down_at_step_5(*args: Any, callbacks: TrainCallbacks, **kw: Any) -> TrainResult:
-        def on_event(ev: TrainEvent) -> None:
-            callbacks.on_event(ev)
-            if ev.step == 5:
-                interrupt.set()
-
-        return train_prefix(*args, callbacks=TrainCallbacks(on_event, callbacks.should_stop), **kw)
-
-    assert execute_job(job_id, ctx=env.ctx(train=train_and_shut_down_at_step_5), interrupt=interrupt) == "requeued"
-    with env.sessions() as s:
-        checkpoints = list(s.execute(sa.select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).scalars())
-    assert [(c.step, c.metrics) for c in checkpoints] == [(5, {"interrupted": 1.0})]
-    saved = _decode(env, checkpoints[0].sha256)
-
-    seen: list[Any] = []
-
-    def train_and_record(*args: Any, init: Any = None, **kw: Any) -> TrainResult:
-        seen.append((init, args[3]))
-        return train_prefix(*args, init=init, **kw)
-
-    assert execute_job(job_id, ctx=env.ctx(train=train_and_record)) == "succeeded"
-    init, config = seen[0]
-    assert torch.equal(init.keys, saved.keys) and config.max_steps == 7  # 12 - 5
-    messages = [e.message for e in env.events(job_id)]
-    assert any(m == "resuming from the checkpoint at step 5 of 12" for m in messages)
-    steps = [e.data["step"] for e in env.events(job_id) if e.data and "train_loss" in e.data]
-    assert steps[-1] == 12 and env.job(job_id).attempts == 2
-    assert len(_versions(env)) == 1
 
 
 def test_personalization_trains_on_the_users_examples(env: JobEnv) -> None:

@@ -169,7 +169,7 @@ def test_early_stopping_returns_the_best_prefix(tiny_llama) -> None:
     val = toy_task(4, answer=(450, 451, 452, 453))
     checkpoints: dict[int, object] = {}
     events, callbacks = _events()
-    callbacks.on_checkpoint = lambda step, prefix, metrics: checkpoints.__setitem__(step, prefix)
+    callbacks.on_checkpoint = lambda step, prefix, metrics, _state: checkpoints.__setitem__(step, prefix)
     config = _config(max_steps=200, eval_every=2, checkpoint_every=2, early_stopping_patience=2)
     result = train_prefix(tiny_llama, toy_task(12), val, config, callbacks=callbacks)
     assert result.stop_reason == "early_stopped" and result.steps < 200
@@ -183,7 +183,7 @@ def test_early_stopping_returns_the_best_prefix(tiny_llama) -> None:
 
 def test_checkpoints(tiny_llama) -> None:
     calls: list = []
-    callbacks = TrainCallbacks(on_checkpoint=lambda step, prefix, metrics: calls.append((step, prefix, metrics)))
+    callbacks = TrainCallbacks(on_checkpoint=lambda step, prefix, metrics, _s: calls.append((step, prefix, metrics)))
     result = train_prefix(tiny_llama, toy_task(8), None, _config(max_steps=7, checkpoint_every=3), callbacks=callbacks)
     assert [c[0] for c in calls] == [3, 6]
     assert all(c[1].keys.shape == result.prefix.keys.shape and "train_loss" in c[2] for c in calls)
