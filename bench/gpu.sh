@@ -16,3 +16,8 @@ python3 -m bench.engine --model random:llama-1b --device cuda --dtype bfloat16 -
   --out "$OUT/engine_gpu_llama1b.json" 2>&1 | tee "$OUT/engine_gpu_llama1b.txt"
 python3 -m bench.engine --model random:smollm2-135m --device cuda --dtype bfloat16 --n 64 "$@" \
   --out "$OUT/engine_gpu_smollm2.json" 2>&1 | tee "$OUT/engine_gpu_smollm2.txt"
+# The exactness contract on the GPU: in float32, engine and PEFT one at a time should give the same greedy tokens
+# (bf16 on random weights has near-flat logits, so identical-token counts there say little).
+python3 -m bench.engine --model random:llama-1b --device cuda --dtype float32 --n 16 --new-tokens 32 \
+  --configs engine_prefixes,peft_sequential --out "$OUT/engine_gpu_fp32_equality.json" 2>&1 \
+  | tee "$OUT/engine_gpu_fp32_equality.txt"
