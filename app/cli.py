@@ -18,6 +18,19 @@ cli = typer.Typer(
 log = logging.getLogger("prefixserve")
 
 
+@cli.callback()
+def _logging(ctx: typer.Context) -> None:
+    # Once for every command, before it runs. `train` draws a progress bar: INFO lines would tear it.
+    try:
+        settings = load_settings()
+    except SettingsError:
+        return  # the command reports it when it loads its settings (and `--help` still works)
+    level = settings.log_level
+    if ctx.invoked_subcommand == "train" and level == "INFO":
+        level = "WARNING"
+    configure_logging(level, json_format=settings.log_json)
+
+
 def _settings(**overrides: object):  # type: ignore[no-untyped-def]
     try:
         return load_settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -37,7 +50,6 @@ def serve(
     from app.server import serve as run_server
 
     settings = _settings(host=host, port=port)
-    configure_logging(settings.log_level, json_format=settings.log_json)
     run_server(create_app(settings), settings)
 
 
@@ -49,7 +61,6 @@ def migrate(
     from app.db.migrate import current, upgrade
 
     settings = _settings()
-    configure_logging(settings.log_level, json_format=settings.log_json)
     url = settings.resolved_database_url
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(url, revision)
@@ -63,7 +74,6 @@ def worker(
 ) -> None:
     """Run training jobs from the Redis queue (needs PREFIXSERVE_REDIS_URL; loads its own copy of the model)."""
     settings = _settings()
-    configure_logging(settings.log_level, json_format=settings.log_json)
     if not settings.redis_url:
         typer.echo("error: prefixserve worker needs PREFIXSERVE_REDIS_URL (without Redis, the server's in-process "
                    "worker runs the jobs)", err=True)
@@ -102,8 +112,6 @@ def train(
     from app.cli_train import TrainCommandError, train_local, train_remote
 
     settings = _settings()
-    configure_logging("WARNING" if settings.log_level == "INFO" else settings.log_level,
-                      json_format=settings.log_json)
     opts = TrainOptions(
         name=name, model=model,
         hyperparameters={"n_epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,

@@ -204,24 +204,23 @@ def _local_tenant(session: Any, name: str, console: Console) -> str:
 
 
 def _follow_local(runtime: Any, job_id: str, worker: threading.Thread, view: JobProgress) -> dict[str, Any]:
-    import sqlalchemy as sa
-
-    from app.db.models import JobEvent, TrainingJob
+    from app.db.models import TrainingJob
     from app.services.fine_tuning import job_object
-    from app.services.job_events import event_object
+    from app.services.job_events import poll_events
 
-    seen = 0
+    cursor = None
     while True:
-        with runtime.sessions() as session:
-            job = session.get(TrainingJob, job_id)
-            events = session.execute(sa.select(JobEvent).where(JobEvent.job_id == job_id)
-                                     .order_by(JobEvent.created_at, JobEvent.id).offset(seen)).scalars().all()
-            for e in events:
-                view.event(event_object(e).model_dump(mode="json"))
-            seen += len(events)
-            if job is None:
-                raise TrainCommandError(f"job {job_id} was deleted")
-            if job.status in JOB_TERMINAL_STATUSES and not worker.is_alive():
+        polled = poll_events(sessions=runtime.sessions, job_id=job_id, cursor=cursor)
+        for e in polled.events:
+            view.event(e.model_dump(mode="json"))
+        cursor = polled.cursor
+        if polled.status is None:
+            raise TrainCommandError(f"job {job_id} was deleted")
+        if polled.finished and not worker.is_alive():
+            with runtime.sessions() as session:
+                job = session.get(TrainingJob, job_id)
+                if job is None:
+                    raise TrainCommandError(f"job {job_id} was deleted")
                 out: dict[str, Any] = job_object(session, job).model_dump(mode="json")
-                return out
+            return out
         time.sleep(POLL_S)

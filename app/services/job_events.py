@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -73,26 +74,43 @@ def open_event_stream(*, session: Session, sessions: sessionmaker[Session], tena
     return _stream(sessions, job.id, cursor, poll_s)
 
 
-def _poll(sessions: sessionmaker[Session], job_id: str, cursor: tuple[datetime, str] | None
-          ) -> tuple[str | None, Sequence[JobEvent]]:
-    """(the job's status, or None once it is gone; the events after `cursor`, oldest first). The status is read
-    first: every event written before the job finished is then in the same or a later read."""
+@dataclass(frozen=True)
+class EventPoll:
+    """One look at a job: its status (None once it is gone), the events after the cursor (oldest first), and the
+    cursor to pass next time."""
+
+    status: str | None
+    events: list[FineTuningJobEvent]
+    cursor: tuple[datetime, str] | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status is None or self.status in JOB_TERMINAL_STATUSES
+
+
+def poll_events(*, sessions: sessionmaker[Session], job_id: str, cursor: tuple[datetime, str] | None = None
+                ) -> EventPoll:
+    """The job's status and its events after `cursor`. The status is read first: every event written before the
+    job finished is then in the same or a later poll. Followers (the SSE stream, `prefixserve train` in-process)
+    call it in a loop, one short session each time."""
     with sessions() as session:
         status = session.execute(sa.select(TrainingJob.status).where(TrainingJob.id == job_id)).scalar()
         stmt = after_cursor(sa.select(JobEvent).where(JobEvent.job_id == job_id), JobEvent.created_at, JobEvent.id,
                             cursor, descending=False)
-        return status, session.execute(stmt).scalars().all()
+        rows = session.execute(stmt).scalars().all()
+        if rows:
+            cursor = (rows[-1].created_at, rows[-1].id)
+        return EventPoll(status, [event_object(e) for e in rows], cursor)
 
 
 async def _stream(sessions: sessionmaker[Session], job_id: str, cursor: tuple[datetime, str] | None,
                   poll_s: float) -> AsyncIterator[str]:
     while True:
-        status, events = await asyncio.to_thread(_poll, sessions, job_id, cursor)
-        for e in events:
-            yield event_object(e).model_dump_json()
-        if events:
-            cursor = (events[-1].created_at, events[-1].id)
-        if status is None or status in JOB_TERMINAL_STATUSES:
+        polled = await asyncio.to_thread(poll_events, sessions=sessions, job_id=job_id, cursor=cursor)
+        for e in polled.events:
+            yield e.model_dump_json()
+        cursor = polled.cursor
+        if polled.finished:
             break
         await asyncio.sleep(poll_s)
     yield "[DONE]"

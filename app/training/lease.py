@@ -65,7 +65,7 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> JobLease | None:
         ))
         if claimed != 1:
             session.rollback()
-            _cancel_if_requested(session, job_id)
+            cancel_if_requested(session, job_id)
             return None
         attempt = session.execute(sa.select(TrainingJob.attempts).where(TrainingJob.id == job_id)).scalar_one()
         add_event(session, job_id, f"job started (attempt {attempt})", data={"attempt": attempt})
@@ -73,7 +73,8 @@ def claim(sessions: sessionmaker[Session], job_id: str) -> JobLease | None:
     return JobLease(sessions, job_id, attempt)
 
 
-def _cancel_if_requested(session: Session, job_id: str) -> None:
+def cancel_if_requested(session: Session, job_id: str) -> bool:
+    """Finish a queued job whose cancel was requested as cancelled (and commit); whether it did."""
     done = updated(session, (
         sa.update(TrainingJob)
         .where(TrainingJob.id == job_id, TrainingJob.status == "queued", TrainingJob.cancel_requested.is_(True))
@@ -82,6 +83,7 @@ def _cancel_if_requested(session: Session, job_id: str) -> None:
     if done:
         add_event(session, job_id, "job cancelled before it started")
     session.commit()
+    return done == 1
 
 
 class JobLease:

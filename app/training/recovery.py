@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import TrainingJob, utcnow
-from app.training.lease import JobError, add_event, updated
+from app.training.lease import JobError, add_event, cancel_if_requested, updated
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,5 @@ def _cancel_queued(session: Session, out: SweepResult) -> None:
         sa.select(TrainingJob.id).where(TrainingJob.status == "queued", TrainingJob.cancel_requested.is_(True))
     ).scalars())
     for job_id in ids:
-        stmt = (
-            sa.update(TrainingJob)
-            .where(TrainingJob.id == job_id, TrainingJob.status == "queued", TrainingJob.cancel_requested.is_(True))
-            .values(status="cancelled", finished_at=utcnow())
-        )
-        if updated(session, stmt) == 1:
-            add_event(session, job_id, "job cancelled before it started")
+        if cancel_if_requested(session, job_id):
             out.cancelled.append(job_id)
-        session.commit()

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
@@ -24,7 +21,6 @@ from sqlalchemy.orm import Session
 from app.db.models import JobCheckpoint, Prefix, PrefixVersion, TrainingJob, utcnow
 from app.engine.client import EngineClient, PrefixSelector
 from app.engine.factory import build_engine, context_length
-from app.engine.model import LoadedModel
 from app.engine.sampling import SamplingParams
 from app.services.catalog import DbCatalog
 from app.training.jobs import execute_job
@@ -38,19 +34,7 @@ from prefix_store.codec import decode_native
 from prefix_store.device_pool import DevicePool
 from prefix_store.resolver import PrefixResolver
 from tests.engine.helpers import random_prefix
-from tests.training.job_support import FAST, RECORDS, JobEnv, jsonl, open_env
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path, tiny_llama: LoadedModel) -> Iterator[JobEnv]:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite" else request.getfixturevalue(
-        "postgres_url")
-    yield from open_env(url, tmp_path, tiny_llama)
-
-
-@pytest.fixture
-def sqlite_env(tmp_path: Path, tiny_llama: LoadedModel) -> Iterator[JobEnv]:
-    yield from open_env(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, tiny_llama)
+from tests.training.job_support import FAST, RECORDS, JobEnv, jsonl
 
 
 def _versions(env: JobEnv) -> list[PrefixVersion]:

@@ -5,16 +5,12 @@ optimizer); a cancelled job (deleting an end user cancels theirs) leaves no chec
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 import torch
 
 from app.db.models import JobCheckpoint, PrefixVersion
-from app.engine.model import LoadedModel
 from app.services.prefix_versions import PrefixStores
 from app.services.users import delete_user
 from app.training.jobs import execute_job
@@ -23,24 +19,12 @@ from app.training.train_state import decode_checkpoint
 from app.training.trainer import train_prefix
 from app.training.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
 from prefix_store.codec import decode_native
-from tests.training.job_support import RECORDS, JobEnv, open_env
+from tests.training.job_support import RECORDS, JobEnv
 
 # Warm-up over half the run and a validation hold-out: a resume that restarted the optimizer, the schedule, the
 # data order or the best-prefix tracking would publish another prefix.
 CONFIG = TrainConfig(num_virtual_tokens=4, batch_size=4, max_steps=12, warmup_ratio=0.5, validation_split=0.25,
                      eval_every=2, early_stopping_patience=None)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def env(request: pytest.FixtureRequest, tmp_path: Path, tiny_llama: LoadedModel) -> Iterator[JobEnv]:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if request.param == "sqlite" else request.getfixturevalue(
-        "postgres_url")
-    yield from open_env(url, tmp_path, tiny_llama)
-
-
-@pytest.fixture
-def sqlite_env(tmp_path: Path, tiny_llama: LoadedModel) -> Iterator[JobEnv]:
-    yield from open_env(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, tiny_llama)
 
 
 def _interrupt_at(env: JobEnv, job_id: str, step: int) -> None:
