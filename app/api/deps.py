@@ -120,3 +120,14 @@ def get_engine_client(request: Request) -> EngineClient:
 
 
 EngineClientDep = Annotated["EngineClient", Depends(get_engine_client)]
+
+
+def get_served_fingerprint(request: Request) -> str:
+    """The served base model's fingerprint: a prefix version made for another one is refused up front."""
+    loaded = get_runtime(request).model
+    if loaded is None:
+        raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
+    return loaded.spec.fingerprint
+
+
+ServedFingerprintDep = Annotated[str, Depends(get_served_fingerprint)]

@@ -71,12 +71,12 @@ def chat_logprobs(engine: EngineClient, events: list[TokenEvent]) -> ChoiceLogpr
 
 async def serve_chat(
     req: ChatCompletionRequest, *, principal: Principal, session: Session, engine: EngineClient,
-    disconnected: Callable[[], Awaitable[None]] | None = None,
+    fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> ChatCompletion | AsyncIterator[str]:
     """Run a chat completion. Errors before generation raise ServiceError; a stream returns payloads."""
     assert principal.tenant_id is not None  # InferenceDep refuses the admin key
     target = await lookup_target(session, tenant_id=principal.tenant_id, model=req.model,
-                                 base_model_id=engine.model_id)
+                                 base_model_id=engine.model_id, fingerprint=fingerprint)
     prompt_ids = encode_messages(req, engine)
     check_prompt(prompt_ids, engine, param="messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

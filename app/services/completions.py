@@ -56,12 +56,12 @@ class CompletionLogprobsBuilder:
 
 async def serve_completion(
     req: CompletionRequest, *, principal: Principal, session: Session, engine: EngineClient,
-    disconnected: Callable[[], Awaitable[None]] | None = None,
+    fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> Completion | AsyncIterator[str]:
     """Run a completion. Errors before generation starts raise ServiceError; streaming returns payloads."""
     assert principal.tenant_id is not None  # InferenceDep refuses the admin key
     target = await lookup_target(session, tenant_id=principal.tenant_id, model=req.model,
-                                 base_model_id=engine.model_id)
+                                 base_model_id=engine.model_id, fingerprint=fingerprint)
     prompt_ids = engine.encode_prompt(req.prompt)  # type: ignore[arg-type]  # normalized by the validator
     check_prompt(prompt_ids, engine, param="prompt")
     max_tokens = completion_budget(len(prompt_ids), req.max_tokens, target, engine.context_length,

@@ -15,19 +15,26 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from starlette.types import Receive
 
-from app.db.models import Prefix, PrefixVersion
-from app.errors import InvalidRequest, NotFound, RateLimited, RequestTimeout, ServiceError, Unavailable, error_body
+from app.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    RequestTimeout,
+    ServiceError,
+    Unavailable,
+    error_body,
+)
 from app.observability.context import note_event, note_model, note_prompt
+from app.services.catalog import InvalidRef, find_version, split_ref
 
 if TYPE_CHECKING:
     from app.engine.client import EngineClient, PrefixSelector
@@ -36,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
 OVERLOAD_RETRY_AFTER_S = "1"
 EVENT_BUFFER = 256  # merged events of one API request waiting for its consumer
 
@@ -57,33 +63,33 @@ def model_not_found(model: str) -> NotFound:
 
 
 def parse_model_name(model: str) -> tuple[str, int | None]:
-    """`name` → (name, None); `name@3` → (name, 3). `user:<id>` is a prefix name like any other."""
-    m = _VERSIONED.match(model)
-    if m is None:
-        return model, None
-    return m.group("name"), int(m.group("version"))
+    """`name` → (name, None); `name@3` → (name, 3). A malformed or zero version names no model: the 404."""
+    try:
+        return split_ref(model)
+    except InvalidRef:
+        raise model_not_found(model) from None
 
 
-def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str) -> ModelTarget:
-    """The target `model` names for this tenant, checked in the database; raises the 404 otherwise."""
+def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str,
+                  fingerprint: str) -> ModelTarget:
+    """The target `model` names for this tenant, checked in the database: the 404 when it does not exist, the
+    409 when the version was made for another base model than the one served (`fingerprint`)."""
     if model == base_model_id:
         return ModelTarget(model=model, selector=None)
     from app.engine.client import PrefixSelector
 
     name, version = parse_model_name(model)
-    stmt = (
-        sa.select(PrefixVersion.version, PrefixVersion.num_virtual_tokens)
-        .join(Prefix, PrefixVersion.prefix_id == Prefix.id)
-        .where(Prefix.tenant_id == tenant_id, Prefix.name == name)
-    )
-    stmt = (stmt.where(PrefixVersion.version == version) if version is not None
-            else stmt.order_by(PrefixVersion.version.desc()).limit(1))
-    row = session.execute(stmt).first()
-    if row is None:
+    found = find_version(session, tenant_id=tenant_id, name=name, version=version)
+    if found is None:
         raise model_not_found(model)
+    if found.base_model_fingerprint != fingerprint:
+        # Caught here, not at load time (a 503 that retrying never fixes): e.g. the operator changed the model.
+        raise Conflict(f"prefix version {name}@{found.version} was made for the base model with fingerprint "
+                       f"{found.base_model_fingerprint!r}; this server runs {base_model_id!r} (fingerprint "
+                       f"{fingerprint!r})", param="model", code="model_mismatch")
     # The concrete version, so the engine serves exactly what was checked even if a newer one lands now.
-    return ModelTarget(model=model, selector=PrefixSelector(tenant_id, name, int(row.version)),
-                       num_virtual_tokens=int(row.num_virtual_tokens))
+    return ModelTarget(model=model, selector=PrefixSelector(tenant_id, name, found.version),
+                       num_virtual_tokens=found.num_virtual_tokens)
 
 
 def check_prompt(prompt_ids: list[int], engine: EngineClient, *, param: str) -> None:
@@ -279,12 +285,13 @@ def error_payload(exc: ServiceError) -> str:
     return json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))
 
 
-async def lookup_target(session: Session, *, tenant_id: str, model: str, base_model_id: str) -> ModelTarget:
+async def lookup_target(session: Session, *, tenant_id: str, model: str, base_model_id: str,
+                        fingerprint: str) -> ModelTarget:
     """`resolve_model` off the event loop; then the session is closed, so no connection is held while the
     request generates (a long stream would otherwise pin one of the pool's few connections)."""
     note_model(model)
     try:
         return await asyncio.to_thread(resolve_model, session, tenant_id=tenant_id, model=model,
-                                       base_model_id=base_model_id)
+                                       base_model_id=base_model_id, fingerprint=fingerprint)
     finally:
         session.close()

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Prefix, PrefixVersion
 from app.protocol.models import ModelCard, ModelList
+from app.services.catalog import find_version
 from app.services.inference import model_not_found, parse_model_name
 
 BASE_OWNER = "system"
@@ -37,13 +38,8 @@ def get_model(session: Session, *, tenant_id: str, model: str, base_model_id: st
     if model == base_model_id:
         return base_card(base_model_id)
     name, version = parse_model_name(model)
-    stmt = (sa.select(Prefix.created_at, PrefixVersion.created_at.label("version_created"))
-            .join(PrefixVersion, PrefixVersion.prefix_id == Prefix.id)
-            .where(Prefix.tenant_id == tenant_id, Prefix.name == name))
-    stmt = (stmt.where(PrefixVersion.version == version) if version is not None
-            else stmt.order_by(PrefixVersion.version.desc()))
-    row = session.execute(stmt.limit(1)).first()
-    if row is None:
+    found = find_version(session, tenant_id=tenant_id, name=name, version=version)
+    if found is None:
         raise model_not_found(model)
-    created = row.version_created if version is not None else row.created_at
+    created = found.created_at if version is not None else found.prefix_created_at
     return ModelCard(id=model, created=int(created.timestamp()), owned_by=tenant_id, parent=base_model_id)

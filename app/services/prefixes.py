@@ -20,6 +20,7 @@ from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.admin import TenantLimitValues
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
+from app.services.catalog import InvalidRef, split_ref
 from app.services.limits import check_new_prefix
 from app.services.prefix_versions import PrefixStores as PrefixStores
 from app.services.prefix_versions import blob_referenced as blob_referenced
@@ -69,16 +70,12 @@ def validate_name(name: str) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """`name` or `name@version` -> (name, version or None)."""
-    name, sep, raw = ref.partition("@")
-    validate_name(name)
-    if not sep:
-        return name, None
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        raise InvalidRequest(
-            f"invalid version {raw[:20]!r} in {ref[:100]!r}: expected name@<positive integer>",
-            param="name", code="invalid_name")
-    return name, int(raw)
+    """`name` or `name@version` -> (name, version or None); 400 invalid_name for a bad name or version."""
+    try:
+        name, version = split_ref(ref)
+    except InvalidRef as exc:
+        raise InvalidRequest(str(exc), param="name", code="invalid_name") from None
+    return validate_name(name), version
 
 
 def require_model(stores: PrefixStores) -> ModelSpec:

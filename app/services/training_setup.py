@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from app.db.models import JOB_TERMINAL_STATUSES, JobEvent, Prefix, PrefixVersion, TrainingJob
+from app.db.models import JOB_TERMINAL_STATUSES, JobEvent, TrainingJob
 from app.errors import Conflict, InvalidRequest, Unavailable
 from app.protocol.fine_tuning import MAX_SEED, Hyperparameters, TrainingOptions
-from app.services.inference import parse_model_name
+from app.services.catalog import find_version
 from app.training.data import tokenize_examples
 from app.training.job_config import job_columns
 from app.training.lease import updated
@@ -71,27 +71,21 @@ def find_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, n
                     param: str = "warm_start") -> WarmStart | None:
     """The prefix version `name[@version]` of the tenant (personal prefixes included), pinned; None if missing.
     A version recorded for another base model is refused (its KV would not fit the served model)."""
-    stmt = (sa.select(PrefixVersion.version, PrefixVersion.num_virtual_tokens, PrefixVersion.base_model_fingerprint)
-            .join(Prefix, Prefix.id == PrefixVersion.prefix_id)
-            .where(Prefix.tenant_id == tenant_id, Prefix.name == name))
-    stmt = (stmt.where(PrefixVersion.version == version) if version is not None
-            else stmt.order_by(PrefixVersion.version.desc()))
-    row = session.execute(stmt.limit(1)).first()
-    if row is None:
+    found = find_version(session, tenant_id=tenant_id, name=name, version=version)
+    if found is None:
         return None
-    if row.base_model_fingerprint != ctx.fingerprint:
-        raise InvalidRequest(f"prefix {name}@{row.version} was made for another base model and cannot be a warm "
-                             "start here", param=param, code="model_mismatch")
-    return WarmStart(f"{name}@{row.version}", int(row.num_virtual_tokens))
+    if found.base_model_fingerprint != ctx.fingerprint:
+        raise InvalidRequest(f"prefix {name}@{found.version} was made for another base model and cannot be a "
+                             "warm start here", param=param, code="model_mismatch")
+    return WarmStart(f"{name}@{found.version}", found.num_virtual_tokens)
 
 
 def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, ref: str) -> WarmStart:
     """A warm start the client named: one of the tenant's prefixes, `name` or `name@version`; else 400."""
-    from app.services.prefixes import validate_name
+    from app.services.prefixes import parse_ref
 
-    name, version = parse_model_name(ref)
     try:
-        validate_name(name)
+        name, version = parse_ref(ref)
     except InvalidRequest as exc:
         raise InvalidRequest(f"warm_start: {exc.message}", param="warm_start", code="invalid_name") from None
     found = find_warm_start(session, ctx, tenant_id=tenant_id, name=name, version=version)

@@ -23,7 +23,7 @@ from app.db.session import make_engine, make_session_factory
 from app.main import create_app
 from app.runtime import Runtime, open_runtime
 from app.services.auth import generate_key, hash_key
-from tests.api.fake_engine import FakeEngineClient
+from tests.api.fake_engine import FAKE_FINGERPRINT, FakeEngineClient, with_fake_model
 
 ADMIN_KEY = "psk-admin-test-key"
 
@@ -68,7 +68,7 @@ def app_env(settings: Settings, fake_engine: FakeEngineClient) -> Iterator[AppEn
         runtime.engine_client = fake_engine  # type: ignore[assignment]
         return runtime
 
-    app = create_app(settings, runtime_factory=factory)
+    app = with_fake_model(create_app(settings, runtime_factory=factory))
     yield AppEnv(app, settings, make_session_factory(db), fake_engine)
     db.dispose()
 
@@ -107,10 +107,11 @@ def tenant(make_tenant: Callable[..., TenantKey]) -> TenantKey:
 @pytest.fixture
 def insert_prefix(app_env: AppEnv) -> Callable[..., str]:
     """Insert a prefix row with `versions` version rows (metadata only, no blob); returns the prefix id.
-    For a personal prefix pass `end_user_id` and the name `user:<external id>`."""
+    For a personal prefix pass `end_user_id` and the name `user:<external id>`; `fingerprint`: the base model
+    the versions were made for (the fake engine's by default)."""
 
     def insert(tenant_id: str, name: str, versions: int = 1, *, num_virtual_tokens: int = 4,
-               end_user_id: str | None = None) -> str:
+               end_user_id: str | None = None, fingerprint: str = FAKE_FINGERPRINT) -> str:
         with app_env.sessions() as s:
             prefix = Prefix(tenant_id=tenant_id, name=name, end_user_id=end_user_id)
             s.add(prefix)
@@ -118,7 +119,7 @@ def insert_prefix(app_env: AppEnv) -> Callable[..., str]:
             for v in range(1, versions + 1):
                 s.add(PrefixVersion(prefix_id=prefix.id, version=v, sha256=f"{v:064x}", size_bytes=1,
                                     num_virtual_tokens=num_virtual_tokens, source_format="native",
-                                    base_model_fingerprint="fake"))
+                                    base_model_fingerprint=fingerprint))
             s.commit()
             return prefix.id
 

@@ -13,11 +13,22 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import FastAPI
+
+from app.api.deps import get_served_fingerprint
 from app.engine.client import PrefixSelector
 from app.engine.sampling import SamplingParams
 from app.engine.types import TokenEvent
 
 EOS = 0
+FAKE_FINGERPRINT = "fake"  # the base model the fake engine "serves" (conftest's prefix rows are made for it)
+
+
+def with_fake_model(app: FastAPI) -> FastAPI:
+    """The app serving a fake engine has no model loaded: answer the fake model's fingerprint where routes ask
+    for the served one."""
+    app.dependency_overrides[get_served_fingerprint] = lambda: FAKE_FINGERPRINT
+    return app
 
 
 @dataclass

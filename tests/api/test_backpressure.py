@@ -22,7 +22,7 @@ from app.engine.sampling import SamplingParams
 from app.main import create_app
 from app.runtime import Runtime, open_runtime
 from tests.api.conftest import ADMIN_KEY
-from tests.api.fake_engine import FakeEngineClient
+from tests.api.fake_engine import FakeEngineClient, with_fake_model
 from tests.api.fixtures_admin import Api, bearer, make_api
 
 LONG = {"prompt": "hi", "max_tokens": 1000, "temperature": 0}  # >= 5 s with the slowed model below
@@ -114,7 +114,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, int, EndlessEngine]]:
         runtime.engine_client = fake  # type: ignore[assignment]
         return runtime
 
-    config = uvicorn.Config(create_app(settings, runtime_factory=factory), host="127.0.0.1", port=0,
+    config = uvicorn.Config(with_fake_model(create_app(settings, runtime_factory=factory)), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -84,6 +84,10 @@ async def test_prefix_and_404(client: httpx.AsyncClient, tenant: TenantKey,
     theirs, missing = await chat(client, tenant, model="theirs"), await chat(client, tenant, model="gone")
     assert theirs.status_code == missing.status_code == 404
     assert theirs.text == missing.text.replace("gone", "theirs")
+    insert_prefix(tenant.tenant_id, "stale", fingerprint="fp-of-another-model")
+    mismatch = await chat(client, tenant, model="stale")
+    assert mismatch.status_code == 409 and mismatch.json()["error"]["code"] == "model_mismatch", mismatch.text
+    assert (await chat(client, tenant, model="bot@0")).text == missing.text.replace("gone", "bot@0")
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -13,7 +13,7 @@ import pytest
 
 from app.engine.types import EngineOverloaded, RequestTooLarge
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
-from tests.api.fake_engine import FakeEngineClient
+from tests.api.fake_engine import FAKE_FINGERPRINT, FakeEngineClient
 from tests.api.sse import sse_payloads
 
 URL = "/v1/completions"
@@ -169,6 +169,33 @@ async def test_other_tenants_prefix_is_a_missing_one(
     assert_error(await complete(client, tenant, model="mine@2"), 404, "model")  # no such version
     # the 404 comes before any stream starts
     assert_error(await complete(client, tenant, model="secret", stream=True), 404, "model")
+    assert fake_engine.calls == []
+
+
+@pytest.mark.parametrize("model", ["poet@0", "poet@-1", "poet@abc", "poet@"])
+async def test_malformed_or_zero_version_is_a_missing_model(
+    client: httpx.AsyncClient, tenant: TenantKey, insert_prefix: Callable[..., str], fake_engine: FakeEngineClient,
+    model: str,
+) -> None:
+    insert_prefix(tenant.tenant_id, "poet", versions=2)
+    r, missing = await complete(client, tenant, model=model), await complete(client, tenant, model="nothing")
+    assert assert_error(r, 404, "model")["code"] == "model_not_found"
+    assert r.json() == json.loads(missing.text.replace("nothing", model))
+    assert (await client.get(f"/v1/models/{model}", headers=tenant.headers)).status_code == 404
+    assert fake_engine.calls == []
+
+
+async def test_prefix_made_for_another_base_model_is_refused_up_front(
+    client: httpx.AsyncClient, tenant: TenantKey, insert_prefix: Callable[..., str], fake_engine: FakeEngineClient,
+) -> None:
+    """E.g. the operator changed PREFIXSERVE_MODEL: a 409 naming both fingerprints, not a 503 from the engine."""
+    insert_prefix(tenant.tenant_id, "old", versions=2, fingerprint="fp-of-another-model")
+    for stream in (False, True):
+        err = assert_error(await complete(client, tenant, model="old", stream=stream), 409, "model")
+        assert err["code"] == "model_mismatch" and err["type"] == "conflict_error"
+        assert all(s in err["message"] for s in ("old@2", "'fp-of-another-model'", "'fake-base'",
+                                                  f"'{FAKE_FINGERPRINT}'"))
+    assert "old@1" in assert_error(await complete(client, tenant, model="old@1"), 409, "model")["message"]
     assert fake_engine.calls == []
 
 

@@ -123,6 +123,8 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str]] = [
     ({"validation_file": "file-missing"}, 400, "validation_file", "no file"),
     ({"warm_start": "nothing"}, 400, "warm_start", "no prefix 'nothing'"),
     ({"warm_start": "user:bob"}, 400, "warm_start", "reserved"),
+    ({"warm_start": "base@0"}, 400, "warm_start", "invalid version '0'"),  # the prefix API's parser and answer
+    ({"warm_start": "base@abc"}, 400, "warm_start", "invalid version 'abc'"),
 ]
 
 

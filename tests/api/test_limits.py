@@ -16,7 +16,7 @@ from app.config import Settings
 from app.main import create_app
 from app.runtime import Runtime, open_runtime
 from tests.api.conftest import ADMIN_KEY, TenantKey
-from tests.api.fake_engine import FakeEngineClient
+from tests.api.fake_engine import FakeEngineClient, with_fake_model
 from tests.api.fixtures_admin import ADMIN as API_ADMIN
 from tests.api.fixtures_admin import Api, api_fixture, bearer, native_bytes  # noqa: F401
 
@@ -179,7 +179,7 @@ def _app(tmp_path: Path, fake: FakeEngineClient, **overrides: Any) -> Any:
         runtime.engine_client = fake  # type: ignore[assignment]
         return runtime
 
-    return create_app(settings, runtime_factory=factory)
+    return with_fake_model(create_app(settings, runtime_factory=factory))
 
 
 @asynccontextmanager

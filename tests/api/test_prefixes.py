@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
@@ -215,6 +216,11 @@ def test_bad_forms_and_names(api: Api) -> None:
 def test_refs_and_formats(api: Api) -> None:
     _, key = api.tenant("acme")
     api.upload(key, "p", native_bytes(api.spec))
+    for ref in ("p@0", "p@-1", "p@abc", "p@"):
+        for r in (api.client.get(f"/v1/prefixes/{ref}", headers=bearer(key)),
+                  api.client.delete(f"/v1/prefixes/{ref}", headers=bearer(key))):
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_name", (ref, r.text)
+            assert "invalid version" in r.json()["error"]["message"]
     for path, status in [("/v1/prefixes/p@x", 400), ("/v1/prefixes/p@0", 400), ("/v1/prefixes/p@2", 404),
                          ("/v1/prefixes/nope", 404), ("/v1/prefixes/p/download?format=gguf", 400),
                          ("/v1/prefixes/user:bob", 400), ("/v1/prefixes/p@2/download", 404)]:
@@ -247,6 +253,25 @@ def test_delete_versions_and_all(api: Api) -> None:
     api.upload(key, "q", native_bytes(api.spec))
     assert api.client.delete("/v1/prefixes/q@1", headers=bearer(key)).status_code == 200
     assert api.prefix_rows() == (0, 0)
+
+
+def test_version_made_for_another_base_model_is_refused_before_serving(api: Api) -> None:
+    """A prefix stored while another base model was served (PREFIXSERVE_MODEL changed since): the row and the
+    blob carry the old fingerprint. Serving answers 409 up front instead of the engine's 503 at load time."""
+    from app.db.models import PrefixVersion
+
+    _, key = api.tenant("acme")
+    assert api.upload(key, "p", native_bytes(api.spec)).status_code == 201
+    old = native_bytes(api.spec, seed=1, fingerprint="fp-of-the-old-model")
+    with api.runtime.sessions() as s:
+        s.execute(sa.update(PrefixVersion).values(sha256=api.runtime.blobs.put(old), size_bytes=len(old),
+                                                  base_model_fingerprint="fp-of-the-old-model"))
+        s.commit()
+    r = api.client.post("/v1/completions", headers=bearer(key), json={"model": "p", "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("model_mismatch", "model")
+    assert all(s in err["message"] for s in ("p@1", "fp-of-the-old-model", api.spec.fingerprint))
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from app.main import create_app
 from app.runtime import Runtime, open_runtime
 from app.services.auth import authenticate
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
-from tests.api.fake_engine import FakeEngineClient
+from tests.api.fake_engine import FakeEngineClient, with_fake_model
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
@@ -115,7 +115,7 @@ def _app(tmp_path: Path, **overrides: object) -> object:
         return runtime
 
     settings = Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, **overrides)  # type: ignore[arg-type]
-    return create_app(settings, runtime_factory=factory)
+    return with_fake_model(create_app(settings, runtime_factory=factory))
 
 
 PREFLIGHT = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.migrate import upgrade
 from app.db.models import PrefixVersion
-from app.db.session import make_engine, make_session_factory
 from app.errors import InvalidRequest, NotFound
 from app.services import prefixes, tenants
 from prefix_store.blobs import BlobStore, FileBlobStore, open_blob_store
@@ -34,25 +31,6 @@ SPEC = ModelSpec(model_id="tiny", fingerprint="fp-tiny", num_layers=2, num_kv_he
 def _stores(blobs: BlobStore, invalidated: list[tuple[str, str]]) -> prefixes.PrefixStores:
     return prefixes.PrefixStores(blobs=blobs, spec=SPEC, max_virtual_tokens=64, max_bytes=1 << 20,
                                  invalidate=lambda t, p: invalidated.append((t, p)))
-
-
-def _sessions(url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(url)
-    engine = make_engine(url)
-    try:
-        yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def pg_sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
-    yield from _sessions(postgres_url)
-
-
-@pytest.fixture
-def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    yield from _sessions(f"sqlite:///{tmp_path / 'db.sqlite'}")
 
 
 def test_upload_list_download_delete_on_postgres_and_s3(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import EngineClientDep, GenerationDep, InferenceDep, SessionDep, get_runtime
+from app.api.deps import EngineClientDep, GenerationDep, InferenceDep, ServedFingerprintDep, SessionDep, get_runtime
 from app.api.routes.streaming import respond
 from app.protocol.chat import ChatCompletionRequest
 from app.services.chat import serve_chat
@@ -17,12 +17,12 @@ router = APIRouter(tags=["inference"])
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, principal: InferenceDep, session: SessionDep,
-    engine: EngineClientDep, _: GenerationDep,
+    engine: EngineClientDep, fingerprint: ServedFingerprintDep, _: GenerationDep,
 ) -> Response | EventSourceResponse:
     """Answer `messages` (through the model's chat template) with the model `model` names."""
     try:
         result = await serve_chat(body, principal=principal, session=session, engine=engine,
-                                  disconnected=receive_disconnect(request.receive))
+                                  fingerprint=fingerprint, disconnected=receive_disconnect(request.receive))
     except ClientDisconnected:
         return Response(status_code=499)
     return respond(result, send_timeout_s=get_runtime(request).settings.stream_send_timeout_s)
