@@ -72,15 +72,11 @@ class Catalog(Protocol):
 
 @dataclass(frozen=True)
 class ResolvedPrefix:
-    """A prefix ready for the engine. kv: keys/values [num_layers, num_kv_heads, P, head_dim] on the device.
-
-    If it was resolved with pin=True, hand it back with `PrefixResolver.release` when the row finishes.
-    """
+    """A prefix ready for the engine. kv: keys/values [num_layers, num_kv_heads, P, head_dim] on the device."""
 
     ref: PrefixRef
     kv: PrefixKV
     source: Source
-    pinned: bool = False
 
 
 @dataclass
@@ -146,32 +142,30 @@ class PrefixResolver:
         # Other replicas' deletes/replacements free our device memory; correctness does not depend on it.
         cache.subscribe(self._on_invalidation)
 
-    def get(
-        self, tenant_id: str, name: str, version: int | None = None, *, pin: bool = False
-    ) -> ResolvedPrefix:
+    def get(self, tenant_id: str, name: str, version: int | None = None) -> ResolvedPrefix:
         """The prefix named `name` (latest version if None), on the device.
 
         Raise PrefixNotFound if the catalog has nothing, PrefixUnavailable if no tier can produce the bytes,
-        PrefixError (from the codec) if the stored prefix does not fit the served model. With pin=True the
-        entry stays in the device pool until `release`.
+        PrefixError (from the codec) if the stored prefix does not fit the served model.
         """
         ref = self.catalog.lookup(tenant_id, name, version)
         if ref is None:
             what = f"{name!r}" if version is None else f"{name!r} version {version}"
             raise PrefixNotFound(f"no prefix {what} for tenant {tenant_id!r}")
+        return self.load(ref)
+
+    def load(self, ref: PrefixRef) -> ResolvedPrefix:
+        """The prefix version `ref` on the device, without asking the catalog: for a caller that has just read
+        `ref` from the catalog itself (the key holds the content hash, so no tier can answer stale bytes).
+        Raises as `get` does, PrefixNotFound aside."""
         key = ref.key
-        kv = self.pool.get(key, pin=pin)
+        kv = self.pool.get(key)
         if kv is not None:
             self._count("device_hits")
-            return ResolvedPrefix(ref, kv, "device", pin)
+            return ResolvedPrefix(ref, kv, "device")
         self._count("device_misses")
-        kv, source = self._load_once(ref, pin=pin)
-        return ResolvedPrefix(ref, kv, source, pin)
-
-    def release(self, resolved: ResolvedPrefix) -> None:
-        """Unpin a prefix obtained with pin=True."""
-        if resolved.pinned:
-            self.pool.unpin(resolved.ref.key)
+        kv, source = self._load_once(ref)
+        return ResolvedPrefix(ref, kv, source)
 
     def invalidate(self, tenant_id: str, prefix_id: str) -> None:
         """After a delete/replacement has committed: free it here and tell every other replica."""
@@ -190,7 +184,7 @@ class PrefixResolver:
         with self._lock:
             setattr(self._stats, name, getattr(self._stats, name) + n)
 
-    def _load_once(self, ref: PrefixRef, *, pin: bool) -> tuple[PrefixKV, Source]:
+    def _load_once(self, ref: PrefixRef) -> tuple[PrefixKV, Source]:
         """Load `ref` unless another thread is already loading it; then wait for that load instead."""
         key = ref.key
         with self._lock:
@@ -198,7 +192,7 @@ class PrefixResolver:
             leader = future is None
             if future is None:
                 # Re-check under the lock: a load may have finished between our pool miss and now.
-                kv = self.pool.get(key, pin=pin, record=False)
+                kv = self.pool.get(key, record=False)
                 if kv is not None:
                     return kv, "device"
                 future = self._inflight[key] = Future()
@@ -206,11 +200,11 @@ class PrefixResolver:
                 self._stats.coalesced += 1
         if not leader:
             kv = future.result()  # re-raises the leader's error: one outage, one error per waiter
-            # put() returns the pool's copy, re-inserting it if it was evicted meanwhile; it also pins.
-            return self.pool.put(key, kv, pin=pin), "device"
+            # put() returns the pool's copy, re-inserting it if it was evicted meanwhile.
+            return self.pool.put(key, kv), "device"
         try:
             kv, source = self._load(ref)
-            kv = self.pool.put(key, kv, pin=pin)
+            kv = self.pool.put(key, kv)
         except BaseException as exc:
             future.set_exception(exc)
             raise

@@ -72,8 +72,6 @@ class PrefixTierCollector(Collector):
         pool_bytes = GaugeMetricFamily("prefixserve_device_pool_bytes", "Bytes of prefixes held on the device.")
         pool_cap = GaugeMetricFamily("prefixserve_device_pool_capacity_bytes", "The device pool's byte bound.")
         pool_entries = GaugeMetricFamily("prefixserve_device_pool_entries", "Prefixes held on the device.")
-        pool_pinned = GaugeMetricFamily("prefixserve_device_pool_pinned_entries",
-                                        "Device-pool prefixes pinned by running rows.")
         evictions = CounterMetricFamily("prefixserve_device_pool_evictions", "Prefixes evicted from the pool.")
         if resolver is not None:
             r = resolver.stats()
@@ -89,9 +87,8 @@ class PrefixTierCollector(Collector):
             pool_bytes.add_metric([], p.bytes)
             pool_cap.add_metric([], p.max_bytes)
             pool_entries.add_metric([], p.entries)
-            pool_pinned.add_metric([], p.pinned)
             evictions.add_metric([], p.evictions)
-        yield from (hits, misses, errors, coalesced, pool_bytes, pool_cap, pool_entries, pool_pinned, evictions)
+        yield from (hits, misses, errors, coalesced, pool_bytes, pool_cap, pool_entries, evictions)
 
 
 class TrainingJobsCollector(Collector):

@@ -1,4 +1,4 @@
-"""DevicePool: LRU by bytes, refcounted pins, evict_prefix, thread safety."""
+"""DevicePool: LRU by bytes, evict_prefix, thread safety."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import hashlib
 import random
 import threading
 
-import pytest
 import torch
 
 from prefix_store.cache_tier import PrefixKey
@@ -53,7 +52,7 @@ def test_put_existing_key_keeps_first_copy() -> None:
     assert pool.stats().bytes == UNIT
 
 
-def test_oversized_unpinned_prefix_is_not_kept() -> None:
+def test_oversized_prefix_is_not_kept() -> None:
     pool = DevicePool(2 * UNIT)
     pool.put(key("a"), kv())
     big = kv(3)
@@ -61,66 +60,22 @@ def test_oversized_unpinned_prefix_is_not_kept() -> None:
     assert key("big") not in pool and key("a") in pool
 
 
-def test_pinned_entries_are_never_evicted_and_pool_may_exceed_bound() -> None:
-    pool = DevicePool(2 * UNIT)
-    a, b, c = key("a"), key("b"), key("c")
-    pool.put(a, kv(), pin=True)
-    pool.put(b, kv())
-    pool.get(b, pin=True)
-    pool.pin(b)  # refcount 2
-    pool.put(c, kv())  # everything else pinned: c itself is the only evictable entry
-    assert c not in pool and a in pool and b in pool
-    pool.put(c, kv(), pin=True)  # pinned: kept although the pool exceeds its bound
-    assert pool.stats().bytes == 3 * UNIT and pool.stats().pinned == 3
-    pool.unpin(a)  # evictable now, and the pool is over its bound: a goes
-    assert a not in pool and pool.stats().bytes == 2 * UNIT
-    pool.unpin(b)
-    assert b in pool  # still one pin left
-    pool.unpin(b)
-    pool.unpin(c)
-    assert pool.stats().pinned == 0 and pool.stats().bytes <= 2 * UNIT
-    with pytest.raises(KeyError):
-        pool.unpin(c)
-    with pytest.raises(KeyError):
-        pool.pin(key("absent"))
-
-
-def test_evict_prefix_drops_all_versions_pinned_ones_at_unpin() -> None:
+def test_evict_prefix_drops_all_versions() -> None:
     pool = DevicePool(10 * UNIT)
     v1, v2, other_prefix, other_tenant = key("p", 1), key("p", 2), key("q"), key("p", 1, tenant_id="u")
-    pool.put(v1, kv(), pin=True)
-    for k in (v2, other_prefix, other_tenant):
+    for k in (v1, v2, other_prefix, other_tenant):
         pool.put(k, kv())
     assert pool.evict_prefix("t", "p") == 2
-    assert v2 not in pool
-    assert pool.get(v1) is None  # invalidated: invisible, though still in memory while pinned
-    with pytest.raises(KeyError):
-        pool.pin(v1)
-    assert pool.stats().bytes == 3 * UNIT
-    pool.unpin(v1)  # last pin: dropped now
-    assert pool.stats().bytes == 2 * UNIT and pool.stats().entries == 2
+    assert v1 not in pool and v2 not in pool and pool.get(v1) is None
+    assert pool.stats().bytes == 2 * UNIT and pool.stats().entries == 2 and pool.stats().evictions == 2
     assert other_prefix in pool and other_tenant in pool
 
 
-def test_put_revives_an_invalidated_pinned_entry() -> None:
-    pool = DevicePool(10 * UNIT)
-    k = key("p")
-    first = kv()
-    pool.put(k, first, pin=True)
-    pool.evict_prefix("t", "p")
-    assert pool.put(k, kv()) is first  # reloaded under the same immutable key: the copy is reused
-    pool.unpin(k)
-    assert k in pool
-
-
-def test_zero_sized_pool_keeps_only_pinned() -> None:
+def test_zero_sized_pool_keeps_nothing() -> None:
     pool = DevicePool(0)
-    pool.put(key("a"), kv())
-    assert key("a") not in pool
-    pool.put(key("a"), kv(), pin=True)
-    assert key("a") in pool
-    pool.unpin(key("a"))
-    assert key("a") not in pool
+    got = kv()
+    assert pool.put(key("a"), got) is got
+    assert key("a") not in pool and pool.stats().bytes == 0
 
 
 def test_thread_safety_smoke() -> None:
@@ -130,23 +85,16 @@ def test_thread_safety_smoke() -> None:
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        held: list[PrefixKey] = []
         try:
             for _ in range(2000):
                 k = rng.choice(keys)
                 op = rng.random()
                 if op < 0.4:
-                    if pool.get(k, pin=True) is not None:
-                        held.append(k)
-                elif op < 0.7:
-                    pool.put(k, kv(rng.randint(1, 2)), pin=True)
-                    held.append(k)
-                elif op < 0.9 and held:
-                    pool.unpin(held.pop(rng.randrange(len(held))))
+                    pool.get(k)
+                elif op < 0.8:
+                    pool.put(k, kv(rng.randint(1, 2)))
                 else:
                     pool.evict_prefix("t", k.prefix_id)
-            for k in held:
-                pool.unpin(k)
         except BaseException as exc:
             errors.append(exc)
 
@@ -157,6 +105,5 @@ def test_thread_safety_smoke() -> None:
         t.join()
     assert errors == []
     s = pool.stats()
-    assert s.pinned == 0
-    assert s.bytes <= 8 * UNIT  # with every pin released, the bound holds again
+    assert s.bytes <= 8 * UNIT
     assert s.bytes == sum(v.nbytes for v in (pool.get(k, record=False) for k in keys) if v is not None)

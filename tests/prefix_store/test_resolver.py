@@ -257,6 +257,17 @@ def test_replaced_version_is_served_at_once(blobs: CountingBlobs) -> None:
     assert r.get(TENANT, "p", version=1).ref == v1  # explicit old version still resolvable
 
 
+def test_load_serves_a_ref_without_the_catalog(blobs: CountingBlobs) -> None:
+    """`load(ref)`: the tiers only, for a caller that has just read the ref from the catalog itself."""
+    catalog = DictCatalog()
+    ref = catalog.add(blobs, "p")
+    catalog.delete("p")  # the catalog is not asked: the ref alone names the bytes
+    r = resolver(catalog, blobs, InProcessTier(60, 2**20))
+    first, again = r.load(ref), r.load(ref)
+    assert (first.ref, first.source, again.source) == (ref, "blob", "device")
+    assert torch.equal(first.kv.keys, again.kv.keys)
+
+
 def test_invalidation_evicts_on_other_replica(
     blobs: CountingBlobs, redis_tiers: Callable[[], RedisTier]
 ) -> None:
@@ -282,19 +293,6 @@ def test_in_process_invalidation_evicts(blobs: CountingBlobs) -> None:
     r.get(TENANT, "p")
     cache.invalidate(TENANT, ref.prefix_id)  # e.g. the admin API deleting it
     assert ref.key not in r.pool
-
-
-def test_pin_and_release(blobs: CountingBlobs) -> None:
-    catalog = DictCatalog()
-    ref = catalog.add(blobs, "p")
-    r = resolver(catalog, blobs, InProcessTier(60, 2**20))
-    first, second = r.get(TENANT, "p", pin=True), r.get(TENANT, "p", pin=True)
-    assert r.pool.stats().pinned == 1
-    r.invalidate(TENANT, ref.prefix_id)
-    assert r.pool.stats().entries == 1  # still pinned by running rows
-    r.release(first)
-    r.release(second)
-    assert r.pool.stats().entries == 0
 
 
 def test_device_and_dtype(blobs: CountingBlobs) -> None:
