@@ -138,8 +138,10 @@ class JobReporter:
         except sa.exc.SQLAlchemyError as exc:
             log.warning("job %s: checkpoint at step %d not recorded: %s", self.lease.job_id, step, exc)
             return
-        with self.lease.sessions() as session:
-            delete_unreferenced_blobs(session=session, blobs=self.blobs, shas=[sha] if replaced is None else replaced)
+        unused = [sha] if replaced is None else replaced
+        if unused:
+            with self.lease.sessions() as session:
+                delete_unreferenced_blobs(session=session, blobs=self.blobs, shas=unused)
 
 
 def describe(event: TrainEvent) -> str:
