@@ -15,7 +15,9 @@ training and serving share one model object. Costs one more copy of the linear w
 
 from __future__ import annotations
 
+import copy
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,15 @@ class PackedLinear(torch.nn.Linear):
             return F.linear(x, self.weight, self.bias)
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
         return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> torch.nn.Linear:
+        """A copy is an ordinary `nn.Linear` (oneDNN's opaque tensor cannot be copied; a copy of the model is
+        usually made to be changed, e.g. wrapped by PEFT). Parameters go through `memo`, so tied weights stay tied."""
+        clone = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        clone.weight = copy.deepcopy(self.weight, memo)
+        clone.bias = copy.deepcopy(self.bias, memo)
+        clone.train(self.training)
+        return clone
 
 
 def packing_available() -> bool:

@@ -93,3 +93,18 @@ async def test_engine_tokens_same_packed_and_unpacked(model_fixture, request) ->
     for (t0, lp0), (t1, lp1) in zip(plain, packed, strict=True):
         assert t0 == t1
         torch.testing.assert_close(torch.tensor(lp1), torch.tensor(lp0), rtol=0, atol=1e-4)
+
+
+def test_deepcopy_of_a_packed_model_is_plain_and_keeps_tied_weights(tiny_llama) -> None:
+    import copy
+
+    model = tiny_llama.model
+    pack_linears(model)
+    clone = copy.deepcopy(model)
+    assert not any(type(m) is PackedLinear for m in clone.modules())
+    assert sorted(clone.state_dict()) == sorted(model.state_dict())
+    if model.config.tie_word_embeddings:
+        assert clone.lm_head.weight is clone.get_input_embeddings().weight
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
