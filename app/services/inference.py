@@ -88,8 +88,9 @@ def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id
                        f"{found.base_model_fingerprint!r}; this server runs {base_model_id!r} (fingerprint "
                        f"{fingerprint!r})", param="model", code="model_mismatch")
     # The concrete version, so the engine serves exactly what was checked even if a newer one lands now.
-    return ModelTarget(model=model, selector=PrefixSelector(tenant_id, name, found.version),
-                       num_virtual_tokens=found.num_virtual_tokens)
+    selector = PrefixSelector(tenant_id, name, found.version, prefix_id=found.prefix_id, sha256=found.sha256,
+                              num_virtual_tokens=found.num_virtual_tokens)
+    return ModelTarget(model=model, selector=selector, num_virtual_tokens=found.num_virtual_tokens)
 
 
 def check_prompt(prompt_ids: list[int], engine: EngineClient, *, param: str) -> None:
