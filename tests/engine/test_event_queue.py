@@ -47,8 +47,18 @@ async def test_stalled_consumer_is_cancelled_with_bounded_buffer(tiny_llama) -> 
 
 
 async def test_a_reading_consumer_is_never_cut_off(tiny_llama) -> None:  # type: ignore[no-untyped-def]
-    """The bound is on events waiting, not on the request's length: a consumer that keeps up gets them all."""
-    engine = make_engine(tiny_llama, max_buffered_events=4)
+    """The bound is on events waiting, not on the request's length: a consumer that keeps up gets them all.
+
+    Each step is slowed to 5 ms: the tiny model's steps take well under a millisecond, and on a loaded 2-core
+    machine the asyncio thread could then fall 8 events behind without being a slow reader (seen as a flake)."""
+    engine = make_engine(tiny_llama, max_buffered_events=8)
+    forward = engine.runner.forward
+
+    def slow(batch, _forward=forward):  # type: ignore[no-untyped-def]
+        time.sleep(0.005)
+        return _forward(batch)
+
+    engine.runner.forward = slow  # type: ignore[method-assign]
     try:
         res = await collect(engine, GenerationRequest([1, 2], SamplingParams(max_tokens=120, ignore_eos=True)))
         assert len(res.tokens) == 120 and res.final is not None and res.final.finish_reason == "length"
