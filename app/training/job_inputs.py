@@ -116,14 +116,15 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
     ref = warm_start_of(job)
     if ref is None:
         return None
-    from app.services.catalog import DbCatalog
+    from app.services.catalog import DbCatalog, InvalidRef, split_ref
     from prefix_store.codec import decode_native
     from prefix_store.types import PrefixError
 
-    name, sep, raw = ref.rpartition("@")
-    if not sep or not raw.isdigit():
-        name, raw = ref, ""
-    found = DbCatalog(sessions).lookup(job.tenant_id, name, int(raw) if raw else None)
+    try:
+        name, version = split_ref(ref)  # checked when the job was created; the same parser reads it back
+    except InvalidRef as exc:
+        raise JobFailed(JobError("invalid_warm_start", str(exc), "warm_start")) from None
+    found = DbCatalog(sessions).lookup(job.tenant_id, name, version)
     if found is None:
         raise JobFailed(JobError("warm_start_not_found", f"the warm-start prefix {ref!r} does not exist "
                                  "(it was deleted after the job was created)", "warm_start"))
