@@ -23,6 +23,9 @@ class EngineLimits:
     max_buffered_events: int = 1024
     # A request still queued or running this long after submission ends with an error of kind "timeout".
     request_timeout_s: float | None = None
+    # After waking from idle, wait this long for the rest of a burst (a request's n choices, many clients at
+    # once) so it is prefilled as one batch instead of the first arrival alone and the rest a step later.
+    coalesce_s: float = 0.002
 
 
 @dataclass

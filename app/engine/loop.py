@@ -141,8 +141,10 @@ class Engine:
                 idle = False
             self._flush_events()
             if idle:
-                self._wake.wait(0.05 if self._intake.resolving else 1.0)
+                woken = self._wake.wait(0.05 if self._intake.resolving else 1.0)
                 self._wake.clear()
+                if woken and self.limits.coalesce_s > 0:
+                    self._stop.wait(self.limits.coalesce_s)
         self._fail_all("engine stopped")
         self._flush_events()
 

@@ -13,7 +13,7 @@ from app.engine.types import GenerationRequest, TokenEvent
 from prefix_store.types import PrefixKV
 
 
-def make_engine(loaded, **limits: int | bool) -> Engine:
+def make_engine(loaded, **limits: float | bool) -> Engine:
     """A started engine on `loaded` (the production factory), with limits overridden for the test."""
     eng = build_engine(loaded, **limits)
     eng.start()

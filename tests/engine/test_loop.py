@@ -31,6 +31,24 @@ async def test_new_request_joins_running_batch(tiny_llama) -> None:
         engine.stop()
 
 
+async def test_a_burst_on_an_idle_engine_is_prefilled_together(tiny_llama) -> None:
+    """Requests submitted together to an idle engine share one prefill (coalescing window after the wake-up),
+    instead of the first arrival alone and the rest one step later."""
+    engine = make_engine(tiny_llama, coalesce_s=0.05)  # wide, so a loaded machine cannot split the burst
+    try:
+        await collect(engine, GenerationRequest([1, 2], SHORT))
+        await asyncio.sleep(0.2)  # idle again
+        before = engine.stats.prefills
+        # spread over 14 ms, like clients arriving together (a plain gather fits in one GIL switch interval)
+        results = await asyncio.gather(
+            *[collect(engine, GenerationRequest([3, i + 4], SHORT), delay=0.002 * i) for i in range(8)]
+        )
+        assert all(len(r.tokens) == 4 for r in results)
+        assert engine.stats.prefills - before == 1
+    finally:
+        engine.stop()
+
+
 async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
