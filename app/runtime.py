@@ -151,12 +151,14 @@ def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> 
 def _start_model(runtime: Runtime) -> None:
     from app.engine.client import EngineClient
     from app.engine.factory import build_engine, context_length
+    from app.engine.threads import run_in_own_thread
     from app.services.catalog import DbCatalog
     from prefix_store.device_pool import DevicePool
     from prefix_store.resolver import PrefixResolver
 
     s = runtime.settings
-    loaded = load_base_model(s, torch_threads=s.torch_threads)
+    # Loading and packing run parallel torch ops: on a thread that ends, so no OpenMP pool outlives them.
+    loaded = run_in_own_thread(lambda: load_base_model(s, torch_threads=s.torch_threads), name="model-load")
     runtime.model = loaded
     runtime.resolver = PrefixResolver(
         catalog=DbCatalog(runtime.sessions),
@@ -169,7 +171,7 @@ def _start_model(runtime: Runtime) -> None:
         max_virtual_tokens=s.max_virtual_tokens,
         max_bytes=s.max_upload_bytes,
     )
-    runtime.engine = build_engine(loaded, settings=s)
+    runtime.engine = run_in_own_thread(lambda: build_engine(loaded, settings=s), name="model-load")
     runtime.engine.start()
     runtime.engine_client = EngineClient(
         runtime.engine, loaded.tokenizer, runtime.resolver, loaded.spec.model_id, context_length(loaded)

@@ -99,9 +99,11 @@ async def _run_engine(
 ) -> Any:
     from app.engine.factory import build_engine
     from app.engine.sampling import SamplingParams
+    from app.engine.threads import run_in_own_thread
     from app.engine.types import GenerationRequest
 
-    engine = build_engine(loaded, packed_linears=packed, max_batch_rows=max(64, len(prompts)))
+    rows = max(64, len(prompts))
+    engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=packed, max_batch_rows=rows))
     engine.start()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
@@ -170,15 +172,37 @@ def _peft_sequential(
     return results, time.perf_counter() - t_start
 
 
-def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
+def _setup(config: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, list[tuple[str, Path, int]], list[Any]]:
+    """The model, the PEFT adapters saved under `tmp`, and (engine_prefixes) the adapters imported as prefixes."""
     from app.engine.model import load_model
     from prefix_store.peft_codec import decode_peft
+
+    loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
+    adapters = _adapters(loaded, args.n, tmp)
+    prefixes: list[Any] = [None] * args.n
+    if config == "engine_prefixes":
+        prefixes = [
+            decode_peft(
+                (d / "adapter_config.json").read_bytes(),
+                (d / "adapter_model.safetensors").read_bytes(),
+                spec=loaded.spec,
+                max_virtual_tokens=256,
+                max_bytes=2**30,
+            )[0]
+            for _, d, _ in adapters
+        ]
+    return loaded, adapters, prefixes
+
+
+def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
+    from app.engine.threads import run_in_own_thread
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
-        adapters = _adapters(loaded, args.n, Path(tmp))
+        # As the server does (app/engine/threads.py): set-up on a thread that ends, so its OpenMP pool does not
+        # outlive it and slow the engine thread.
+        loaded, adapters, prefixes = run_in_own_thread(lambda: _setup(config, args, Path(tmp)))
         prompts = _prompts(loaded.tokenizer, args.n)
         if config.startswith("peft_sequential"):
             if config == "peft_sequential_packed":
@@ -187,18 +211,6 @@ def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
                 pack_linears(loaded.model)  # before PEFT loads: only the base model's linears
             res, wall = _peft_sequential(loaded, adapters, prompts, args.new_tokens)
         else:
-            prefixes: list[Any] = [None] * args.n
-            if config == "engine_prefixes":
-                prefixes = [
-                    decode_peft(
-                        (d / "adapter_config.json").read_bytes(),
-                        (d / "adapter_model.safetensors").read_bytes(),
-                        spec=loaded.spec,
-                        max_virtual_tokens=256,
-                        max_bytes=2**30,
-                    )[0]
-                    for _, d, _ in adapters
-                ]
             res, wall = asyncio.run(
                 _run_engine(loaded, prompts, prefixes, args.new_tokens, packed=not args.unpacked)
             )

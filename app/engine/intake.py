@@ -2,17 +2,21 @@
 
 The async side `put`s requests; the engine thread `poll`s once per step. A request whose prefix is a loader (a
 callable) is resolved on a side thread, so a cold prefix load never stalls the running batch; it becomes ready
-when its load finishes, or fails alone when the load raises.
+when its load finishes, or fails alone when the load raises. Each load runs on a thread of its own that ends
+with it (app/engine/threads.py: a long-lived loader thread would keep an OpenMP pool that slows the engine),
+at most `resolver_threads` at a time.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from app.engine.rowstate import ActiveRequest
+from app.engine.threads import start_in_own_thread
 from prefix_store.types import PrefixKV
 
 
@@ -21,7 +25,7 @@ class Intake:
 
     def __init__(self, *, resolver_threads: int, wake: Callable[[], None]) -> None:
         self._queue: queue.Queue[ActiveRequest] = queue.Queue()
-        self._pool = ThreadPoolExecutor(resolver_threads, thread_name_prefix="prefix-resolve")
+        self._gate = threading.BoundedSemaphore(resolver_threads)
         self._wake = wake
         self.resolving: list[tuple[ActiveRequest, Future[PrefixKV]]] = []
         self.ready: deque[ActiveRequest] = deque()
@@ -60,7 +64,7 @@ class Intake:
             taken.append(active)
             src = active.request.prefix
             if callable(src):
-                fut = self._pool.submit(src)
+                fut = start_in_own_thread(src, name="prefix-resolve", gate=self._gate)
                 fut.add_done_callback(lambda _f: self._wake())
                 self.resolving.append((active, fut))
             else:
@@ -77,4 +81,6 @@ class Intake:
         self.ready.clear()
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Loads not started yet are cancelled; running ones finish on their own (nobody reads them)."""
+        for _, fut in self.resolving:
+            fut.cancel()
