@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
+from app.engine.threads import run_in_own_thread
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.admin import TenantLimitValues
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
@@ -96,8 +97,10 @@ def upload_prefix(
     max_prefixes and max_stored_bytes (`limits`; None = unchecked)."""
     name = validate_name(name)
     spec = require_model(stores)
-    converted = convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
-                               max_bytes=stores.max_bytes)
+    # Torch work on a thread that ends, not the request thread: see app/engine/threads.py (OpenMP pools).
+    converted = run_in_own_thread(
+        lambda: convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
+                               max_bytes=stores.max_bytes), name="prefix-convert")
     if limits is not None:
         check_new_prefix(session=session, limits=limits, tenant_id=tenant_id, name=name,
                          new_bytes=len(converted.native))
@@ -201,7 +204,8 @@ def download_prefix(
         raise Unavailable("the stored prefix cannot be read right now; retry shortly") from None
     if fmt == "native":
         return Download(f"{base}.safetensors", "application/octet-stream", data)
-    return Download(f"{base}.zip", "application/zip", _to_peft_zip(data, stores, row.recorded_base_model))
+    zipped = run_in_own_thread(lambda: _to_peft_zip(data, stores, row.recorded_base_model), name="prefix-convert")
+    return Download(f"{base}.zip", "application/zip", zipped)
 
 
 def _to_peft_zip(data: bytes, stores: PrefixStores, recorded: str | None) -> bytes:

@@ -10,11 +10,13 @@ with `job_queue = none`) created in a shared database.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
 import time
 
+from app.engine.threads import run_in_own_thread
 from app.training.jobs import JobContext, execute_job
 from app.training.recovery import sweep
 
@@ -81,7 +83,10 @@ class InProcessJobQueue:
                 self._ids.discard(job_id)
                 self.current = job_id
             try:
-                execute_job(job_id, ctx=self.ctx, interrupt=self._interrupt, timeout_s=self.ctx.settings.job_timeout_s)
+                # On a thread of its own that ends with the job: the OpenMP pool its training starts must not
+                # outlive it, or the engine's decode steps stay ~10% slower (app/engine/threads.py).
+                run_in_own_thread(functools.partial(execute_job, job_id, ctx=self.ctx, interrupt=self._interrupt,
+                                                    timeout_s=self.ctx.settings.job_timeout_s), name="training-job")
             except Exception:
                 # The database was unreachable at claim time: the job stays queued; the sweep retries it.
                 log.exception("training job %s could not be run", job_id)
