@@ -39,10 +39,11 @@ class Intake:
         failed: list[tuple[ActiveRequest, BaseException]] = []
         still = []
         for active, fut in self.resolving:
+            if active.done:  # cancelled or timed out while its prefix was loading
+                fut.cancel()  # a load still waiting for its turn never starts
+                continue
             if not fut.done():
                 still.append((active, fut))
-                continue
-            if active.done:  # cancelled while its prefix was loading
                 continue
             exc = fut.exception()
             if exc is not None:
@@ -64,7 +65,11 @@ class Intake:
             taken.append(active)
             src = active.request.prefix
             if callable(src):
-                fut = start_in_own_thread(src, name="prefix-resolve", gate=self._gate)
+                try:
+                    fut = start_in_own_thread(src, name="prefix-resolve", gate=self._gate)
+                except RuntimeError as exc:  # "can't start new thread": this request fails alone, at next poll
+                    fut = Future()
+                    fut.set_exception(exc)
                 fut.add_done_callback(lambda _f: self._wake())
                 self.resolving.append((active, fut))
             else:

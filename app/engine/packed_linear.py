@@ -11,6 +11,10 @@ swap: parameters, tied weights, hooks and state-dict keys stay exactly as they a
 weight. The packed path runs only where no gradient is recorded (the engine runs under `inference_mode`); a
 forward with gradients (training a prefix through the shared frozen model) takes the ordinary `F.linear`, so
 training and serving share one model object. Costs one more copy of the linear weights in memory.
+
+The base model is frozen: weights changed in place after packing (`load_state_dict`) would leave the packed copy
+stale, so pack after the weights are final. A packed model cannot be pickled (oneDNN's opaque tensor); a deep copy
+is an ordinary model.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, logits / temperature overflows to inf and the softmax to NaN: the limit is the argmax anyway.
+        return self.temperature < 1e-5
 
 
 @dataclass
@@ -95,11 +96,13 @@ def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     k = min(_TOP_P_FIRST_K, x.shape[-1])
     while todo.numel() > 0:
         vals, idx = torch.topk(probs.index_select(0, todo), k, dim=-1)  # [r, k], likeliest first
-        mass = torch.cumsum(vals, dim=-1)
-        tp = top_p.index_select(0, todo).unsqueeze(1)  # [r, 1]
+        # float64 sums: a float32 scan's rounding depends on the row count on CUDA (see _draw)
+        mass = torch.cumsum(vals, dim=-1, dtype=torch.float64)
+        before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)  # mass strictly before each
+        tp = top_p.index_select(0, todo).unsqueeze(1).double()  # [r, 1]
         done = (mass[:, -1:] >= tp).squeeze(1) | (k == x.shape[-1])  # the nucleus lies within these k
         rows = todo[done]
-        keep[rows] = keep[rows].scatter(1, idx[done], (mass - vals)[done] < tp[done])
+        keep[rows] = keep[rows].scatter(1, idx[done], before[done] < tp[done])
         todo, k = todo[~done], x.shape[-1]
     return x.masked_fill(~keep, float("-inf"))
 
@@ -121,15 +124,22 @@ def _filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     return x
 
 
-def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: probs [R, V], one uniform u [R] in [0, 1) per row -> token ids [R]."""
-    cdf = torch.cumsum(probs, dim=-1)
-    target = (u * cdf[:, -1]).unsqueeze(1)
+def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling from softmax(x): filtered logits x [R, V], one uniform u [R] in [0, 1) per row -> ids [R].
+
+    The CDF is summed in float64: on CUDA a float32 scan's rounding depends on how many rows it scans (one row takes
+    another kernel), which would move a seeded row's draw between alone and batched; in float64 the difference is
+    ~1e-16 and a draw changes only if its uniform number lands within it. On a CPU each row is summed in order,
+    whatever the row count (tested: the same tokens alone and in any batch)."""
+    probs = torch.softmax(x, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    target = (u.double() * cdf[:, -1]).unsqueeze(1)
     ids = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-    # A draw that rounds past the last positive probability takes the likeliest token instead.
-    zero = probs.gather(1, ids.unsqueeze(1)).squeeze(1) <= 0
-    if bool(zero.any()):
-        ids = torch.where(zero, probs.argmax(dim=-1), ids)
+    # A draw that rounds past the last positive probability, or a row whose probabilities are not numbers (an inf
+    # or NaN logit), takes the row's largest logit instead.
+    bad = ~(probs.gather(1, ids.unsqueeze(1)).squeeze(1) > 0)
+    if bool(bad.any()):
+        ids = torch.where(bad, torch.nan_to_num(x, nan=float("-inf")).argmax(dim=-1), ids)
     return ids
 
 
@@ -157,14 +167,16 @@ def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[Toke
     if sampled:
         x = _filtered_logits(_rows_of(logits, sampled), [states[i].params for i in sampled])  # [R, V]
         u = torch.cat([torch.rand(1, generator=states[i].generator, device=dev) for i in sampled])
-        chosen[torch.tensor(sampled, device=dev)] = _draw(torch.softmax(x, dim=-1), u)
+        chosen[torch.tensor(sampled, device=dev)] = _draw(x, u)
     ids = chosen.tolist()
     out = [TokenChoice(token_id=t, logprob=None) for t in ids]
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     if want:
         logp = torch.log_softmax(_rows_of(logits, want), dim=-1)  # [W, V]
         picked = logp.gather(1, _rows_of(chosen.unsqueeze(1), want)).squeeze(1).tolist()
-        k_max = max(states[i].params.logprobs or 0 for i in want)
+        # Always the same k (not the largest asked in this batch): among tied logprobs, topk's choice depends on k,
+        # and a row's alternatives must not depend on its neighbours.
+        k_max = min(MAX_TOP_LOGPROBS, logp.shape[-1]) if any(states[i].params.logprobs for i in want) else 0
         top_v, top_i = torch.topk(logp, k_max, dim=-1) if k_max else (logp[:, :0], logp[:, :0].long())
         top_vals, top_ids = top_v.tolist(), top_i.tolist()
         for j, i in enumerate(want):

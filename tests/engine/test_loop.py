@@ -294,3 +294,67 @@ async def test_fail_all_requests_ends_running_and_waiting_ones_and_the_engine_se
         assert len(after.tokens) == 4
     finally:
         engine.stop()
+
+
+async def test_a_prefix_load_that_cannot_start_fails_alone(tiny_llama, monkeypatch) -> None:
+    """When the loader thread cannot be started, only that request fails (prefix_unavailable); the requests taken
+    with it are served (they used to be dropped, never getting a final event)."""
+    from app.engine import intake
+
+    real, calls = intake.start_in_own_thread, []
+
+    def flaky(fn, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("can't start new thread")
+        return real(fn, **kw)
+
+    monkeypatch.setattr(intake, "start_in_own_thread", flaky)
+    engine = make_engine(tiny_llama, coalesce_s=0.05)  # the three arrive in one intake round
+    prefix = random_prefix(tiny_llama, 3, seed=1)
+    try:
+        results = await asyncio.gather(
+            collect(engine, GenerationRequest([1, 2], SHORT)),
+            collect(engine, GenerationRequest([3, 4], SHORT, prefix=lambda: prefix)),
+            collect(engine, GenerationRequest([5, 6], SHORT, prefix=lambda: prefix)),
+        )
+        kinds = [r.final.error_kind if r.final else "hung" for r in results]
+        assert sorted(kinds, key=str) == sorted([None, None, "prefix_unavailable"], key=str)
+        assert engine.stats.waiting == 0
+    finally:
+        engine.stop()
+
+
+async def test_a_cancelled_request_never_starts_its_prefix_load(tiny_llama) -> None:
+    """With every loader slot busy, a request cancelled while its load waits never runs that load."""
+    engine = make_engine(tiny_llama, resolver_threads=1)
+    started, release = threading.Event(), threading.Event()
+    ran = threading.Event()
+    prefix = random_prefix(tiny_llama, 3, seed=2)
+
+    def slow():  # type: ignore[no-untyped-def]
+        started.set()
+        release.wait(5)
+        return prefix
+
+    def second():  # type: ignore[no-untyped-def]
+        ran.set()
+        return prefix
+
+    try:
+        first = asyncio.create_task(collect(engine, GenerationRequest([1, 2], SHORT, prefix=slow)))
+        await asyncio.to_thread(started.wait, 5)
+        stream = engine.submit(GenerationRequest([3, 4], SHORT, prefix=second, request_id="waits"))
+        pending = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.1)
+        pending.cancel()  # the consumer leaves: the request is cancelled while its load waits for the slot
+        await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()
+        await asyncio.sleep(0.1)
+        release.set()
+        assert len((await first).tokens) == 4
+        await asyncio.sleep(0.2)
+        assert not ran.is_set()
+    finally:
+        release.set()
+        engine.stop()

@@ -134,3 +134,23 @@ def test_mixed_batch_each_row_as_alone() -> None:
             assert all(c.logprob is not None and len(c.top_logprobs) == p.logprobs for c in alone)
         else:
             assert all(c.logprob is None and c.top_logprobs == () for c in alone)
+
+
+def test_top_logprobs_do_not_depend_on_what_neighbours_ask() -> None:
+    """Tied logprobs: the alternatives a row gets are the same alone and next to a row asking for more."""
+    logits = torch.zeros(2, 60)
+    logits[:, 10:] = 1.0  # 50 tied top tokens
+    asks_2 = SamplerState.create(SamplingParams(temperature=0.0, logprobs=2), CPU)
+    alone = select_tokens(logits[:1], [asks_2])[0]
+    asks_20 = SamplerState.create(SamplingParams(temperature=0.0, logprobs=20), CPU)
+    batched = select_tokens(logits, [asks_2, asks_20])[0]
+    assert alone == batched and len(alone.top_logprobs) == 2
+
+
+def test_non_finite_logits_and_tiny_temperatures_pick_a_real_token() -> None:
+    logits = torch.zeros(2, 50)
+    logits[0, 16] = float("inf")  # softmax is NaN: the row must still get token 16, not the last id
+    logits[1, 7] = 3.0
+    states = [SamplerState.create(SamplingParams(temperature=1.0, seed=1), CPU),
+              SamplerState.create(SamplingParams(temperature=1e-45, seed=1), CPU)]  # greedy in effect
+    assert [c.token_id for c in select_tokens(logits, states)] == [16, 7]
