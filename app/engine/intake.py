@@ -65,11 +65,7 @@ class Intake:
             taken.append(active)
             src = active.request.prefix
             if callable(src):
-                try:
-                    fut = start_in_own_thread(src, name="prefix-resolve", gate=self._gate)
-                except RuntimeError as exc:  # "can't start new thread": this request fails alone, at next poll
-                    fut = Future()
-                    fut.set_exception(exc)
+                fut = start_in_own_thread(src, name="prefix-resolve", gate=self._gate)  # may hold a start failure
                 fut.add_done_callback(lambda _f: self._wake())
                 self.resolving.append((active, fut))
             else:
@@ -81,11 +77,9 @@ class Intake:
         self.ready = deque(a for a in self.ready if not a.done)
 
     def clear(self) -> None:
-        """Forget every queued request (after the engine failed them all)."""
-        self.resolving = []
-        self.ready.clear()
-
-    def shutdown(self) -> None:
-        """Loads not started yet are cancelled; running ones finish on their own (nobody reads them)."""
+        """Forget every queued request (the engine failed them all, or stops): loads not started yet are
+        cancelled; running ones finish on their own (nobody reads them)."""
         for _, fut in self.resolving:
             fut.cancel()
+        self.resolving = []
+        self.ready.clear()

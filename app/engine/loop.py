@@ -72,7 +72,7 @@ class Engine:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self._intake.shutdown()
+        self._intake.clear()
 
     @property
     def alive(self) -> bool:

@@ -27,7 +27,8 @@ def run_in_own_thread(fn: Callable[[], T], *, name: str = "torch-setup") -> T:
 def start_in_own_thread(
     fn: Callable[[], T], *, name: str, gate: threading.BoundedSemaphore | None = None
 ) -> Future[T]:
-    """Start `fn` on a new daemon thread (after taking `gate`, when given); its outcome arrives in the future."""
+    """Start `fn` on a new daemon thread (after taking `gate`, when given); its outcome arrives in the future,
+    including a thread that cannot be started (the future then holds that RuntimeError)."""
     fut: Future[T] = Future()
 
     def run() -> None:
@@ -43,5 +44,8 @@ def start_in_own_thread(
             if gate is not None:
                 gate.release()
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        threading.Thread(target=run, name=name, daemon=True).start()
+    except RuntimeError as exc:  # "can't start new thread": the caller's future fails like the call would
+        fut.set_exception(exc)
     return fut

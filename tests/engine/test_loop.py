@@ -299,25 +299,24 @@ async def test_fail_all_requests_ends_running_and_waiting_ones_and_the_engine_se
 async def test_a_prefix_load_that_cannot_start_fails_alone(tiny_llama, monkeypatch) -> None:
     """When the loader thread cannot be started, only that request fails (prefix_unavailable); the requests taken
     with it are served (they used to be dropped, never getting a final event)."""
-    from app.engine import intake
+    real_start, calls = threading.Thread.start, []
 
-    real, calls = intake.start_in_own_thread, []
+    def flaky_start(self):  # type: ignore[no-untyped-def]
+        if self.name == "prefix-resolve":
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("can't start new thread")
+        real_start(self)
 
-    def flaky(fn, **kw):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("can't start new thread")
-        return real(fn, **kw)
-
-    monkeypatch.setattr(intake, "start_in_own_thread", flaky)
+    monkeypatch.setattr(threading.Thread, "start", flaky_start)
     engine = make_engine(tiny_llama, coalesce_s=0.05)  # the three arrive in one intake round
     prefix = random_prefix(tiny_llama, 3, seed=1)
     try:
-        results = await asyncio.gather(
+        results = await asyncio.wait_for(asyncio.gather(  # a dropped request would never end: fail, not hang
             collect(engine, GenerationRequest([1, 2], SHORT)),
             collect(engine, GenerationRequest([3, 4], SHORT, prefix=lambda: prefix)),
             collect(engine, GenerationRequest([5, 6], SHORT, prefix=lambda: prefix)),
-        )
+        ), timeout=20)
         kinds = [r.final.error_kind if r.final else "hung" for r in results]
         assert sorted(kinds, key=str) == sorted([None, None, "prefix_unavailable"], key=str)
         assert engine.stats.waiting == 0

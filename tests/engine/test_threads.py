@@ -23,6 +23,16 @@ def test_result_and_exception_come_back() -> None:
         run_in_own_thread(boom)
 
 
+def test_a_thread_that_cannot_start_fails_the_future(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_threads(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_threads)
+    fut = start_in_own_thread(lambda: 1, name="w")
+    with pytest.raises(RuntimeError, match="can't start"):
+        fut.result(timeout=1)
+
+
 def test_gate_bounds_concurrency() -> None:
     gate = threading.BoundedSemaphore(2)
     running, peak, lock = 0, 0, threading.Lock()
