@@ -84,6 +84,15 @@ class TokenChoice:
 _TOP_P_FIRST_K = 128
 
 
+def _prefix_sums(x: torch.Tensor) -> torch.Tensor:
+    """Running sums along the last axis, as used for probability mass: x [R, V] -> [R, V].
+
+    On a CPU each row is summed in order in float32 whatever the row count (exactly the same alone and batched). On
+    CUDA a float32 scan rounds differently for one row than for several (another kernel), which would move a seeded
+    row's draw between alone and batched; float64 shrinks that to ~1e-16 (10x slower on a CPU, so not there)."""
+    return torch.cumsum(x, dim=-1, dtype=torch.float32 if x.device.type == "cpu" else torch.float64)
+
+
 def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep each row's nucleus: x [R, V] logits, top_p [R] -> logits [R, V] with the rest at -inf.
 
@@ -96,10 +105,9 @@ def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     k = min(_TOP_P_FIRST_K, x.shape[-1])
     while todo.numel() > 0:
         vals, idx = torch.topk(probs.index_select(0, todo), k, dim=-1)  # [r, k], likeliest first
-        # float64 sums: a float32 scan's rounding depends on the row count on CUDA (see _draw)
-        mass = torch.cumsum(vals, dim=-1, dtype=torch.float64)
+        mass = _prefix_sums(vals)
         before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)  # mass strictly before each
-        tp = top_p.index_select(0, todo).unsqueeze(1).double()  # [r, 1]
+        tp = top_p.index_select(0, todo).unsqueeze(1).to(mass.dtype)  # [r, 1]
         done = (mass[:, -1:] >= tp).squeeze(1) | (k == x.shape[-1])  # the nucleus lies within these k
         rows = todo[done]
         keep[rows] = keep[rows].scatter(1, idx[done], before[done] < tp[done])
@@ -126,14 +134,10 @@ def _filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
 
 def _draw(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling from softmax(x): filtered logits x [R, V], one uniform u [R] in [0, 1) per row -> ids [R].
-
-    The CDF is summed in float64: on CUDA a float32 scan's rounding depends on how many rows it scans (one row takes
-    another kernel), which would move a seeded row's draw between alone and batched; in float64 the difference is
-    ~1e-16 and a draw changes only if its uniform number lands within it. On a CPU each row is summed in order,
-    whatever the row count (tested: the same tokens alone and in any batch)."""
+    The CDF is summed by `_prefix_sums`, so a seeded row draws the same token alone and in a batch."""
     probs = torch.softmax(x, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-    target = (u.double() * cdf[:, -1]).unsqueeze(1)
+    cdf = _prefix_sums(probs)
+    target = (u.to(cdf.dtype) * cdf[:, -1]).unsqueeze(1)
     ids = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # A draw that rounds past the last positive probability, or a row whose probabilities are not numbers (an inf
     # or NaN logit), takes the row's largest logit instead.
