@@ -2,6 +2,9 @@
 
 Text is released only when it is final: never half of a multi-byte character (the tokenizer yields U+FFFD
 until the bytes are complete), and never a tail that might still grow into a stop string.
+
+With `min_tokens` (vLLM's rule), a stop string ends the text only if it ends after the text of the first
+`min_tokens` tokens: one lying wholly inside them stays in the text, one that straddles the boundary counts.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ class Decoder(Protocol):
 class IncrementalText:
     """Accumulates generated token ids and returns the newly safe text after each one."""
 
-    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Decoder, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self._tok = tokenizer
         self._stop = stop
+        self._min_tokens = min_tokens
+        self._stop_after = 0  # a stop string counts only if it ends past this many chars of text
         self._ids: list[int] = []
         self._prefix_offset = 0  # ids[prefix_offset:read_offset] decode to text already in self.text
         self._read_offset = 0
@@ -42,13 +47,16 @@ class IncrementalText:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
             self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        if len(self._ids) <= self._min_tokens:
+            self._stop_after = len(self.text)
         return self._release()
 
     def _release(self) -> str:
         if self._stop:
-            # Search from where a stop string could first have become complete.
+            # Search from where a stop string could first have become complete, and past the min_tokens text.
             start = max(0, self._emitted - max(len(s) for s in self._stop))
-            hits = [i for s in self._stop if (i := self.text.find(s, start)) != -1]
+            hits = [i for s in self._stop
+                    if (i := self.text.find(s, max(start, self._stop_after - len(s) + 1))) != -1]
             if hits:
                 self.stopped = True
                 self.text = self.text[: min(hits)]

@@ -223,7 +223,8 @@ class Engine:
             self._leave_queue(a)
         dev = self.geometry.device
         new_rows = [
-            NewRow(a.request_id, a.request.prompt_ids, a.prefix, SamplerState.create(a.request.sampling, dev))
+            NewRow(a.request_id, a.request.prompt_ids, a.prefix,
+                   SamplerState.create(a.request.sampling, dev, end_token_ids=self.eos_token_ids))
             for a in admitted
         ]
         try:

@@ -19,7 +19,7 @@ class ActiveRequest:
         self.request = request
         self.request_id = request.request_id
         self.prefix: PrefixKV | None = None
-        self.text = IncrementalText(tokenizer, request.sampling.stop)
+        self.text = IncrementalText(tokenizer, request.sampling.stop, request.sampling.min_tokens)
         self.completion_tokens = 0
         self.done = False
         self.queued = True  # counts against the engine's waiting limit until admitted or finished
@@ -39,6 +39,7 @@ class ActiveRequest:
         """Account for one generated token and emit its event (the final one when a stop condition holds)."""
         params = self.request.sampling
         self.completion_tokens += 1
+        # With ignore_eos an EOS is an ordinary token; EOS before min_tokens cannot come (select_tokens masks it).
         is_eos = choice.token_id in eos and not params.ignore_eos
         text = "" if is_eos else self.text.add(choice.token_id)
         reason: FinishReason | None = None

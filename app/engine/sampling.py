@@ -3,6 +3,11 @@
 Every row owns its own `torch.Generator`, seeded from the request, and draws exactly one number per generated
 token. A row's sampled tokens therefore depend only on its own logits and seed, never on which other rows share
 the batch (the batch-invariance half of DESIGN.md §2 for sampling).
+
+Length controls, as vLLM: `min_tokens` masks the row's end tokens (the model's EOS ids, whether or not the row
+ignores EOS: vLLM masks every "stop token id" of the request) to -inf for its first `min_tokens` tokens, so a row
+never ends on EOS before then; its stop strings are handled by the detokenizer (`IncrementalText`). `ignore_eos`
+is applied where a row finishes (`ActiveRequest.on_token`): an EOS is then an ordinary token.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ class SamplingParamsError(ValueError):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What a request asks of token selection. temperature 0 = greedy."""
+    """What a request asks of token selection and of when generation ends. temperature 0 = greedy.
+
+    ignore_eos: an EOS token does not end the row (it is emitted as an ordinary token, with no text since special
+    tokens are skipped); only max_tokens, a stop string or the context end do.
+    min_tokens: EOS cannot be chosen for the first min_tokens tokens (its logits are -inf), and a stop string ends
+    the row only if it ends after the text of those tokens (vLLM's rule: one inside them is kept as text).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -30,10 +41,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None = off; k = also return the k most likely alternatives
     ignore_eos: bool = False
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise SamplingParamsError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise SamplingParamsError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -53,13 +68,19 @@ class SamplingParams:
 
 @dataclass
 class SamplerState:
-    """Per-row sampling state that lives as long as the row."""
+    """Per-row sampling state that lives as long as the row.
+
+    end_token_ids: the tokens that `min_tokens` forbids (the model's EOS ids); generated: tokens chosen so far.
+    """
 
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
+    end_token_ids: tuple[int, ...] = ()
+    generated: int = 0
 
     @classmethod
-    def create(cls, params: SamplingParams, device: torch.device) -> SamplerState:
+    def create(cls, params: SamplingParams, device: torch.device,
+               end_token_ids: frozenset[int] = frozenset()) -> SamplerState:
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=device)
@@ -67,7 +88,8 @@ class SamplerState:
                 gen.manual_seed(params.seed)
             else:
                 gen.seed()
-        return cls(params=params, generator=gen)
+        ends = tuple(sorted(end_token_ids)) if params.min_tokens else ()
+        return cls(params=params, generator=gen, end_token_ids=ends)
 
 
 @dataclass(frozen=True)
@@ -154,22 +176,43 @@ def _rows_of(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
+def _forbid_end_tokens(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """logits [B, V] with each row's end tokens at -inf while the row has fewer than min_tokens tokens -> [B, V].
+
+    A copy when some row is masked (the caller keeps the model's own logits for logprobs), else `logits` itself.
+    Only a row's own entries change, so no row's choice depends on its neighbours' settings."""
+    vocab = logits.shape[-1]
+    pairs = [(i, t) for i, s in enumerate(states) if s.generated < s.params.min_tokens
+             for t in s.end_token_ids if t < vocab]
+    if not pairs:
+        return logits
+    rows, cols = zip(*pairs, strict=True)
+    out = logits.clone()
+    out[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return out
+
+
 def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[TokenChoice]:
     """Choose the next token of every row.
 
-    logits: [B, V] for the last position of each row, any float dtype; states: one per row.
-    Greedy rows are one argmax; sampled rows are filtered together and each draws one uniform number from its own
-    generator (inverse CDF), so a row's token never depends on its neighbours. Logprobs (of the model's own
-    distribution) and top alternatives are computed for the rows that ask, and read back in one transfer.
+    logits: [B, V] for the last position of each row, any float dtype; states: one per row (each counts the token
+    chosen here). A row still short of its min_tokens cannot choose its end tokens. Greedy rows are one argmax;
+    sampled rows are filtered together and each draws one uniform number from its own generator (inverse CDF), so
+    a row's token never depends on its neighbours. Logprobs (of the model's own distribution, before the
+    min_tokens mask, as vLLM's default) and top alternatives are computed for the rows that ask, and read back in
+    one transfer.
     """
     logits = logits.float()
     dev = logits.device
+    allowed = _forbid_end_tokens(logits, states)  # [B, V]: what rows choose from; logprobs stay the model's own
+    for s in states:
+        s.generated += 1
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
     # argmax over a 49152-token vocabulary costs ~1 ms per 32 rows on a CPU: skipped when every row samples.
-    chosen = (torch.argmax(logits, dim=-1) if len(sampled) < len(states)
+    chosen = (torch.argmax(allowed, dim=-1) if len(sampled) < len(states)
               else torch.zeros(len(states), dtype=torch.long, device=dev))  # [B]
     if sampled:
-        x = _filtered_logits(_rows_of(logits, sampled), [states[i].params for i in sampled])  # [R, V]
+        x = _filtered_logits(_rows_of(allowed, sampled), [states[i].params for i in sampled])  # [R, V]
         u = torch.cat([torch.rand(1, generator=states[i].generator, device=dev) for i in sampled])
         chosen[torch.tensor(sampled, device=dev)] = _draw(x, u)
     ids = chosen.tolist()

@@ -59,6 +59,19 @@ class SamplingFields(OpenAIRequest):
     stop: Stop = None
     seed: int | None = None
     user: str | None = None
+    # vLLM's length controls (benchmark tools send ignore_eos with max_tokens for fixed output lengths).
+    ignore_eos: bool = Field(
+        default=False,
+        description="Do not end on the model's end-of-sequence token: generate until max_tokens or a stop string.",
+    )
+    min_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description=(
+            "Generate at least this many tokens: no end-of-sequence token before them, and a stop string ends the "
+            "generation only if it ends after them. At most max_tokens (or, with no max_tokens, what fits the "
+            "context)."
+        ),
+    )
 
     @field_validator("stop")
     @classmethod
