@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from app.engine.detok import IncrementalText
 
 
@@ -12,8 +14,8 @@ class ByteTok:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
-def _feed(text: str, stop: tuple[str, ...] = ()) -> tuple[list[str], IncrementalText]:
-    inc = IncrementalText(ByteTok(), stop)
+def _feed(text: str, stop: tuple[str, ...] = (), min_tokens: int = 0) -> tuple[list[str], IncrementalText]:
+    inc = IncrementalText(ByteTok(), stop, min_tokens)
     pieces = []
     for b in text.encode():
         pieces.append(inc.add(b))
@@ -48,3 +50,17 @@ def test_partial_stop_match_is_held_then_released() -> None:
 def test_earliest_of_several_stop_strings_wins() -> None:
     pieces, inc = _feed("one two three", stop=("three", "two"))
     assert "".join(pieces) == "one " and inc.stopped
+
+
+@pytest.mark.parametrize(("min_tokens", "stop", "want"), [
+    (0, "c", "ab"),
+    (3, "c", "abcab"),  # the first "c" is the 3rd token: inside min_tokens, kept as text
+    (5, "c", "abcab"),
+    (6, "c", "abcabcab"),
+    (2, "bc", "a"),  # starts inside the first 2 tokens, ends after them: it counts (vLLM)
+    (3, "bc", "abca"),
+    (9, "c", "abcabcabc"),  # min_tokens = every token: no stop string can end the text
+])
+def test_stop_strings_only_end_past_min_tokens(min_tokens: int, stop: str, want: str) -> None:
+    pieces, inc = _feed("abcabcabc", stop=(stop,), min_tokens=min_tokens)
+    assert "".join(pieces) == want and inc.stopped == (want != "abcabcabc")
