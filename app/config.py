@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     database_url: str | None = None  # default: SQLite under data_dir
+    # Migrate PREFIXSERVE_DATABASE_URL to this build's schema at start-up (the embedded SQLite default always
+    # is). Off by default: a shared database is migrated by `prefixserve migrate`, not behind the operator's
+    # back; replicas starting together with it on take turns on the migrations' advisory lock.
+    migrate_on_start: bool = False
+    # Connections: a request holds one only for its queries (milliseconds); waiting longer than the timeout for
+    # one (or for a database thread) is a 503 with Retry-After, never a 30 s hang.
+    database_pool_size: int = Field(default=10, ge=1)
+    database_max_overflow: int = Field(default=20, ge=0)
+    database_pool_timeout_s: float = Field(default=1.0, gt=0)
     redis_url: str | None = None  # default: in-process cache
     object_store_url: str | None = None  # default: local directory under data_dir; or s3://bucket/prefix
     s3_endpoint_url: str | None = None

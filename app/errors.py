@@ -120,6 +120,13 @@ def install_handlers(app: FastAPI) -> None:
         return await _service(request, Unavailable("the database is unavailable; retry shortly",
                                                    headers={"Retry-After": "5"}))
 
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_exhausted(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        # No pooled connection came free within PREFIXSERVE_DATABASE_POOL_TIMEOUT_S: shed, the client retries.
+        log.warning("database pool exhausted during %s %s", request.method, request.url.path)
+        return await _service(request, Unavailable("the database is busy; retry shortly", code="database_busy",
+                                                   headers={"Retry-After": "1"}))
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}

@@ -16,6 +16,7 @@ from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.observability.middleware import ObservabilityMiddleware
 from app.protocol.errors import ERROR_RESPONSES
+from app.schema_gate import SchemaGate, SchemaGateMiddleware
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -50,6 +51,12 @@ def create_app(
     app = FastAPI(title="prefixserve", version="0.1.0", lifespan=lifespan)
     # One registry per app (tests build many apps in one process); collectors find the runtime at scrape time.
     metrics = Metrics(lambda: getattr(app.state, "runtime", None)) if cfg.metrics_enabled else None
+
+    def schema_gate() -> SchemaGate | None:
+        return getattr(getattr(app.state, "runtime", None), "schema_gate", None)
+
+    # Added first, so it runs inside the observability middleware: its 503s are logged and counted.
+    app.add_middleware(SchemaGateMiddleware, gate=schema_gate)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics, log_prompts=cfg.log_prompts)
     if cfg.cors_origins:
         # Closed by default: no CORS headers unless origins are configured. Keys travel in the Authorization

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
+    from app.readiness import Check, StoreChecks
+    from app.schema_gate import SchemaGate
+    from app.services.db_calls import DbCalls
     from app.training.queue import JobQueue
     from prefix_store.blobs import BlobStore
     from prefix_store.cache_tier import CacheTier
@@ -40,7 +43,18 @@ class Runtime:
     admin_key: str | None = None
     # Hands created training jobs to workers; None: jobs stay `queued` for a worker's sweep to pick up.
     job_queue: JobQueue | None = None
+    # Whether the database schema is at this build's head; None (no gate) in runtimes built by hand in tests.
+    schema_gate: SchemaGate | None = None
+    store_checks: StoreChecks | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The request path's database calls (app/services/db_calls.py): as many threads as the pool keeps open.
+    db_calls: DbCalls = field(init=False)
+
+    def __post_init__(self) -> None:
+        from app.services.db_calls import DbCalls
+
+        self.db_calls = DbCalls(self.sessions, threads=self.settings.database_pool_size,
+                                wait_s=self.settings.database_pool_timeout_s)
 
     def database_ok(self) -> bool:
         try:
@@ -50,11 +64,17 @@ class Runtime:
         except sa.exc.SQLAlchemyError:
             return False
 
-    def readiness(self) -> dict[str, bool]:
-        return {
-            "model": self.model is not None and self.engine is not None and self.engine.alive,
-            "database": self.database_ok(),
-        }
+    def readiness(self) -> dict[str, Check]:
+        """Every check serving needs, by name (app/readiness.py); ready when all pass."""
+        from app.readiness import database_checks, model_check
+
+        checks = {"model": model_check(self), **database_checks(self)}
+        if self.store_checks is not None:
+            checks["object_store"] = self.store_checks.object_store()
+            cache = self.store_checks.cache()
+            if cache is not None:
+                checks["cache"] = cache
+        return checks
 
     def close(self) -> None:
         """Stop the engine and close the stores. `await job_queue.close()` first, on the event loop that used
@@ -64,6 +84,7 @@ class Runtime:
             stop()
         if self.engine is not None:
             self.engine.stop()
+        self.db_calls.close()
         close = getattr(self.cache, "close", None)
         if callable(close):
             close()
@@ -72,38 +93,44 @@ class Runtime:
 
 def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
     """Open the stores and (optionally) load the model and start the engine thread."""
-    from app.db.migrate import upgrade
-    from app.db.session import make_engine, make_session_factory
-    from prefix_store.blobs import open_blob_store
+    from app.db.migrate import head, upgrade
+    from app.db.session import PoolLimits, make_engine, make_session_factory
+    from app.readiness import StoreChecks, describe_url, log_start_up, open_blobs
+    from app.schema_gate import open_schema_gate
     from prefix_store.cache_tier import open_cache_tier
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     if settings.database_url is None:
-        # The embedded SQLite default migrates itself; production runs `prefixserve migrate` once.
+        # The embedded SQLite default is this process's own: it migrates itself.
         upgrade(url)
-    db = make_engine(url)
+    elif settings.migrate_on_start:
+        # A shared database, migrated here only because the operator asked; env.py's advisory lock makes
+        # replicas starting together take turns, and the later ones find it at head and do nothing.
+        log.info("PREFIXSERVE_MIGRATE_ON_START: migrating %s to revision %s", describe_url(url), head())
+        upgrade(url)
+    db = make_engine(url, pool=PoolLimits(size=settings.database_pool_size,
+                                          overflow=settings.database_max_overflow,
+                                          timeout_s=settings.database_pool_timeout_s))
     runtime = Runtime(
         settings=settings,
         db=db,
         sessions=make_session_factory(db),
-        blobs=open_blob_store(
-            settings.resolved_object_store_url,
-            endpoint_url=settings.s3_endpoint_url,
-            access_key=settings.s3_access_key_id,
-            secret_key=settings.s3_secret_access_key,
-            region=settings.s3_region,
-        ),
+        blobs=open_blobs(settings),
         cache=open_cache_tier(
             settings.redis_url, ttl_s=settings.redis_ttl_s, max_value_bytes=settings.redis_max_value_bytes
         ),
     )
+    # Otherwise a schema behind this build would answer 500s (missing tables) while /readyz said ready.
+    runtime.schema_gate = open_schema_gate(db)
+    runtime.store_checks = StoreChecks(settings, runtime.blobs)
     runtime.admin_key = _admin_key(settings)
     if load_model:
         _start_model(runtime)
         from app.training.queue import open_job_queue
 
         runtime.job_queue = open_job_queue(runtime)
+    log_start_up(runtime)
     return runtime
 
 
@@ -118,15 +145,16 @@ def _admin_key(settings: Settings) -> str | None:
 
     from app.services.auth import generate_key
 
-    path = settings.data_dir / "admin_key"
+    path = (settings.data_dir / "admin_key").resolve()
     if path.exists():
+        log.info("admin key: in %s (read it with `cat %s`)", path, path)
         return path.read_text().strip()
     key = generate_key()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    # Shown once, on the console of the operator who started the embedded server.
-    log.warning("generated the admin key %s (saved with mode 0600 in %s)", key, path)
+    # Never the key itself: logs are collected, shipped and kept where a key must not be.
+    log.warning("generated an admin key, saved with mode 0600 in %s: read it with `cat %s`", path, path)
     return key
 
 

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.errors import Forbidden, Unauthorized, Unavailable
 from app.observability.context import current as request_record
 from app.observability.context import note_tenant
 from app.protocol.admin import TenantLimitValues
 from app.services import limits
-from app.services.auth import Principal, authenticate
+from app.services.access import Access, ModelQuery, admin_access, authorize
+from app.services.auth import Principal
+from app.services.catalog import InvalidRef, split_ref
+from app.services.limit_store import CounterStore
 
 if TYPE_CHECKING:
     from app.engine.client import EngineClient
     from app.runtime import Runtime
+
+T = TypeVar("T")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -29,57 +35,94 @@ RuntimeDep = Annotated["Runtime", Depends(get_runtime)]
 
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    """A session for a route's own queries. Its connection is taken at the first query and given back when the
+    route function returns (scope "function"): before a response streams, never held across one."""
     with runtime.sessions() as session:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_principal(request: Request, runtime: RuntimeDep, session: SessionDep) -> Principal:
+def bearer_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    # A database outage here is the global handler's 503 (app/errors.py install_handlers).
-    principal = authenticate(session, raw_key=key.strip(), admin_key=runtime.admin_key)
-    if principal is None:
+    return key.strip()
+
+
+async def _authorize(request: Request, runtime: Runtime, model: ModelQuery | None = None) -> Access:
+    """The caller's access, from one query in a short session on a database thread (see DbCalls). A database
+    outage is the global handler's 503 (app/errors.py install_handlers); no free thread or connection, a 503
+    `database_busy`."""
+    key = bearer_key(request)
+    access = admin_access(key, runtime.admin_key)
+    if access is None:
+        settings, admin_key = runtime.settings, runtime.admin_key
+        access = await runtime.db_calls.run(
+            lambda session: authorize(session, raw_key=key, admin_key=admin_key, settings=settings, model=model))
+    if access is None:
         raise Unauthorized("invalid API key")
-    note_tenant(principal.tenant_id)  # for the access log
-    return principal
+    note_tenant(access.principal.tenant_id)  # for the access log
+    return access
+
+
+async def get_access(request: Request) -> Access:
+    return await _authorize(request, get_runtime(request))
+
+
+AccessDep = Annotated[Access, Depends(get_access)]
+
+
+async def get_principal(access: AccessDep) -> Principal:
+    return access.principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_limits(principal: PrincipalDep, runtime: RuntimeDep, session: SessionDep) -> TenantLimitValues | None:
+async def get_limits(access: AccessDep) -> TenantLimitValues | None:
     """The calling tenant's effective limits (None for the admin key, which has none)."""
-    if principal.tenant_id is None:
-        return None
-    return limits.effective_limits(session=session, settings=runtime.settings, tenant_id=principal.tenant_id)
+    return access.limits
 
 
 LimitsDep = Annotated[TenantLimitValues | None, Depends(get_limits)]
 
 
-def require_tenant(scope: str) -> Callable[..., Principal]:
-    """A dependency: a tenant key holding `scope` (the admin key is not a tenant and is refused here), within
-    its requests_per_minute (every tenant request counts)."""
+async def _counted(runtime: Runtime, fn: Callable[[CounterStore], T]) -> T:
+    """A rate or slot operation: Redis calls (sub-second socket timeouts) on a thread, in-process ones inline."""
+    store = limits.counters(runtime)
+    if store.shared:
+        return await run_in_threadpool(fn, store)
+    return fn(store)
 
-    def dep(principal: PrincipalDep, tenant_limits: LimitsDep, runtime: RuntimeDep) -> Principal:
-        if principal.is_admin:
-            raise Forbidden("the admin key cannot access tenant data; use a tenant API key")
-        if scope not in principal.scopes and not (scope == "inference" and "manage" in principal.scopes):
-            raise Forbidden(f"this API key lacks the `{scope}` scope")
-        assert principal.tenant_id is not None and tenant_limits is not None
-        limits.check_request_rate(store=limits.counters(runtime), tenant_id=principal.tenant_id,
-                                  limits=tenant_limits)
-        return principal
+
+async def _check_tenant(runtime: Runtime, access: Access, scope: str) -> None:
+    """A tenant key holding `scope` (the admin key is not a tenant and is refused here), within its
+    requests_per_minute (every tenant request counts)."""
+    principal, tenant_limits = access.principal, access.limits
+    if principal.is_admin:
+        raise Forbidden("the admin key cannot access tenant data; use a tenant API key")
+    if scope not in principal.scopes and not (scope == "inference" and "manage" in principal.scopes):
+        raise Forbidden(f"this API key lacks the `{scope}` scope")
+    assert principal.tenant_id is not None and tenant_limits is not None
+    tenant_id = principal.tenant_id
+    await _counted(runtime, lambda store: limits.check_request_rate(store=store, tenant_id=tenant_id,
+                                                                     limits=tenant_limits))
+
+
+def require_tenant(scope: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the principal of a tenant key holding `scope` (see `_check_tenant`)."""
+
+    async def dep(request: Request, access: AccessDep) -> Principal:
+        await _check_tenant(get_runtime(request), access, scope)
+        return access.principal
 
     return dep
 
 
-def require_admin(principal: PrincipalDep) -> Principal:
+async def require_admin(principal: PrincipalDep) -> Principal:
     if not principal.is_admin:
         raise Forbidden("this endpoint needs the platform admin key")
     return principal
@@ -90,24 +133,55 @@ ManageDep = Annotated[Principal, Depends(require_tenant("manage"))]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-def generation_slot(principal: InferenceDep, tenant_limits: LimitsDep, runtime: RuntimeDep) -> Iterator[None]:
-    """A completions/chat request: room left in tokens_per_minute and one of max_concurrent_requests slots,
-    held until the response ends (a stream included); then its completion tokens are counted."""
-    assert principal.tenant_id is not None and tenant_limits is not None
-    store = limits.counters(runtime)
-    limits.check_token_rate(store=store, tenant_id=principal.tenant_id, limits=tenant_limits)
-    token = limits.acquire_request_slot(store=store, tenant_id=principal.tenant_id, limits=tenant_limits)
+async def _named_model(request: Request, base_model_id: str | None) -> ModelQuery | None:
+    """The prefix version the JSON body's `model` names, to look up with the key; None for the base model or
+    when the body has no usable `model` (the route's own validation answers that). FastAPI has parsed the body
+    before the dependencies run and Starlette keeps it, so this reads no bytes from the client."""
     try:
-        yield
+        body = await request.json()
+    except ValueError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or model == base_model_id:
+        return None
+    try:
+        name, version = split_ref(model)
+    except InvalidRef:
+        return None
+    return ModelQuery(name, version)
+
+
+async def generation_access(request: Request) -> AsyncIterator[Access]:
+    """A completions/chat request: an inference key, the version its `model` names (same query), room left in
+    tokens_per_minute and one of max_concurrent_requests slots, held until the response ends (a stream
+    included); then its completion tokens are counted. Holds no thread and no connection meanwhile."""
+    runtime = get_runtime(request)
+    client = runtime.engine_client
+    query = await _named_model(request, client.model_id if client is not None else None)
+    access = await _authorize(request, runtime, query)
+    await _check_tenant(runtime, access, "inference")
+    tenant_id, tenant_limits = access.principal.tenant_id, access.limits
+    assert tenant_id is not None and tenant_limits is not None
+
+    def take(store: CounterStore) -> str | None:
+        limits.check_token_rate(store=store, tenant_id=tenant_id, limits=tenant_limits)
+        return limits.acquire_request_slot(store=store, tenant_id=tenant_id, limits=tenant_limits)
+
+    token = await _counted(runtime, take)
+    try:
+        yield access
     finally:
-        limits.release_request_slot(store=store, tenant_id=principal.tenant_id, token=token)
         record = request_record()  # the serving core notes each choice's completion tokens there
-        if record is not None:
-            limits.record_tokens(store=store, tenant_id=principal.tenant_id, limits=tenant_limits,
-                                 tokens=record.completion_tokens)
+        tokens = record.completion_tokens if record is not None else 0
+
+        def give_back(store: CounterStore) -> None:
+            limits.release_request_slot(store=store, tenant_id=tenant_id, token=token)
+            limits.record_tokens(store=store, tenant_id=tenant_id, limits=tenant_limits, tokens=tokens)
+
+        await _counted(runtime, give_back)
 
 
-GenerationDep = Annotated[None, Depends(generation_slot)]
+GenerationDep = Annotated[Access, Depends(generation_access)]
 
 
 def get_engine_client(request: Request) -> EngineClient:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
 
 from app.db.session import ensure_sqlite_parent_dir, make_engine, sqlite_file
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+VERSION_TABLE = "alembic_version"  # Alembic's default; migrations/env.py keeps it
 
 
 def alembic_config(url: str) -> Config:
@@ -73,3 +76,22 @@ def head() -> str:
 def is_current(url: str) -> bool:
     """Whether the database at `url` is migrated to the newest revision."""
     return current(url) == head()
+
+
+def known_revisions() -> frozenset[str]:
+    """Every revision in `migrations/versions`: a database at one of them other than `head()` is behind this
+    build; one at a revision not in here was migrated by a newer build."""
+    script = ScriptDirectory.from_config(alembic_config(""))
+    return frozenset(rev.revision for rev in script.walk_revisions())
+
+
+def revision_of(conn: Connection) -> str | None:
+    """The revision of the database `conn` is connected to; None when it was never migrated. Read directly
+    (what MigrationContext.get_current_revision reads) because a MigrationContext logs two INFO lines each
+    time it is made, and the schema gate reads this every second while the schema is behind."""
+    if not sa.inspect(conn).has_table(VERSION_TABLE):
+        return None
+    versions = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+    if len(versions) > 1:
+        raise RuntimeError(f"the database has several migration heads {versions}; expected one")
+    return versions[0] if versions else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -73,19 +74,35 @@ def ensure_sqlite_parent_dir(url: str | URL) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str | URL, *, echo: bool = False, sqlite_foreign_keys: bool = True) -> Engine:
+@dataclass(frozen=True)
+class PoolLimits:
+    """The connection pool: `size` kept open, up to `overflow` more under load, `timeout_s` to wait for one."""
+
+    size: int = 5
+    overflow: int = 10
+    timeout_s: float = 30.0
+
+    def options(self) -> dict[str, Any]:
+        return {"pool_size": self.size, "max_overflow": self.overflow, "pool_timeout": self.timeout_s}
+
+
+def make_engine(url: str | URL, *, echo: bool = False, sqlite_foreign_keys: bool = True,
+                pool: PoolLimits | None = None) -> Engine:
     """Engine for `url`. SQLite: creates the file's directory and sets the pragmas on every connection.
 
     `sqlite_foreign_keys=False` is only for migrations: SQLite "batch" table rebuilds drop and recreate
     tables, and with foreign keys on, dropping a parent table silently runs its ON DELETE CASCADE.
     """
     u = sa.make_url(url)
+    pool_options = (pool or PoolLimits()).options()
     if u.get_backend_name() != "sqlite":
-        return sa.create_engine(u, echo=echo, pool_pre_ping=True)
+        return sa.create_engine(u, echo=echo, pool_pre_ping=True, **pool_options)
 
     ensure_sqlite_parent_dir(u)
     in_memory = not u.database or u.database == ":memory:" or "mode=memory" in str(u.database)
-    engine = sa.create_engine(u, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    # An in-memory database lives in one connection (a static pool): no pool options apply.
+    engine = sa.create_engine(u, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                              **({} if in_memory else pool_options))
 
     @sa.event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

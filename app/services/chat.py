@@ -8,8 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session
-
 from app.errors import InvalidRequest, ServiceError
 from app.protocol.chat import (
     AssistantMessage,
@@ -24,14 +22,14 @@ from app.protocol.chat import (
     TopLogprob,
 )
 from app.protocol.common import Usage, normalize_stop
-from app.services.auth import Principal
+from app.services.access import Access
 from app.services.inference import (
     Generation,
     check_prompt,
     collect,
     completion_budget,
     error_payload,
-    lookup_target,
+    request_target,
     sampling_params,
     start_generation,
 )
@@ -39,6 +37,7 @@ from app.services.inference import (
 if TYPE_CHECKING:
     from app.engine.client import EngineClient
     from app.engine.types import TokenEvent
+    from app.services.db_calls import DbCalls
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +69,12 @@ def chat_logprobs(engine: EngineClient, events: list[TokenEvent]) -> ChoiceLogpr
 
 
 async def serve_chat(
-    req: ChatCompletionRequest, *, principal: Principal, session: Session, engine: EngineClient,
+    req: ChatCompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClient,
     fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> ChatCompletion | AsyncIterator[str]:
     """Run a chat completion. Errors before generation raise ServiceError; a stream returns payloads."""
-    assert principal.tenant_id is not None  # InferenceDep refuses the admin key
-    target = await lookup_target(session, tenant_id=principal.tenant_id, model=req.model,
-                                 base_model_id=engine.model_id, fingerprint=fingerprint)
+    target = await request_target(access, db_calls=db_calls, model=req.model, base_model_id=engine.model_id,
+                                  fingerprint=fingerprint)
     prompt_ids = encode_messages(req, engine)
     check_prompt(prompt_ids, engine, param="messages")
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

@@ -7,19 +7,17 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from sqlalchemy.orm import Session
-
 from app.errors import ServiceError
 from app.protocol.common import Usage, normalize_stop
 from app.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from app.services.auth import Principal
+from app.services.access import Access
 from app.services.inference import (
     Generation,
     check_prompt,
     collect,
     completion_budget,
     error_payload,
-    lookup_target,
+    request_target,
     sampling_params,
     start_generation,
 )
@@ -27,6 +25,7 @@ from app.services.inference import (
 if TYPE_CHECKING:
     from app.engine.client import EngineClient
     from app.engine.types import TokenEvent
+    from app.services.db_calls import DbCalls
 
 
 class CompletionLogprobsBuilder:
@@ -55,13 +54,12 @@ class CompletionLogprobsBuilder:
 
 
 async def serve_completion(
-    req: CompletionRequest, *, principal: Principal, session: Session, engine: EngineClient,
+    req: CompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClient,
     fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> Completion | AsyncIterator[str]:
     """Run a completion. Errors before generation starts raise ServiceError; streaming returns payloads."""
-    assert principal.tenant_id is not None  # InferenceDep refuses the admin key
-    target = await lookup_target(session, tenant_id=principal.tenant_id, model=req.model,
-                                 base_model_id=engine.model_id, fingerprint=fingerprint)
+    target = await request_target(access, db_calls=db_calls, model=req.model, base_model_id=engine.model_id,
+                                  fingerprint=fingerprint)
     prompt_ids = engine.encode_prompt(req.prompt)  # type: ignore[arg-type]  # normalized by the validator
     check_prompt(prompt_ids, engine, param="prompt")
     max_tokens = completion_budget(len(prompt_ids), req.max_tokens, target, engine.context_length,

@@ -34,12 +34,14 @@ from app.errors import (
     error_body,
 )
 from app.observability.context import note_event, note_model, note_prompt
-from app.services.catalog import InvalidRef, find_version, split_ref
+from app.services.access import Access, ModelQuery
+from app.services.catalog import FoundVersion, InvalidRef, find_version, split_ref
 
 if TYPE_CHECKING:
     from app.engine.client import EngineClient, PrefixSelector
     from app.engine.sampling import SamplingParams
     from app.engine.types import TokenEvent
+    from app.services.db_calls import DbCalls
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,21 @@ def parse_model_name(model: str) -> tuple[str, int | None]:
 
 def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str,
                   fingerprint: str) -> ModelTarget:
-    """The target `model` names for this tenant, checked in the database: the 404 when it does not exist, the
-    409 when the version was made for another base model than the one served (`fingerprint`)."""
+    """The target `model` names for this tenant, looked up in the database (see `target_of`)."""
     if model == base_model_id:
         return ModelTarget(model=model, selector=None)
-    from app.engine.client import PrefixSelector
-
     name, version = parse_model_name(model)
     found = find_version(session, tenant_id=tenant_id, name=name, version=version)
+    return target_of(model, tenant_id=tenant_id, name=name, found=found, base_model_id=base_model_id,
+                     fingerprint=fingerprint)
+
+
+def target_of(model: str, *, tenant_id: str, name: str, found: FoundVersion | None, base_model_id: str,
+              fingerprint: str) -> ModelTarget:
+    """The target for the version the catalog found: the 404 when it does not exist, the 409 when the version
+    was made for another base model than the one served (`fingerprint`)."""
+    from app.engine.client import PrefixSelector
+
     if found is None:
         raise model_not_found(model)
     if found.base_model_fingerprint != fingerprint:
@@ -91,6 +100,23 @@ def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id
     selector = PrefixSelector(tenant_id, name, found.version, prefix_id=found.prefix_id, sha256=found.sha256,
                               num_virtual_tokens=found.num_virtual_tokens)
     return ModelTarget(model=model, selector=selector, num_virtual_tokens=found.num_virtual_tokens)
+
+
+async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_model_id: str,
+                         fingerprint: str) -> ModelTarget:
+    """What answers the request. The version was normally read by the query that checked the API key (one
+    round trip for both); it is looked up on its own only when that query did not ask for `model`."""
+    note_model(model)
+    tenant_id = access.principal.tenant_id
+    assert tenant_id is not None  # generation routes refuse the admin key
+    if model == base_model_id:
+        return ModelTarget(model=model, selector=None)
+    name, version = parse_model_name(model)
+    if access.looked_up == ModelQuery(name, version):
+        return target_of(model, tenant_id=tenant_id, name=name, found=access.found, base_model_id=base_model_id,
+                         fingerprint=fingerprint)
+    return await db_calls.run(lambda session: resolve_model(
+        session, tenant_id=tenant_id, model=model, base_model_id=base_model_id, fingerprint=fingerprint))
 
 
 def check_prompt(prompt_ids: list[int], engine: EngineClient, *, param: str) -> None:
@@ -289,15 +315,3 @@ async def collect(gen: Generation) -> list[list[TokenEvent]]:
 def error_payload(exc: ServiceError) -> str:
     """The JSON of an error sent inside a stream (the OpenAI client raises it as an APIError)."""
     return json.dumps(error_body(exc.message, exc.error_type, exc.param, exc.code))
-
-
-async def lookup_target(session: Session, *, tenant_id: str, model: str, base_model_id: str,
-                        fingerprint: str) -> ModelTarget:
-    """`resolve_model` off the event loop; then the session is closed, so no connection is held while the
-    request generates (a long stream would otherwise pin one of the pool's few connections)."""
-    note_model(model)
-    try:
-        return await asyncio.to_thread(resolve_model, session, tenant_id=tenant_id, model=model,
-                                       base_model_id=base_model_id, fingerprint=fingerprint)
-    finally:
-        session.close()

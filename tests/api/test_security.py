@@ -19,7 +19,7 @@ from app.db.models import ApiKey
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.runtime import Runtime, open_runtime
-from app.services.auth import authenticate
+from app.services.access import authorize
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
 from tests.api.fake_engine import FakeEngineClient, with_fake_model
 
@@ -76,8 +76,8 @@ async def test_keys_are_stored_only_as_hashes(client: httpx.AsyncClient, app_env
 async def test_near_miss_keys_are_refused(client: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey) -> None:
     with app_env.sessions() as s:
         for near in (ADMIN_KEY[:-1], ADMIN_KEY + "x", ADMIN_KEY.upper(), tenant.key[:-1], tenant.key + " x"):
-            assert authenticate(s, raw_key=near, admin_key=ADMIN_KEY) is None, near
-        assert authenticate(s, raw_key=tenant.key, admin_key=ADMIN_KEY) is not None
+            assert authorize(s, raw_key=near, admin_key=ADMIN_KEY, settings=app_env.settings) is None, near
+        assert authorize(s, raw_key=tenant.key, admin_key=ADMIN_KEY, settings=app_env.settings) is not None
 
 
 async def test_no_keys_prompts_or_contents_in_logs(client: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey,

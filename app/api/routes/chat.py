@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import EngineClientDep, GenerationDep, InferenceDep, ServedFingerprintDep, SessionDep, get_runtime
+from app.api.deps import EngineClientDep, GenerationDep, ServedFingerprintDep, get_runtime
 from app.api.routes.streaming import respond
 from app.protocol.chat import ChatCompletionRequest
 from app.services.chat import serve_chat
@@ -16,12 +16,12 @@ router = APIRouter(tags=["inference"])
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, principal: InferenceDep, session: SessionDep,
-    engine: EngineClientDep, fingerprint: ServedFingerprintDep, _: GenerationDep,
+    body: ChatCompletionRequest, request: Request, access: GenerationDep, engine: EngineClientDep,
+    fingerprint: ServedFingerprintDep,
 ) -> Response | EventSourceResponse:
     """Answer `messages` (through the model's chat template) with the model `model` names."""
     try:
-        result = await serve_chat(body, principal=principal, session=session, engine=engine,
+        result = await serve_chat(body, access=access, db_calls=get_runtime(request).db_calls, engine=engine,
                                   fingerprint=fingerprint, disconnected=receive_disconnect(request.receive))
     except ClientDisconnected:
         return Response(status_code=499)
