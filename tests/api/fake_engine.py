@@ -39,6 +39,7 @@ class Call:
     request_id: str
     cancelled: bool = False
     finished: bool = False
+    first_sent: bool = False  # its first token is out (with `hold_after_first`)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class FakeEngineClient:
     raise_on_submit: Exception | None = None  # raised at the first iteration, as the engine's admission does
     error_event: str | None = None  # the first event is a final error event with this message
     error_kind: str | None = None  # ... and this ErrorKind
+    hold_after_first: asyncio.Event | None = None  # every request waits for it after its first token
     calls: list[Call] = field(default_factory=list)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -110,6 +112,9 @@ class FakeEngineClient:
                 )
                 if reason is not None:
                     break
+                if n == 1 and self.hold_after_first is not None:
+                    call.first_sent = True
+                    await self.hold_after_first.wait()
             call.finished = True
         finally:
             if not call.finished:
