@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -28,23 +29,31 @@ def test_health_and_readiness(tmp_path) -> None:
     settings = Settings(data_dir=tmp_path, model="random:tiny-llama", admin_key="adm")
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/health").json() == {"status": "ok"}  # the name vLLM/TGI/llama.cpp answer on
         r = client.get("/readyz")
-        assert r.status_code == 200 and r.json()["checks"] == {"model": True, "database": True}
+        assert r.status_code == 200, r.json()
+        assert r.json()["checks"] == {"model": True, "database": True, "schema": True, "object_store": True}
+        assert r.json()["message"] == "ready"
         # the database goes away: not ready
         client.app.state.runtime.db.dispose()
         os.remove(tmp_path / "prefixserve.db")
         (tmp_path / "prefixserve.db").mkdir()  # a directory cannot be opened as SQLite
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["database"] is False
+        assert r.json()["message"].startswith("database: the database sqlite:///")
+        assert client.get("/health").status_code == 200  # alive all along: nothing to restart
 
 
-def test_embedded_default_generates_admin_key_once(tmp_path) -> None:
+def test_embedded_default_generates_admin_key_once(tmp_path, caplog) -> None:
     settings = Settings(data_dir=tmp_path, model="random:tiny-llama")
-    with TestClient(create_app(settings)):
+    with caplog.at_level(logging.DEBUG), TestClient(create_app(settings)):
         pass
     key_file = tmp_path / "admin_key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     first = key_file.read_text()
+    # The log says where the key is and how to read it, never the key itself.
+    assert first.strip() not in caplog.text
+    assert f"cat {key_file.resolve()}" in caplog.text
     with TestClient(create_app(settings)) as client:
         assert client.app.state.runtime.admin_key == first.strip()
 
