@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from app.engine.threads import run_in_own_thread
 from app.training.jobs import JobContext, execute_job
@@ -26,8 +27,12 @@ log = logging.getLogger(__name__)
 class InProcessJobQueue:
     """JobQueue (and RecoveringQueue) run by a worker thread of this process."""
 
-    def __init__(self, ctx: JobContext, *, stop_timeout_s: float = 30.0) -> None:
+    def __init__(self, ctx: JobContext, *, stop_timeout_s: float = 30.0,
+                 schema_ready: Callable[[], bool] | None = None) -> None:
         self.ctx = ctx
+        # While it says no (the shared database not migrated yet), sweeps are skipped: they would only fail on
+        # missing tables, and no job can be created meanwhile (the API answers 503).
+        self.schema_ready = schema_ready
         self.stop_timeout_s = stop_timeout_s
         self._pending: queue.Queue[str | None] = queue.Queue()
         self._ids: set[str] = set()  # queued here and not yet started: enqueueing twice is a no-op
@@ -100,6 +105,9 @@ class InProcessJobQueue:
             return
         s = self.ctx.settings
         self._next_sweep = now + s.job_sweep_interval_s
+        if self.schema_ready is not None and not self.schema_ready():
+            log.debug("recovery sweep skipped: the database schema is not at this build's revision")
+            return
         try:
             found = sweep(self.ctx.sessions, stale_after_s=s.job_stale_after_s, max_attempts=s.job_max_attempts)
         except Exception:

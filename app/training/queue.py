@@ -52,7 +52,9 @@ def open_job_queue(runtime: Runtime) -> JobQueue | None:
         from app.training.inprocess import InProcessJobQueue
         from app.training.jobs import JobContext
 
-        queue = InProcessJobQueue(JobContext.from_runtime(runtime))
+        gate = runtime.schema_gate
+        queue = InProcessJobQueue(JobContext.from_runtime(runtime),
+                                  schema_ready=None if gate is None else lambda: gate.check().ok)
         queue.start()
         return queue
     if kind == "inprocess":
