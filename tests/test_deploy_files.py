@@ -89,8 +89,11 @@ def test_migrations_run_once_before_replicas_that_never_migrate(services: dict[s
         assert dep["migrate"]["condition"] == "service_completed_successfully"
         assert dep["s3-init"]["condition"] == "service_completed_successfully"
         assert "migrate" not in services[name]["command"]
-        # open_runtime migrates only the embedded SQLite default: with a database URL a replica never does.
+        # open_runtime migrates only the embedded SQLite default, or a database URL with MIGRATE_ON_START: with
+        # the `migrate` service doing it, the replicas and workers must not (they show the setting, off).
         assert services[name]["environment"]["PREFIXSERVE_DATABASE_URL"].startswith("postgresql")
+        assert Settings(migrate_on_start=services[name]["environment"]["PREFIXSERVE_MIGRATE_ON_START"]) \
+            .migrate_on_start is False
     migrating = [n for n, s in services.items() if "migrate" in (s.get("command") or [])]
     assert migrating == ["migrate"]
 
@@ -145,12 +148,12 @@ def probe_statuses(tmp_path: Path) -> dict[str, int]:
     app = create_app(Settings(data_dir=tmp_path, admin_key="k"),
                      runtime_factory=lambda s: open_runtime(s, load_model=False))
     with TestClient(app) as client:
-        return {path: client.get(path).status_code for path in ("/healthz", "/readyz")}
+        return {path: client.get(path).status_code for path in ("/healthz", "/health", "/readyz")}
 
 
 def test_healthchecks(services: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     probes = probe_statuses(tmp_path)
-    assert probes == {"/healthz": 200, "/readyz": 503}  # alive; not ready without a model
+    assert probes == {"/healthz": 200, "/health": 200, "/readyz": 503}  # alive; not ready without a model
     for name in ("api", "worker", "lb", "postgres", "redis", "seaweedfs", "prometheus", "grafana"):
         test = services[name]["healthcheck"]["test"]
         assert test[0] == "CMD" and len(test) > 1, name

@@ -95,7 +95,14 @@ async def run_training_job(ctx: dict[str, Any], job_id: str) -> Outcome:
 
 async def _sweep_forever(state: WorkerState) -> None:
     s = state.settings
+    gate = state.runtime.schema_gate
     while True:
+        # Not on a schema behind this build (a replica with PREFIXSERVE_MIGRATE_ON_START, or `prefixserve
+        # migrate`, has yet to run): the sweep would only fail on missing tables.
+        if gate is not None and not (await asyncio.to_thread(gate.check)).ok:
+            log.debug("recovery sweep skipped: %s", gate.state.message)
+            await asyncio.sleep(s.job_sweep_interval_s)
+            continue
         try:
             found = await asyncio.to_thread(sweep, state.runtime.sessions, stale_after_s=s.job_stale_after_s,
                                             max_attempts=s.job_max_attempts)
