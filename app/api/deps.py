@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.engine.protocol import EngineClientProtocol
 from app.errors import Forbidden, Unauthorized, Unavailable
 from app.observability.context import current as request_record
 from app.observability.context import note_tenant
@@ -20,7 +21,6 @@ from app.services.catalog import InvalidRef, split_ref
 from app.services.limit_store import CounterStore
 
 if TYPE_CHECKING:
-    from app.engine.client import EngineClient
     from app.runtime import Runtime
 
 T = TypeVar("T")
@@ -184,16 +184,14 @@ async def generation_access(request: Request) -> AsyncIterator[Access]:
 GenerationDep = Annotated[Access, Depends(generation_access)]
 
 
-def get_engine_client(request: Request) -> EngineClient:
-    # Takes the Request, not RuntimeDep: the return type is TYPE_CHECKING-only, and when FastAPI cannot
-    # evaluate a signature it leaves string annotations unresolved (a `RuntimeDep` here became a query param).
+def get_engine_client(request: Request) -> EngineClientProtocol:
     runtime = get_runtime(request)
     if runtime.engine_client is None:
         raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
     return runtime.engine_client
 
 
-EngineClientDep = Annotated["EngineClient", Depends(get_engine_client)]
+EngineClientDep = Annotated[EngineClientProtocol, Depends(get_engine_client)]
 
 
 def get_served_fingerprint(request: Request) -> str:

@@ -1,4 +1,4 @@
-"""The one interface through which the HTTP layer reaches the engine (no torch types cross it).
+"""The served implementation of app/engine/protocol.py's EngineClientProtocol (no torch types cross it).
 
 Tokenization (prompts, chat templates) and prefix resolution happen here, so routes deal only in text, ids and
 events. HTTP-layer unit tests replace this class with a fake of the same shape.
@@ -7,31 +7,13 @@ events. HTTP-layer unit tests replace this class with a fake of the same shape.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from app.engine.loop import Engine
-from app.engine.sampling import SamplingParams
-from app.engine.types import GenerationRequest, TokenEvent
+from app.engine.protocol import PrefixSelector, SamplingParams, TokenEvent
+from app.engine.types import GenerationRequest
 from prefix_store.resolver import PrefixRef, PrefixResolver
 from prefix_store.types import PrefixKV
-
-
-@dataclass(frozen=True)
-class PrefixSelector:
-    """Which stored prefix a request uses: a tenant's prefix by name (and version, None = newest).
-
-    A caller that has just read the version from the catalog (the services, checking the request) also passes its
-    `prefix_id`, `sha256` and `num_virtual_tokens`: the engine then loads exactly that content without asking the
-    catalog again (one database query per request instead of one per choice).
-    """
-
-    tenant_id: str
-    name: str
-    version: int | None = None
-    prefix_id: str | None = None
-    sha256: str | None = None
-    num_virtual_tokens: int = 0
 
 
 class EngineClient:

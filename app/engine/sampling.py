@@ -16,55 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-MAX_TOP_LOGPROBS = 20
+from app.engine.protocol import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
 
-
-class SamplingParamsError(ValueError):
-    """A sampling parameter is out of range; the message names it."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What a request asks of token selection and of when generation ends. temperature 0 = greedy.
-
-    ignore_eos: an EOS token does not end the row (it is emitted as an ordinary token, with no text since special
-    tokens are skipped); only max_tokens, a stop string or the context end do.
-    min_tokens: EOS cannot be chosen for the first min_tokens tokens (its logits are -inf), and a stop string ends
-    the row only if it ends after the text of those tokens (vLLM's rule: one inside them is kept as text).
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None = off; k = also return the k most likely alternatives
-    ignore_eos: bool = False
-    min_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise SamplingParamsError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise SamplingParamsError(
-                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise SamplingParamsError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SamplingParamsError(f"top_k must be >= 0, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise SamplingParamsError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
-        if any(not s for s in self.stop):
-            raise SamplingParamsError("stop strings must not be empty")
-
-    @property
-    def greedy(self) -> bool:
-        # Below this, logits / temperature overflows to inf and the softmax to NaN: the limit is the argmax anyway.
-        return self.temperature < 1e-5
-
+__all__ = ["MAX_TOP_LOGPROBS", "SamplerState", "SamplingParams", "SamplingParamsError", "TokenChoice",
+           "select_tokens"]
 
 @dataclass
 class SamplerState:

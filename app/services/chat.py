@@ -6,8 +6,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
+from app.engine.protocol import EngineClientProtocol, TokenEvent
 from app.errors import InvalidRequest, ServiceError
 from app.protocol.chat import (
     AssistantMessage,
@@ -23,6 +23,7 @@ from app.protocol.chat import (
 )
 from app.protocol.common import Usage, normalize_stop
 from app.services.access import Access
+from app.services.db_calls import DbCalls
 from app.services.inference import (
     Generation,
     check_prompt,
@@ -34,15 +35,10 @@ from app.services.inference import (
     start_generation,
 )
 
-if TYPE_CHECKING:
-    from app.engine.client import EngineClient
-    from app.engine.types import TokenEvent
-    from app.services.db_calls import DbCalls
-
 log = logging.getLogger(__name__)
 
 
-def encode_messages(req: ChatCompletionRequest, engine: EngineClient) -> list[int]:
+def encode_messages(req: ChatCompletionRequest, engine: EngineClientProtocol) -> list[int]:
     """Token ids of the conversation through the model's chat template (a template error is the client's)."""
     try:
         return engine.encode_chat([m.template_dict() for m in req.messages])
@@ -52,7 +48,7 @@ def encode_messages(req: ChatCompletionRequest, engine: EngineClient) -> list[in
                              param="messages") from None
 
 
-def chat_logprobs(engine: EngineClient, events: list[TokenEvent]) -> ChoiceLogprobs:
+def chat_logprobs(engine: EngineClientProtocol, events: list[TokenEvent]) -> ChoiceLogprobs:
     """OpenAI chat logprobs of `events`' tokens, with the top alternatives the engine returned."""
     content = []
     for ev in events:
@@ -69,7 +65,7 @@ def chat_logprobs(engine: EngineClient, events: list[TokenEvent]) -> ChoiceLogpr
 
 
 async def serve_chat(
-    req: ChatCompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClient,
+    req: ChatCompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClientProtocol,
     fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> ChatCompletion | AsyncIterator[str]:
     """Run a chat completion. Errors before generation raise ServiceError; a stream returns payloads."""
@@ -104,7 +100,7 @@ async def serve_chat(
 
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatCompletionChunk,
-                  engine: EngineClient, prompt_tokens: int) -> AsyncIterator[str]:
+                  engine: EngineClientProtocol, prompt_tokens: int) -> AsyncIterator[str]:
     """Chunk payloads: each choice's role first, then content deltas, its finish; usage if asked; [DONE]."""
     exclude = None if req.include_usage else {"usage"}
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
+from app.engine.protocol import EngineClientProtocol, TokenEvent
 from app.errors import ServiceError
 from app.protocol.common import Usage, normalize_stop
 from app.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from app.services.access import Access
+from app.services.db_calls import DbCalls
 from app.services.inference import (
     Generation,
     check_prompt,
@@ -22,16 +23,11 @@ from app.services.inference import (
     start_generation,
 )
 
-if TYPE_CHECKING:
-    from app.engine.client import EngineClient
-    from app.engine.types import TokenEvent
-    from app.services.db_calls import DbCalls
-
 
 class CompletionLogprobsBuilder:
     """Accumulates OpenAI's legacy logprobs (tokens, token_logprobs, top_logprobs, text_offset)."""
 
-    def __init__(self, engine: EngineClient, k: int) -> None:
+    def __init__(self, engine: EngineClientProtocol, k: int) -> None:
         self.engine = engine
         self.k = k
         self.offset = 0
@@ -54,7 +50,7 @@ class CompletionLogprobsBuilder:
 
 
 async def serve_completion(
-    req: CompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClient,
+    req: CompletionRequest, *, access: Access, db_calls: DbCalls, engine: EngineClientProtocol,
     fingerprint: str, disconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> Completion | AsyncIterator[str]:
     """Run a completion. Errors before generation starts raise ServiceError; streaming returns payloads."""
@@ -84,7 +80,7 @@ async def serve_completion(
     return head.model_copy(update={"choices": choices, "usage": Usage.of(len(prompt_ids), completion_tokens)})
 
 
-async def _stream(req: CompletionRequest, gen: Generation, head: Completion, engine: EngineClient,
+async def _stream(req: CompletionRequest, gen: Generation, head: Completion, engine: EngineClientProtocol,
                   prompt_tokens: int) -> AsyncIterator[str]:
     """Chunk payloads: one per event that carries text, logprobs or a finish; usage last if asked; [DONE]."""
     exclude = None if req.include_usage else {"usage"}

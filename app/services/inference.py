@@ -1,7 +1,6 @@
 """Serving core shared by completions and chat: resolve `model`, build sampling, run n engine requests.
 
-The engine's types live in modules that import torch, so they are imported inside functions here (the web
-layer must import without torch; in a running server the engine has imported it already).
+The engine is reached through app/engine/protocol.py, torch-free, so the web layer imports it at the top.
 
 `Generation` runs a request's n choices as n engine requests and merges their events. It is started with
 `start()`, which waits for the first event of every choice: admission errors (too large, overloaded) and
@@ -18,11 +17,20 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from sqlalchemy.orm import Session
 from starlette.types import Receive
 
+from app.engine.protocol import (
+    EngineClientProtocol,
+    EngineOverloaded,
+    PrefixSelector,
+    RequestTooLarge,
+    SamplingParams,
+    SamplingParamsError,
+    TokenEvent,
+)
 from app.errors import (
     Conflict,
     InvalidRequest,
@@ -36,12 +44,7 @@ from app.errors import (
 from app.observability.context import note_event, note_model, note_prompt
 from app.services.access import Access, ModelQuery
 from app.services.catalog import FoundVersion, InvalidRef, find_version, split_ref
-
-if TYPE_CHECKING:
-    from app.engine.client import EngineClient, PrefixSelector
-    from app.engine.sampling import SamplingParams
-    from app.engine.types import TokenEvent
-    from app.services.db_calls import DbCalls
+from app.services.db_calls import DbCalls
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,6 @@ def target_of(model: str, *, tenant_id: str, name: str, found: FoundVersion | No
               fingerprint: str) -> ModelTarget:
     """The target for the version the catalog found: the 404 when it does not exist, the 409 when the version
     was made for another base model than the one served (`fingerprint`)."""
-    from app.engine.client import PrefixSelector
-
     if found is None:
         raise model_not_found(model)
     if found.base_model_fingerprint != fingerprint:
@@ -119,7 +120,7 @@ async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_
         session, tenant_id=tenant_id, model=model, base_model_id=base_model_id, fingerprint=fingerprint))
 
 
-def check_prompt(prompt_ids: list[int], engine: EngineClient, *, param: str) -> None:
+def check_prompt(prompt_ids: list[int], engine: EngineClientProtocol, *, param: str) -> None:
     """Refuse an empty prompt or token ids outside the vocabulary (the engine would fail on them)."""
     if not prompt_ids:
         raise InvalidRequest("the prompt is empty", param=param)
@@ -150,8 +151,6 @@ def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p
 
     `max_tokens` is the budget in force (the client's, or what fits the context when it gave none): a min_tokens
     above it is a 400 naming `min_tokens`, as vLLM checks it against the same budget."""
-    from app.engine.sampling import SamplingParams, SamplingParamsError
-
     try:
         return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                                top_p=1.0 if top_p is None else top_p,
@@ -164,8 +163,6 @@ def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p
 
 def engine_exception(exc: Exception) -> ServiceError:
     """An exception raised by the engine at submission, as the client's error."""
-    from app.engine.types import EngineOverloaded, RequestTooLarge
-
     if isinstance(exc, RequestTooLarge):
         return InvalidRequest(str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, EngineOverloaded):
@@ -275,7 +272,7 @@ class Generation:
         self.stop_watching()
 
 
-async def start_generation(engine: EngineClient, *, prompt_ids: list[int], params: list[SamplingParams],
+async def start_generation(engine: EngineClientProtocol, *, prompt_ids: list[int], params: list[SamplingParams],
                            target: ModelTarget, disconnected: Callable[[], Awaitable[None]] | None = None
                            ) -> Generation:
     """Submit one engine request per choice and wait until each has started (see `Generation.start`)."""

@@ -1,0 +1,139 @@
+"""The engine's interface as the web layer sees it: what a request hands over, what comes back, what can fail.
+
+Torch-free on purpose: the web layer and the services import this module at their top, and the app starts (and
+its tests run) without loading torch. The engine's implementation (app/engine/client.py, loop.py, sampling.py)
+builds on these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+# Why a request ended in "error": the API maps these to statuses without reading messages.
+ErrorKind = Literal["prefix_unavailable", "too_large", "timeout", "internal"]
+
+MAX_TOP_LOGPROBS: Final = 20  # OpenAI's cap on returned alternatives
+
+
+class EngineError(Exception):
+    """Base of the engine's errors."""
+
+
+class EngineOverloaded(EngineError):
+    """The waiting queue is full; the caller should retry later."""
+
+
+class RequestTooLarge(EngineError):
+    """A request can never fit the batch token budget."""
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of token selection and of when generation ends. temperature 0 = greedy.
+
+    ignore_eos: an EOS token does not end the row (it is emitted as an ordinary token, with no text since special
+    tokens are skipped); only max_tokens, a stop string or the context end do.
+    min_tokens: EOS cannot be chosen for the first min_tokens tokens (its logits are -inf), and a stop string ends
+    the row only if it ends after the text of those tokens (vLLM's rule: one inside them is kept as text).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = off; k = also return the k most likely alternatives
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise SamplingParamsError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise SamplingParamsError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise SamplingParamsError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingParamsError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise SamplingParamsError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        # Below this, logits / temperature overflows to inf and the softmax to NaN: the limit is the argmax anyway.
+        return self.temperature < 1e-5
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token (or the final event). `text` is the newly final text, possibly empty."""
+
+    request_id: str
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class PrefixSelector:
+    """Which stored prefix a request uses: a tenant's prefix by name (and version, None = newest).
+
+    A caller that has just read the version from the catalog (the services, checking the request) also passes its
+    `prefix_id`, `sha256` and `num_virtual_tokens`: the engine then loads exactly that content without asking the
+    catalog again (one database query per request instead of one per choice).
+    """
+
+    tenant_id: str
+    name: str
+    version: int | None = None
+    prefix_id: str | None = None
+    sha256: str | None = None
+    num_virtual_tokens: int = 0
+
+
+class EngineClientProtocol(Protocol):
+    """Tokenize, and stream a request's token events. The served implementation is app/engine/client.py's
+    EngineClient; HTTP-layer tests use a fake of the same shape."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelector | None = None,
+                 request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+        """Stream token events; stopping the iteration early cancels the request in the engine."""
+        ...
