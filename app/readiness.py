@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,6 +20,8 @@ from app.config import Settings
 from prefix_store.blobs import BlobStore, BlobStoreUnavailable
 
 if TYPE_CHECKING:
+    import redis
+
     from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,16 @@ class _Probe:
             done.set()
 
 
+# Not a prefix (safetensors) nor a training file (JSONL): no upload can store these bytes, so deleting them
+# never deletes anything real.
+PROBE_BLOB = b"prefixserve readiness probe: written and deleted by /readyz\n"
+
+
 def probe_blob_store(blobs: BlobStore) -> None:
-    """Write a small blob and delete it. Unique bytes every time: a content-addressed `put` of bytes already
-    stored writes nothing, and would only prove that the store can be read."""
-    sha = blobs.put(f"prefixserve readiness probe {uuid.uuid4()}\n".encode())
-    blobs.delete(sha)
+    """Write a small blob and delete it. The same bytes every time, so a file store keeps no trail of empty
+    fan-out directories; deleted after each probe, so the next `put` really writes (a content-addressed put of
+    bytes already stored writes nothing)."""
+    blobs.delete(blobs.put(PROBE_BLOB))
 
 
 class StoreChecks:
@@ -113,6 +119,7 @@ class StoreChecks:
         self.settings = settings
         self._object_store = _Probe(lambda: probe_blob_store(blobs))
         self._redis: _Probe | None = None
+        self._redis_client: redis.Redis | None = None
         if settings.redis_url:
             import redis
 
@@ -123,6 +130,11 @@ class StoreChecks:
                 client.ping()  # raises when Redis does not answer
 
             self._redis = _Probe(ping)
+            self._redis_client = client
+
+    def close(self) -> None:
+        if self._redis_client is not None:
+            self._redis_client.close()
 
     def object_store(self) -> Check:
         where = describe_object_store(self.settings)

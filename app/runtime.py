@@ -85,6 +85,8 @@ class Runtime:
         if self.engine is not None:
             self.engine.stop()
         self.db_calls.close()
+        if self.store_checks is not None:
+            self.store_checks.close()
         close = getattr(self.cache, "close", None)
         if callable(close):
             close()

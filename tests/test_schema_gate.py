@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.db.migrate import head, upgrade
 from app.main import create_app
-from app.readiness import DeferredBlobStore, describe_url
+from app.readiness import DeferredBlobStore, StoreChecks, describe_url
 from app.runtime import open_runtime
 from app.schema_gate import SchemaGate
 from prefix_store.blobs import BlobStore, BlobStoreUnavailable, FileBlobStore
@@ -159,3 +159,38 @@ def test_deferred_blob_store_opens_on_use_once_reachable(tmp_path: Path) -> None
     assert store.get(sha) == b"x" and store.exists(sha)
     store.delete(sha)
     assert not store.exists(sha) and len(opened) == 1
+
+
+class RefusingStore(FileBlobStore):
+    """Reads work, writes fail (a read-only bucket, a full disk) or hang until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, data: bytes) -> str:
+        if self.hang.is_set():
+            self.release.wait(30)
+        raise BlobStoreUnavailable("cannot write blob: read-only file system")
+
+
+def test_object_store_check_writes_and_names_a_store_that_refuses(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, object_store_url=f"file://{tmp_path / 'blobs'}")
+    good = StoreChecks(settings, FileBlobStore(tmp_path / "blobs"))
+    assert good.object_store().ok
+    assert [p for p in (tmp_path / "blobs").rglob("*") if p.is_file()] == []  # the probe blob is deleted
+    assert good.cache() is None  # no Redis configured: nothing to check
+
+    refusing = RefusingStore(tmp_path / "blobs")
+    check = StoreChecks(settings, refusing).object_store()
+    assert not check.ok
+    assert check.detail.startswith(f"object store file://{tmp_path / 'blobs'} is not writable (cannot write blob")
+
+    refusing.hang.set()  # a store that hangs: the check answers anyway, within its bound
+    checks = StoreChecks(settings, refusing)
+    checks._object_store.timeout_s = 0.2
+    try:
+        assert "no answer within 0.2 s" in checks.object_store().detail
+    finally:
+        refusing.release.set()
