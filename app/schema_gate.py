@@ -75,6 +75,8 @@ class SchemaGate:
             except sa.exc.SQLAlchemyError as exc:
                 state = SchemaState(False, None, "cannot read the database schema revision: the database does "
                                                  f"not answer ({type(exc).__name__}); retry shortly")
+            except Exception as exc:  # e.g. several heads in alembic_version: still a 503 that says so, never a 500
+                state = SchemaState(False, None, f"cannot read the database schema revision: {exc}")
             if state.ok and self._checked_at > -float("inf"):  # the start-up log reports the first read
                 log.info("database schema now at revision %s: serving", state.revision)
             self._checked_at = time.monotonic()
