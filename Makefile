@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
-# The issue #6 target: 64 clients for 60 s over 200 prefixes on the local cluster with the embedded model.
+# The load-test target: 64 clients for 60 s over 200 prefixes on the local cluster with the embedded model.
 BENCH_LOAD_ARGS ?= --cluster -c 64 -t 60 -p 200 --out bench/out/load.json
 
-.PHONY: install run test lint typecheck bench bench-quality bench-load cluster cluster-stop clean
+.PHONY: install run test lint typecheck bench bench-quality bench-load bench-http cluster cluster-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,10 +45,17 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality
 
-# Load test (not part of the tests): async clients against --url servers or a cluster it starts (bench/load.py).
+# Load test (not part of the tests): Locust bursts against servers it starts (or --url ones), every answer checked
+# against the request served alone (bench/load.py).
 bench-load: $(STAMP)
 	mkdir -p bench/out
 	$(BIN)/python -m bench.load $(BENCH_LOAD_ARGS)
+
+# Engine alone vs the same workload over HTTP on one default server, then a py-spy profile of that server
+# (bench/http_vs_engine.py).
+bench-http: $(STAMP)
+	mkdir -p bench/out
+	$(BIN)/python -m bench.http_vs_engine $(BENCH_HTTP_ARGS)
 
 # 2 API processes, 1 worker, PostgreSQL, Redis, SeaweedFS on loopback (scripts/cluster.sh; logs in data/cluster).
 cluster: $(STAMP)

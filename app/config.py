@@ -20,7 +20,7 @@ class SettingsError(Exception):
 
 
 class Settings(BaseSettings):
-    """Service configuration. Defaults give the embedded single-machine deployment (DESIGN.md §5)."""
+    """Service configuration. Defaults give the embedded single-machine deployment (docs/operations.md)."""
 
     model_config = SettingsConfigDict(env_prefix="PREFIXSERVE_", extra="ignore", frozen=True)
 
@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # Intra-op threads of a `prefixserve worker` / `prefixserve train` process (default: torch's choice).
     training_torch_threads: int | None = Field(default=None, ge=1)
 
-    # Per-tenant limits (issue #7): the default of each `tenant_limits` column a tenant leaves NULL; None here
+    # Per-tenant limits: the default of each `tenant_limits` column a tenant leaves NULL; None here
     # means unlimited. Rates are per minute (fixed windows); generated tokens are counted after generation.
     tenant_requests_per_minute: int | None = Field(default=600, ge=0)
     tenant_tokens_per_minute: int | None = Field(default=1_000_000, ge=0)

@@ -1,4 +1,4 @@
-"""`prefixserve serve`: uvicorn with a bounded graceful shutdown (issue #7).
+"""`prefixserve serve`: uvicorn with a bounded graceful shutdown.
 
 On SIGTERM (or Ctrl-C) uvicorn closes the listening socket (new connections are refused) and waits for the
 requests in flight. After `shutdown_grace_s` the engine ends every generation still queued or running with an

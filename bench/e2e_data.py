@@ -3,7 +3,7 @@
 A meaning representation (MR) of 4-7 slots → one sentence. The sentence is a deterministic function of the MR
 (the slots present pick the clauses, in a fixed order), so exact match is a fair metric. Names and landmarks
 are built from disjoint syllable pools for train and held-out, so held-out values never occur in training:
-a prefix that memorises training names instead of copying its input scores nothing (DESIGN.md §6).
+a prefix that memorises training names instead of copying its input scores nothing (docs/training.md).
 
     python -m bench.e2e_data --out bench/out/e2e   # writes train.jsonl, test.jsonl
 """

@@ -1,4 +1,4 @@
-"""Object stores for prefix blobs: the durable tier (DESIGN.md §3.3).
+"""Object stores for prefix blobs: the durable tier (docs/storage.md).
 
 Blobs are content-addressed: the key of a blob is the sha256 hex of its bytes, so re-uploading the same prefix
 writes nothing new (dedupe), and a blob is immutable once written. The database row that points to a blob is

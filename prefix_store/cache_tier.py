@@ -1,4 +1,5 @@
-"""The shared cache tier of serialized prefixes: Redis in production, an in-process dict embedded (§3.2).
+"""The shared cache tier of serialized prefixes: Redis in production, an in-process dict embedded
+(docs/storage.md).
 
 Keys are immutable: (tenant, prefix id, version, content hash). A new version or new content is a new key,
 so a cached value is never stale, only unused; TTLs reclaim it. Deletes and replacements also publish an

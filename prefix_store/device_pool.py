@@ -1,4 +1,5 @@
-"""The device pool: decoded prefixes already on the model's device, an LRU bounded in bytes (§3.1).
+"""The device pool: decoded prefixes already on the model's device, an LRU bounded in bytes
+(docs/storage.md).
 
 Keyed by the immutable PrefixKey, so an entry is never stale, only possibly unwanted (deleted or replaced),
 which `evict_prefix` handles. Nothing pins entries: a batch copies each prefix into its own cache at prefill, so

@@ -1,4 +1,4 @@
-"""Import and export of HF PEFT prefix-tuning adapters (DESIGN.md §1), bit-exact with peft 0.21.
+"""Import and export of HF PEFT prefix-tuning adapters (docs/prefix-format.md), bit-exact with peft 0.21.
 
 An adapter directory holds `adapter_config.json` (peft_type PREFIX_TUNING, num_virtual_tokens, num_layers,
 num_attention_heads = KV heads, token_dim = kv_heads * head_dim, ...) and `adapter_model.safetensors` with one

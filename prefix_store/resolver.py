@@ -1,4 +1,4 @@
-"""The prefix resolver: name → PrefixKV on the model's device, through the tiers of DESIGN.md §3.
+"""The prefix resolver: name → PrefixKV on the model's device, through the tiers of docs/storage.md.
 
 Walk: catalog (always) → device pool → cache tier (Redis or in-process) → blob store.
 

@@ -1,6 +1,7 @@
 """Value types shared by the codec, the tiers and the engine.
 
-A prefix is, for each layer l, a key K_l and a value V_l of shape [num_kv_heads, P, head_dim] (DESIGN.md §1).
+A prefix is, for each layer l, a key K_l and a value V_l of shape [num_kv_heads, P, head_dim]
+(docs/prefix-format.md).
 We keep all layers stacked: keys/values are [num_layers, num_kv_heads, P, head_dim].
 """
 

@@ -231,7 +231,7 @@ def test_dashboard_queries_only_exported_metrics(exported_names: set[str]) -> No
             assert names, target["expr"]
             assert names <= exported_names, f"{panel['title']}: {names - exported_names} not exported"
             used |= names
-    # the dashboard covers what issue #6 asks to observe
+    # the dashboard shows traffic, latency, batching, the prefix tiers and training jobs
     for needed in ("prefixserve_http_requests_total", "prefixserve_time_to_first_token_seconds_bucket",
                    "prefixserve_completion_tokens_total", "prefixserve_engine_batch_size",
                    "prefixserve_engine_waiting_requests", "prefixserve_prefix_cache_hits_total",

@@ -1,4 +1,4 @@
-"""Faults with real processes (issue #7 item 4): a `prefixserve serve` subprocess on random:tiny-llama while its
+"""Faults with real processes: a `prefixserve serve` subprocess on random:tiny-llama while its
 Redis is killed, its PostgreSQL is stopped, its object store becomes unreachable; and an exception inside an
 engine step, at the HTTP level.
 

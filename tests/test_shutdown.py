@@ -1,4 +1,4 @@
-"""Graceful shutdown of a real `prefixserve serve` process (issue #7 item 3), on PostgreSQL and random:tiny-llama
+"""Graceful shutdown of a real `prefixserve serve` process, on PostgreSQL and random:tiny-llama
 with the in-process training worker.
 
 SIGTERM while a long stream, a short request and a training job are running: the short request completes, the

@@ -1,4 +1,4 @@
-"""The database schema (DESIGN.md §3 item 4), as SQLAlchemy 2 typed declarative models.
+"""The database schema (docs/storage.md), as SQLAlchemy 2 typed declarative models.
 
 Tables are made only by the Alembic migrations in `migrations/versions/`; a test checks that the migrated
 schema and these models agree. Every constraint is named (see `NAMING_CONVENTION`) so migrations can drop

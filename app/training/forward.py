@@ -1,11 +1,12 @@
 """The training forward: the prefix as the model's KV cache, served positions, LM head only where it counts.
 
 Rows are right-padded (training needs no generation, and right padding keeps every row's real tokens at the same
-columns). Along the KV axis row i is `[prefix (P) | tokens_i | pad]`; DESIGN.md §1 holds exactly as served:
+columns). Along the KV axis row i is `[prefix (P) | tokens_i | pad]`; the served position convention holds
+(docs/prefix-format.md):
 the prefix occupies positions 0..P-1 and real token j sits at position P+j, so a prefix trained here gives the
 same logits in the engine (left-padded, explicit position_ids) and in HF PEFT (no padding).
 
-Speed (DESIGN.md §6): the decoder body produces hidden states [B, S, hidden]; the LM head (the biggest matmul
+Speed (docs/training.md): the decoder body produces hidden states [B, S, hidden]; the LM head (the biggest matmul
 of a small model, hidden x vocab) runs only on the N hidden states that predict a target token.
 """
 

@@ -20,7 +20,7 @@ from prefix_store.types import PrefixKV
 
 def real_token_kv(loaded: LoadedModel, token_ids: Sequence[int], num_virtual_tokens: int) -> PrefixKV:
     """The model's keys/values [L, H_kv, P, D] (float32, CPU) for `token_ids` cycled or cut to P tokens, computed
-    at positions 0..P-1 (the positions a prefix occupies, DESIGN.md §1)."""
+    at positions 0..P-1 (the positions a prefix occupies, docs/prefix-format.md)."""
     if not token_ids:
         raise ValueError("real_token_kv needs at least one token id")
     ids = [token_ids[i % len(token_ids)] for i in range(num_virtual_tokens)]

@@ -1,4 +1,4 @@
-"""The trainable prefix: a per-layer KV block (DESIGN.md §1) as a torch module.
+"""The trainable prefix: a per-layer KV block (docs/prefix-format.md) as a torch module.
 
 Two parameterizations, with HF PEFT's module layout (`embedding`, `transform`), so a state dict loads into
 peft's `PrefixEncoder` and both export the same projected KV:

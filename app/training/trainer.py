@@ -1,4 +1,4 @@
-"""Prefix-tuning on the frozen base model (issue #5, DESIGN.md §1 and §6).
+"""Prefix-tuning on the frozen base model (docs/training.md).
 
 `train_prefix` learns a prefix maximizing log p(completion | prefix, prompt) with the base model frozen:
   - only the prefix is optimized: the optimizer holds the prefix parameters alone, and gradients are taken with

@@ -57,7 +57,7 @@ class TokenizedExample:
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters and prefix options. Defaults are chosen by measurement on the embedded model
-    (DESIGN.md §6, bench/RESULTS.md), not copied from the paper's GPU-scale settings."""
+    (docs/training.md, bench/RESULTS.md), not copied from the paper's GPU-scale settings."""
 
     num_virtual_tokens: int = 16
     prefix_projection: bool = False  # Li & Liang MLP reparameterization; False trains the KV directly

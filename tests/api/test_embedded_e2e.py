@@ -124,7 +124,7 @@ def test_streaming_chat_with_prefix(env: Env, adapter: tuple[LoadedModel, object
 
 
 def test_a_prefix_trained_through_the_api_is_served(env: Env) -> None:
-    """Issue #5's end to end: a small prefix trained on the embedded model through the Files and Fine-tuning APIs
+    """Training end to end: a small prefix trained on the embedded model through the Files and Fine-tuning APIs
     (the embedded server's in-process worker) is served at once and has learnt its task."""
     items = ["lamp", "chair", "kettle", "rope", "tent", "boots", "map", "torch", "bucket", "ladder", "saw", "net"]
     lines = [json.dumps({"prompt": f"Order #{i}: one {item}.\nReply:", "completion": " ACCEPTED"})

@@ -1,4 +1,4 @@
-"""The batch verbs keep DESIGN.md §2's layout: masks, positions, prefix placement, trimming."""
+"""The batch verbs keep the row layout of docs/batching.md: masks, positions, prefix placement, trimming."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DESIGN.md §2 contract: a request gives the same greedy tokens (and logits within 1e-3) alone and in any batch.
+"""The batch-invariance contract (docs/batching.md): a request gives the same greedy tokens (and logits within
+1e-3) alone and in any batch.
 
 Checked three ways: against a reference that recomputes the whole sequence every step with no batching at all,
 through the Batch verbs directly (logits compared), and through the running engine with rows joining mid-flight.
