@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
-# The load-test target: 64 clients for 60 s over 200 prefixes on the local cluster with the embedded model.
-BENCH_LOAD_ARGS ?= --cluster -c 64 -t 60 -p 200 --out bench/out/load.json
+# Bursts of 400 and 2,000 simultaneous requests (24 tokens each, ignore_eos, half streamed) over 200 prefixes, first
+# on one embedded-default server, then on the local cluster (PostgreSQL, Redis, 2 API replicas); about 20 minutes.
+BENCH_LOAD_ARGS ?= --target embedded --target cluster --bursts 400,2000 -p 200 --max-tokens 24 --out bench/out/load.json
+BENCH_HTTP_ARGS ?= --out bench/out/http_vs_engine.json
 
 .PHONY: install run test lint typecheck bench bench-quality bench-load bench-http cluster cluster-stop clean
 

@@ -1,8 +1,10 @@
-"""Set-up for the load test (bench/load.py): the target servers, a tenant, P uploaded prefixes, the requests.
+"""Set-up for the load benchmarks (bench/load.py, bench/http_vs_engine.py): the target servers, a tenant,
+P uploaded prefixes, the requests.
 
 The prefixes are random ones of the served model's shape and fingerprint (native format), so the bench needs
-the model the servers run (`--model`, the same string as PREFIXSERVE_MODEL) to read its shape; with
-`--cluster` it starts `scripts/cluster.sh` and takes everything from the cluster's env file.
+the model the servers run (`--model`, the same string as PREFIXSERVE_MODEL) to read its shape; the cluster
+target starts `scripts/cluster.sh` and takes everything from the cluster's env file; the embedded target starts
+one `prefixserve serve` with default settings (SQLite, in-process cache, local blobs) on a free port.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import shlex
+import signal
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +74,74 @@ def start_cluster(run_dir: Path, model: str) -> tuple[Target, Callable[[], None]
         key, _, value = line.partition("=")
         values[key] = " ".join(shlex.split(value))
     return Target(values["CLUSTER_API_URLS"].split(), values["PREFIXSERVE_ADMIN_KEY"], model), stop
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EmbeddedServer:
+    """One `prefixserve serve` process started by a bench (its pid is what a profiler attaches to)."""
+
+    proc: subprocess.Popen[bytes]
+    target: Target
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+def start_embedded(run_dir: Path, model: str, *, ready_timeout_s: float = 300.0,
+                   extra_env: dict[str, str] | None = None) -> EmbeddedServer:
+    """`prefixserve serve` with default settings: SQLite, blobs and the admin key under `run_dir`, a free port.
+
+    Every PREFIXSERVE_* variable of the calling shell is dropped so the server runs on its defaults; only the
+    data dir, port, admin key and model are set. `run_dir/models` links to the repository's converted-model
+    cache so the GGUF is not dequantized again (~30 s, app/engine/gguf_cache.py).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shared_models = ROOT / "data" / "models"
+    if shared_models.is_dir() and not (run_dir / "models").exists():
+        (run_dir / "models").symlink_to(shared_models, target_is_directory=True)
+    port = free_port()
+    admin_key = "psk-admin-" + secrets.token_urlsafe(24)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIXSERVE_")}
+    env |= {"PREFIXSERVE_DATA_DIR": str(run_dir), "PREFIXSERVE_MODEL": model, "PREFIXSERVE_ADMIN_KEY": admin_key,
+            **(extra_env or {})}
+    log_path = run_dir / "server.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "prefixserve"), "serve", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=run_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    server = EmbeddedServer(proc, Target([f"http://127.0.0.1:{port}"], admin_key, model), log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        with httpx.Client(timeout=2) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"prefixserve serve exited ({proc.returncode}); log: {log_path}")
+                try:
+                    if client.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"prefixserve serve not ready after {ready_timeout_s:.0f} s; log: {log_path}")
+                time.sleep(0.5)
+    except BaseException:
+        server.stop()
+        raise
+    log.info("embedded server pid %d at %s (data dir %s)", proc.pid, server.target.urls[0], run_dir)
+    return server
 
 
 def create_tenant(client: httpx.Client, target: Target, name: str) -> tuple[str, str]:
