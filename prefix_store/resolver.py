@@ -29,6 +29,7 @@ import torch
 from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable, sha256_hex
 from prefix_store.cache_tier import CacheTier, PrefixKey
 from prefix_store.device_pool import DevicePool
+from prefix_store.ref import PrefixRef
 from prefix_store.types import ModelSpec, PrefixKV
 
 log = logging.getLogger(__name__)
@@ -46,22 +47,6 @@ class PrefixNotFound(LookupError):
 
 class PrefixUnavailable(RuntimeError):
     """The catalog knows the prefix but no tier can produce its bytes right now (or they are corrupt)."""
-
-
-@dataclass(frozen=True)
-class PrefixRef:
-    """One committed prefix version, as the catalog (the database) records it."""
-
-    tenant_id: str
-    prefix_id: str
-    name: str
-    version: int
-    sha256: str
-    num_virtual_tokens: int
-
-    @property
-    def key(self) -> PrefixKey:
-        return PrefixKey(self.tenant_id, self.prefix_id, self.version, self.sha256)
 
 
 class Catalog(Protocol):

@@ -6,13 +6,14 @@ events. HTTP-layer unit tests replace this class with a fake of the same shape.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from app.engine.loop import Engine
-from app.engine.protocol import PrefixSelector, SamplingParams, TokenEvent
+from app.engine.protocol import SamplingParams, TokenEvent
 from app.engine.types import GenerationRequest
-from prefix_store.resolver import PrefixRef, PrefixResolver
+from prefix_store.ref import PrefixRef
+from prefix_store.resolver import PrefixResolver
 from prefix_store.types import PrefixKV
 
 
@@ -53,28 +54,19 @@ class EngineClient:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def _loader(self, selector: PrefixSelector) -> Any:
+    def _loader(self, ref: PrefixRef) -> Callable[[], PrefixKV]:
+        """Loads `ref` on the engine's loader thread (a cold load never stalls a step)."""
         resolver = self.resolver
         if resolver is None:
             raise RuntimeError("no prefix resolver configured")
-
-        sel = selector
-        if sel.version is not None and sel.prefix_id is not None and sel.sha256 is not None:
-            ref = PrefixRef(tenant_id=sel.tenant_id, prefix_id=sel.prefix_id, name=sel.name, version=sel.version,
-                            sha256=sel.sha256, num_virtual_tokens=sel.num_virtual_tokens)
-            return lambda: resolver.load(ref).kv
-
-        def load() -> PrefixKV:
-            return resolver.get(sel.tenant_id, sel.name, sel.version).kv
-
-        return load
+        return lambda: resolver.load(ref).kv
 
     async def generate(
         self,
         *,
         prompt_ids: list[int],
         sampling: SamplingParams,
-        prefix: PrefixSelector | None = None,
+        prefix: PrefixRef | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine."""

@@ -1,5 +1,7 @@
 """The engine's interface as the web layer sees it: what a request hands over, what comes back, what can fail.
 
+The prefix a request uses is prefix_store/ref.py's PrefixRef, the same record the catalog returns.
+
 Torch-free on purpose: the web layer and the services import this module at their top, and the app starts (and
 its tests run) without loading torch. The engine's implementation (app/engine/client.py, loop.py, sampling.py)
 builds on these types.
@@ -10,6 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
+
+from prefix_store.ref import PrefixRef
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Why a request ended in "error": the API maps these to statuses without reading messages.
@@ -97,23 +101,6 @@ class TokenEvent:
         return self.finish_reason is not None
 
 
-@dataclass(frozen=True)
-class PrefixSelector:
-    """Which stored prefix a request uses: a tenant's prefix by name (and version, None = newest).
-
-    A caller that has just read the version from the catalog (the services, checking the request) also passes its
-    `prefix_id`, `sha256` and `num_virtual_tokens`: the engine then loads exactly that content without asking the
-    catalog again (one database query per request instead of one per choice).
-    """
-
-    tenant_id: str
-    name: str
-    version: int | None = None
-    prefix_id: str | None = None
-    sha256: str | None = None
-    num_virtual_tokens: int = 0
-
-
 class EngineClientProtocol(Protocol):
     """Tokenize, and stream a request's token events. The served implementation is app/engine/client.py's
     EngineClient; HTTP-layer tests use a fake of the same shape."""
@@ -133,7 +120,8 @@ class EngineClientProtocol(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
-    def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelector | None = None,
+    def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
                  request_id: str | None = None) -> AsyncIterator[TokenEvent]:
-        """Stream token events; stopping the iteration early cancels the request in the engine."""
+        """Stream token events; stopping the iteration early cancels the request in the engine. `prefix`: the
+        version the caller read from the catalog; the engine loads exactly that content."""
         ...

@@ -22,8 +22,8 @@ from app.config import Settings
 from app.db.models import ApiKey, Prefix, PrefixVersion, TenantLimits, utcnow
 from app.protocol.admin import TenantLimitValues
 from app.services.auth import Principal, hash_key
-from app.services.catalog import FoundVersion
 from app.services.limits import LIMIT_FIELDS, defaults
+from prefix_store.ref import PrefixRef
 
 TOUCH_EVERY_S: Final = 60.0  # a key's last_used_at is written at most this often (per process)
 
@@ -44,7 +44,7 @@ class Access:
     principal: Principal
     limits: TenantLimitValues | None
     looked_up: ModelQuery | None = None  # what `found` answers
-    found: FoundVersion | None = None
+    found: PrefixRef | None = None
 
 
 class _Touched:
@@ -94,13 +94,13 @@ def _effective(row: Any, settings: Settings) -> TenantLimitValues:
     return TenantLimitValues(**{f: own[f] if own[f] is not None else getattr(base, f) for f in LIMIT_FIELDS})
 
 
-def _found(row: Any) -> FoundVersion | None:
+def _found(row: Any, name: str) -> PrefixRef | None:
     if row.version is None:
         return None
-    return FoundVersion(prefix_id=row.prefix_id, prefix_created_at=row.prefix_created_at,
-                        version=int(row.version), sha256=row.sha256,
-                        num_virtual_tokens=int(row.num_virtual_tokens),
-                        base_model_fingerprint=row.base_model_fingerprint, created_at=row.v_created_at)
+    return PrefixRef(tenant_id=row.tenant_id, prefix_id=row.prefix_id, name=name, version=int(row.version),
+                     sha256=row.sha256, num_virtual_tokens=int(row.num_virtual_tokens),
+                     base_model_fingerprint=row.base_model_fingerprint, created_at=row.v_created_at,
+                     prefix_created_at=row.prefix_created_at)
 
 
 def admin_access(raw_key: str, admin_key: str | None) -> Access | None:
@@ -128,4 +128,4 @@ def authorize(session: Session, *, raw_key: str, admin_key: str | None, settings
         session.commit()
     principal = Principal(tenant_id=row.tenant_id, scopes=frozenset(row.scopes.split(",")), key_id=row.id)
     return Access(principal, limits=_effective(row, settings), looked_up=model,
-                  found=_found(row) if model is not None else None)
+                  found=_found(row, model.name) if model is not None else None)

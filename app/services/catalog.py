@@ -7,17 +7,13 @@ through these two, so they agree on what a reference means and on what another t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
-
-if TYPE_CHECKING:
-    from prefix_store.resolver import PrefixRef
+from prefix_store.ref import PrefixRef
 
 MAX_VERSION: Final = 2**31 - 1  # the column is a 32-bit integer; a larger one can only be malformed
 
@@ -43,20 +39,7 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     raise InvalidRef(f"invalid version {raw[:20]!r} in {ref[:100]!r}: expected name@<positive integer>")
 
 
-@dataclass(frozen=True)
-class FoundVersion:
-    """One committed prefix version and the prefix it belongs to."""
-
-    prefix_id: str
-    prefix_created_at: datetime
-    version: int
-    sha256: str
-    num_virtual_tokens: int
-    base_model_fingerprint: str
-    created_at: datetime
-
-
-def find_version(session: Session, *, tenant_id: str, name: str, version: int | None) -> FoundVersion | None:
+def find_version(session: Session, *, tenant_id: str, name: str, version: int | None) -> PrefixRef | None:
     """The tenant's prefix `name` (personal ones included) at `version`, or its newest version when None.
     None when the tenant has no such prefix or version; another tenant's prefix is never found."""
     stmt = (
@@ -71,9 +54,9 @@ def find_version(session: Session, *, tenant_id: str, name: str, version: int | 
     row = session.execute(stmt.limit(1)).first()
     if row is None:
         return None
-    return FoundVersion(prefix_id=row.id, prefix_created_at=row.prefix_created_at, version=int(row.version),
-                        sha256=row.sha256, num_virtual_tokens=int(row.num_virtual_tokens),
-                        base_model_fingerprint=row.base_model_fingerprint, created_at=row.created_at)
+    return PrefixRef(tenant_id=tenant_id, prefix_id=row.id, name=name, version=int(row.version), sha256=row.sha256,
+                     num_virtual_tokens=int(row.num_virtual_tokens), base_model_fingerprint=row.base_model_fingerprint,
+                     created_at=row.created_at, prefix_created_at=row.prefix_created_at)
 
 
 class DbCatalog:
@@ -84,11 +67,5 @@ class DbCatalog:
         self._sessions = sessions
 
     def lookup(self, tenant_id: str, name: str, version: int | None) -> PrefixRef | None:
-        from prefix_store.resolver import PrefixRef  # imports torch: only the engine's side calls this
-
         with self._sessions() as session:
-            found = find_version(session, tenant_id=tenant_id, name=name, version=version)
-        if found is None:
-            return None
-        return PrefixRef(tenant_id=tenant_id, prefix_id=found.prefix_id, name=name, version=found.version,
-                         sha256=found.sha256, num_virtual_tokens=found.num_virtual_tokens)
+            return find_version(session, tenant_id=tenant_id, name=name, version=version)

@@ -25,7 +25,6 @@ from starlette.types import Receive
 from app.engine.protocol import (
     EngineClientProtocol,
     EngineOverloaded,
-    PrefixSelector,
     RequestTooLarge,
     SamplingParams,
     SamplingParamsError,
@@ -43,8 +42,9 @@ from app.errors import (
 )
 from app.observability.context import note_event, note_model, note_prompt
 from app.services.access import Access, ModelQuery
-from app.services.catalog import FoundVersion, InvalidRef, find_version, split_ref
+from app.services.catalog import InvalidRef, find_version, split_ref
 from app.services.db_calls import DbCalls
+from prefix_store.ref import PrefixRef
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,15 @@ EVENT_BUFFER = 256  # merged events of one API request waiting for its consumer
 
 @dataclass(frozen=True)
 class ModelTarget:
-    """What answers a request: the base model (selector None) or one concrete prefix version."""
+    """What answers a request: `model` as the client named it, and the base model (ref None) or the concrete
+    prefix version it resolved to (the engine serves exactly that, even if a newer one lands meanwhile)."""
 
-    model: str  # as the client named it
-    selector: PrefixSelector | None
-    num_virtual_tokens: int = 0
+    model: str
+    ref: PrefixRef | None = None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.ref.num_virtual_tokens if self.ref is not None else 0
 
 
 def model_not_found(model: str) -> NotFound:
@@ -79,28 +83,23 @@ def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id
                   fingerprint: str) -> ModelTarget:
     """The target `model` names for this tenant, looked up in the database (see `target_of`)."""
     if model == base_model_id:
-        return ModelTarget(model=model, selector=None)
+        return ModelTarget(model)
     name, version = parse_model_name(model)
     found = find_version(session, tenant_id=tenant_id, name=name, version=version)
-    return target_of(model, tenant_id=tenant_id, name=name, found=found, base_model_id=base_model_id,
-                     fingerprint=fingerprint)
+    return target_of(model, found, base_model_id=base_model_id, fingerprint=fingerprint)
 
 
-def target_of(model: str, *, tenant_id: str, name: str, found: FoundVersion | None, base_model_id: str,
-              fingerprint: str) -> ModelTarget:
+def target_of(model: str, found: PrefixRef | None, *, base_model_id: str, fingerprint: str) -> ModelTarget:
     """The target for the version the catalog found: the 404 when it does not exist, the 409 when the version
     was made for another base model than the one served (`fingerprint`)."""
     if found is None:
         raise model_not_found(model)
     if found.base_model_fingerprint != fingerprint:
         # Caught here, not at load time (a 503 that retrying never fixes): e.g. the operator changed the model.
-        raise Conflict(f"prefix version {name}@{found.version} was made for the base model with fingerprint "
+        raise Conflict(f"prefix version {found.name}@{found.version} was made for the base model with fingerprint "
                        f"{found.base_model_fingerprint!r}; this server runs {base_model_id!r} (fingerprint "
                        f"{fingerprint!r})", param="model", code="model_mismatch")
-    # The concrete version, so the engine serves exactly what was checked even if a newer one lands now.
-    selector = PrefixSelector(tenant_id, name, found.version, prefix_id=found.prefix_id, sha256=found.sha256,
-                              num_virtual_tokens=found.num_virtual_tokens)
-    return ModelTarget(model=model, selector=selector, num_virtual_tokens=found.num_virtual_tokens)
+    return ModelTarget(model, found)
 
 
 async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_model_id: str,
@@ -111,11 +110,10 @@ async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_
     tenant_id = access.principal.tenant_id
     assert tenant_id is not None  # generation routes refuse the admin key
     if model == base_model_id:
-        return ModelTarget(model=model, selector=None)
+        return ModelTarget(model)
     name, version = parse_model_name(model)
     if access.looked_up == ModelQuery(name, version):
-        return target_of(model, tenant_id=tenant_id, name=name, found=access.found, base_model_id=base_model_id,
-                         fingerprint=fingerprint)
+        return target_of(model, access.found, base_model_id=base_model_id, fingerprint=fingerprint)
     return await db_calls.run(lambda session: resolve_model(
         session, tenant_id=tenant_id, model=model, base_model_id=base_model_id, fingerprint=fingerprint))
 
@@ -278,7 +276,7 @@ async def start_generation(engine: EngineClientProtocol, *, prompt_ids: list[int
     """Submit one engine request per choice and wait until each has started (see `Generation.start`)."""
     base = uuid.uuid4().hex
     note_prompt(len(prompt_ids))
-    streams = [engine.generate(prompt_ids=prompt_ids, sampling=p, prefix=target.selector,
+    streams = [engine.generate(prompt_ids=prompt_ids, sampling=p, prefix=target.ref,
                                request_id=f"{base}-{i}") for i, p in enumerate(params)]
     gen = Generation(streams, disconnected)
     try:

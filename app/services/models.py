@@ -42,4 +42,5 @@ def get_model(session: Session, *, tenant_id: str, model: str, base_model_id: st
     if found is None:
         raise model_not_found(model)
     created = found.created_at if version is not None else found.prefix_created_at
+    assert created is not None  # find_version reads both times
     return ModelCard(id=model, created=int(created.timestamp()), owned_by=tenant_id, parent=base_model_id)

@@ -16,9 +16,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from app.api.deps import get_served_fingerprint
-from app.engine.client import PrefixSelector
 from app.engine.sampling import SamplingParams
 from app.engine.types import TokenEvent
+from prefix_store.ref import PrefixRef
 
 EOS = 0
 FAKE_FINGERPRINT = "fake"  # the base model the fake engine "serves" (conftest's prefix rows are made for it)
@@ -35,7 +35,7 @@ def with_fake_model(app: FastAPI) -> FastAPI:
 class Call:
     prompt_ids: list[int]
     sampling: SamplingParams
-    prefix: PrefixSelector | None
+    prefix: PrefixRef | None
     request_id: str
     cancelled: bool = False
     finished: bool = False
@@ -70,7 +70,7 @@ class FakeEngineClient:
     def token_text(self, token_id: int) -> str:
         return "" if token_id == EOS else chr(token_id)
 
-    def script(self, prefix: PrefixSelector | None, sampling: SamplingParams) -> str:
+    def script(self, prefix: PrefixRef | None, sampling: SamplingParams) -> str:
         text = "hello world" if prefix is None else f"<{prefix.name}@{prefix.version}>"
         return text + (f"#{sampling.seed}" if sampling.seed is not None else "")
 
@@ -79,7 +79,7 @@ class FakeEngineClient:
         return [c for c in self.calls if c.cancelled]
 
     async def generate(
-        self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelector | None = None,
+        self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[TokenEvent]:
         call = Call(prompt_ids, sampling, prefix, request_id or "")

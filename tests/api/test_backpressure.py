@@ -17,10 +17,10 @@ import pytest
 import uvicorn
 
 from app.config import Settings
-from app.engine.client import PrefixSelector
 from app.engine.sampling import SamplingParams
 from app.main import create_app
 from app.runtime import Runtime, open_runtime
+from prefix_store.ref import PrefixRef
 from tests.api.conftest import ADMIN_KEY
 from tests.api.fake_engine import FakeEngineClient, with_fake_model
 from tests.api.fixtures_admin import Api, bearer, make_api
@@ -94,7 +94,7 @@ class EndlessEngine(FakeEngineClient):
 
     produced: int = 0
 
-    def script(self, prefix: PrefixSelector | None, sampling: SamplingParams) -> str:
+    def script(self, prefix: PrefixRef | None, sampling: SamplingParams) -> str:
         return "x" * 200_000
 
     async def generate(self, **kw):  # type: ignore[no-untyped-def,override]

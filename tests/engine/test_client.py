@@ -5,8 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from app.engine.client import EngineClient, PrefixSelector
-from prefix_store.resolver import PrefixRef
+from app.engine.client import EngineClient
+from prefix_store.ref import PrefixRef
 
 
 class RecordingResolver:
@@ -28,15 +28,8 @@ def _client(resolver: RecordingResolver) -> EngineClient:
     return EngineClient(engine=None, tokenizer=None, resolver=resolver, model_id="m", context_length=64)  # type: ignore[arg-type]
 
 
-def test_resolved_selector_loads_its_exact_version_without_the_catalog() -> None:
+def test_a_prefix_loads_its_exact_version_without_the_catalog() -> None:
     resolver = RecordingResolver()
-    sel = PrefixSelector("t1", "bot", 3, prefix_id="pid", sha256="ab" * 32, num_virtual_tokens=7)
-    assert _client(resolver)._loader(sel)() == "kv-from-load"
-    assert resolver.calls == [("load", PrefixRef("t1", "pid", "bot", 3, "ab" * 32, 7))]
-
-
-def test_bare_selector_asks_the_catalog() -> None:
-    resolver = RecordingResolver()
-    assert _client(resolver)._loader(PrefixSelector("t1", "bot"))() == "kv-from-get"
-    assert _client(resolver)._loader(PrefixSelector("t1", "bot", 2))() == "kv-from-get"
-    assert resolver.calls == [("get", ("t1", "bot", None)), ("get", ("t1", "bot", 2))]
+    ref = PrefixRef("t1", "pid", "bot", 3, "ab" * 32, 7)
+    assert _client(resolver)._loader(ref)() == "kv-from-load"
+    assert resolver.calls == [("load", ref)]

@@ -20,7 +20,8 @@ import torch
 from prefix_store.blobs import BlobStore, BlobStoreUnavailable, FileBlobStore, S3BlobStore
 from prefix_store.cache_tier import CacheTier, InProcessTier, PrefixKey, RedisTier
 from prefix_store.device_pool import DevicePool
-from prefix_store.resolver import PrefixNotFound, PrefixRef, PrefixResolver, PrefixUnavailable
+from prefix_store.ref import PrefixRef
+from prefix_store.resolver import PrefixNotFound, PrefixResolver, PrefixUnavailable
 from prefix_store.types import PrefixKV
 from tests.s3_server import S3Server, closed_port
 

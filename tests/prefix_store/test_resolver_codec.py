@@ -8,7 +8,8 @@ from prefix_store.blobs import FileBlobStore
 from prefix_store.cache_tier import RedisTier
 from prefix_store.codec import encode_native
 from prefix_store.device_pool import DevicePool
-from prefix_store.resolver import PrefixRef, PrefixResolver
+from prefix_store.ref import PrefixRef
+from prefix_store.resolver import PrefixResolver
 from prefix_store.types import ModelSpec, PrefixKV
 
 SPEC = ModelSpec(model_id="m", fingerprint="f" * 64, num_layers=2, num_kv_heads=2, head_dim=8, dtype="float32")

@@ -82,14 +82,14 @@ def test_resolve_model_refuses_a_version_made_for_another_base_model(pg_sessions
     _prefix(pg_sessions, tenant, "p", [FP, "fp-old"])  # v1 for the served model, v2 for another
     with pg_sessions() as s:
         target = resolve_model(s, tenant_id=tenant, model="p@1", base_model_id=BASE, fingerprint=FP)
-        assert target.selector is not None and target.selector.version == 1 and target.num_virtual_tokens == 5
+        assert target.ref is not None and target.ref.version == 1 and target.num_virtual_tokens == 5
         for model, version in (("p", 2), ("p@2", 2)):
             with pytest.raises(Conflict) as exc:
                 resolve_model(s, tenant_id=tenant, model=model, base_model_id=BASE, fingerprint=FP)
             assert exc.value.status_code == 409 and exc.value.code == "model_mismatch" and exc.value.param == "model"
             assert f"p@{version}" in exc.value.message and "'fp-old'" in exc.value.message
             assert f"'{BASE}'" in exc.value.message and f"'{FP}'" in exc.value.message
-        assert resolve_model(s, tenant_id=tenant, model=BASE, base_model_id=BASE, fingerprint=FP).selector is None
+        assert resolve_model(s, tenant_id=tenant, model=BASE, base_model_id=BASE, fingerprint=FP).ref is None
         with pytest.raises(NotFound):
             resolve_model(s, tenant_id=tenant, model="p@0", base_model_id=BASE, fingerprint=FP)
 
@@ -106,5 +106,5 @@ def test_personal_prefix_with_at_sign_in_its_id(pg_sessions: sessionmaker[Sessio
     with pg_sessions() as s:
         for model, version in (("user:bob@example.com", 2), ("user:bob@example.com@1", 1)):
             target = resolve_model(s, tenant_id=tenant, model=model, base_model_id=BASE, fingerprint=FP)
-            assert target.selector is not None
-            assert (target.selector.name, target.selector.version) == ("user:bob@example.com", version)
+            assert target.ref is not None
+            assert (target.ref.name, target.ref.version) == ("user:bob@example.com", version)

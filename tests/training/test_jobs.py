@@ -19,7 +19,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from app.db.models import JobCheckpoint, Prefix, PrefixVersion, TrainingJob, utcnow
-from app.engine.client import EngineClient, PrefixSelector
+from app.engine.client import EngineClient
 from app.engine.factory import build_engine, context_length
 from app.engine.sampling import SamplingParams
 from app.services.catalog import DbCatalog
@@ -32,6 +32,7 @@ from app.training.types import TrainCallbacks, TrainConfig, TrainEvent, TrainRes
 from prefix_store.cache_tier import InProcessTier
 from prefix_store.codec import decode_native
 from prefix_store.device_pool import DevicePool
+from prefix_store.ref import PrefixRef
 from prefix_store.resolver import PrefixResolver
 from tests.engine.helpers import random_prefix
 from tests.training.job_support import FAST, RECORDS, JobEnv, jsonl
@@ -85,10 +86,10 @@ def test_job_trains_publishes_and_is_served(env: JobEnv) -> None:
     # Servable at once: the resolver reads the catalog, the engine generates with it.
     resolved = _resolver(env).get(env.tenant_id, "tuned")
     assert resolved.ref.version == 1 and torch.equal(resolved.kv.keys, kv.keys)
-    assert _generate(env, PrefixSelector(env.tenant_id, "tuned")) != _generate(env, None)
+    assert _generate(env, resolved.ref) != _generate(env, None)
 
 
-def _generate(env: JobEnv, selector: PrefixSelector | None) -> list[int]:
+def _generate(env: JobEnv, ref: PrefixRef | None) -> list[int]:
     engine = build_engine(env.loaded)
     engine.start()
     client = EngineClient(engine, env.loaded.tokenizer, _resolver(env), env.loaded.spec.model_id,
@@ -96,7 +97,7 @@ def _generate(env: JobEnv, selector: PrefixSelector | None) -> list[int]:
 
     async def run() -> list[int]:
         out = []
-        async for ev in client.generate(prompt_ids=client.encode_prompt("item 4:"), prefix=selector,
+        async for ev in client.generate(prompt_ids=client.encode_prompt("item 4:"), prefix=ref,
                                         sampling=SamplingParams(max_tokens=8, temperature=0)):
             if ev.token_id is not None:
                 out.append(ev.token_id)
