@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -69,10 +70,13 @@ def _body(spec_model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
 def references(target: Target, work: Workload, max_tokens: int, timeout_s: float) -> list[str]:
     """Every distinct request served alone: one at a time on each server (the servers in parallel)."""
     out: list[str | None] = [None] * len(work.requests)
+    stop = threading.Event()  # a failure or Ctrl-C: the other servers' loops end after their current request
 
     def serve(url_index: int) -> None:
         with httpx.Client(timeout=timeout_s) as client:
             for k in range(url_index, len(work.requests), len(target.urls)):
+                if stop.is_set():
+                    return
                 spec = work.requests[k]
                 r = client.post(f"{target.urls[url_index]}/v1/completions", headers=work.headers,
                                 json=_body(spec.model, spec.prompt, max_tokens))
@@ -85,8 +89,12 @@ def references(target: Target, work: Workload, max_tokens: int, timeout_s: float
                 out[k] = data["choices"][0]["text"]
 
     with ThreadPoolExecutor(len(target.urls)) as pool:
-        for f in [pool.submit(serve, i) for i in range(len(target.urls))]:
-            f.result()
+        try:
+            for f in [pool.submit(serve, i) for i in range(len(target.urls))]:
+                f.result()
+        except BaseException:
+            stop.set()
+            raise
     return [text or "" for text in out]
 
 
@@ -171,6 +179,8 @@ def run_burst(target: Target, work: Workload, refs: list[str], n: int, args: arg
            "--loglevel", "WARNING"]
     log.info("burst of %d: %s", n, " ".join(cmd))
     started = time.monotonic()
+    # Other work on the machine shares the CPUs with the servers: the load average says how much there was.
+    load_before = os.getloadavg()
     proc = subprocess.run(cmd, env={**os.environ, "BENCH_LOAD_PLAN": str(plan_path)}, timeout=deadline + 120,
                           check=False)
     log.info("burst of %d: locust exited %d after %.1f s", n, proc.returncode, time.monotonic() - started)
@@ -180,6 +190,7 @@ def run_burst(target: Target, work: Workload, refs: list[str], n: int, args: arg
     if proc.returncode != 0:
         summary["failures"]["locust-exit-" + str(proc.returncode)] = 1
     summary["stream_ratio"] = args.stream_ratio
+    summary["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     return summary
 
 
