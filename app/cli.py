@@ -78,7 +78,7 @@ def worker(
         typer.echo("error: prefixserve worker needs PREFIXSERVE_REDIS_URL (without Redis, the server's in-process "
                    "worker runs the jobs)", err=True)
         raise typer.Exit(2)
-    from app.training.worker import build_worker, check_health
+    from app.worker import build_worker, check_health
 
     if check:
         raise typer.Exit(0 if check_health(settings) else 1)

@@ -156,9 +156,10 @@ def train_local(*, data: Path, validation: Path | None, opts: TrainOptions, sett
 
 
 def _execute(runtime: Any, job_id: str) -> None:
-    from app.training.jobs import JobContext, execute_job
+    from app.runtime import job_context
+    from app.training.jobs import execute_job
 
-    outcome = execute_job(job_id, ctx=JobContext.from_runtime(runtime), timeout_s=runtime.settings.job_timeout_s)
+    outcome = execute_job(job_id, ctx=job_context(runtime), timeout_s=runtime.settings.job_timeout_s)
     # "skipped": a server's in-process worker sharing this database claimed it first; we follow it anyway.
     log.debug("job %s: %s", job_id, outcome)
 
@@ -168,10 +169,8 @@ def _create_local_job(runtime: Any, *, data: Path, validation: Path | None, opts
     from app.errors import ServiceError
     from app.protocol.fine_tuning import FineTuningJobCreate
     from app.services import files, fine_tuning
-    from app.services.prefixes import stores_from_runtime
-    from app.services.training_setup import training_context
-
-    stores = stores_from_runtime(runtime)
+        
+    stores = runtime.prefix_stores()
     with runtime.sessions() as session:
         tenant_id = _local_tenant(session, tenant, console)
         try:
@@ -181,7 +180,7 @@ def _create_local_job(runtime: Any, *, data: Path, validation: Path | None, opts
                    if p is not None else None for p in (data, validation)]
             body = opts.body(model=opts.model or runtime.model.spec.model_id, training_file=str(ids[0]),
                              validation_file=ids[1])
-            job = fine_tuning.create_job(session=session, ctx=training_context(runtime), tenant_id=tenant_id,
+            job = fine_tuning.create_job(session=session, ctx=runtime.training_context(), tenant_id=tenant_id,
                                          req=FineTuningJobCreate.model_validate(body))
         except ServiceError as exc:
             raise TrainCommandError(exc.message) from None

@@ -22,7 +22,9 @@ from prefix_store.blobs import BlobStore, BlobStoreUnavailable
 if TYPE_CHECKING:
     import redis
 
-    from app.runtime import Runtime
+    from app.engine.loop import Engine
+    from app.engine.model import LoadedModel
+    from app.schema_gate import SchemaGate
 
 log = logging.getLogger(__name__)
 
@@ -214,21 +216,21 @@ def open_blobs(settings: Settings) -> BlobStore:
         return DeferredBlobStore(opener, str(exc))
 
 
-def model_check(runtime: Runtime) -> Check:
-    if runtime.model is None or runtime.engine is None:
+def model_check(model: LoadedModel | None, engine: Engine | None) -> Check:
+    if model is None or engine is None:
         return Check(False, "the model is not loaded")
-    if not runtime.engine.alive:
+    if not engine.alive:
         return Check(False, "the engine thread stopped: restart this process (its log says why)")
-    return Check(True, f"{runtime.model.spec.model_id} on {runtime.model.device}")
+    return Check(True, f"{model.spec.model_id} on {model.device}")
 
 
-def database_checks(runtime: Runtime) -> dict[str, Check]:
+def database_checks(settings: Settings, *, answers: bool, schema_gate: SchemaGate | None) -> dict[str, Check]:
     """`database` (it answers) and `schema` (at this build's head; re-read while it is not)."""
-    where = describe_url(runtime.settings.resolved_database_url)
-    out = {"database": Check(True, where) if runtime.database_ok() else Check(
+    where = describe_url(settings.resolved_database_url)
+    out = {"database": Check(True, where) if answers else Check(
         False, f"the database {where} does not answer: check that it is up and PREFIXSERVE_DATABASE_URL")}
-    if runtime.schema_gate is not None:
-        state = runtime.schema_gate.check()
+    if schema_gate is not None:
+        state = schema_gate.check()
         out["schema"] = Check(True, f"at revision {state.revision}") if state.ok else Check(False, state.message)
     return out
 
@@ -244,14 +246,13 @@ def job_queue_line(settings: Settings, cache: Check | None) -> tuple[bool, str]:
     return True, "none: this process runs no training jobs (a `prefixserve worker` picks them up)"
 
 
-def log_start_up(runtime: Runtime) -> None:
-    """One line each for the database, object store, cache and job queue: what is used, whether it is ready."""
-    s = runtime.settings
-    db = database_checks(runtime)
+def log_start_up(s: Settings, db: dict[str, Check], store_checks: StoreChecks | None) -> None:
+    """One line each for the database, object store, cache and job queue: what is used, whether it is ready.
+    `db`: database_checks' answer."""
     if db["database"].ok and "schema" in db:
         db["database"] = Check(db["schema"].ok, f"{db['database'].detail}, {db['schema'].detail}")
-    store = runtime.store_checks.object_store() if runtime.store_checks is not None else None
-    cache = runtime.store_checks.cache() if runtime.store_checks is not None else None
+    store = store_checks.object_store() if store_checks is not None else None
+    cache = store_checks.cache() if store_checks is not None else None
     cache_line = cache or Check(True, "in-process (no PREFIXSERVE_REDIS_URL)")
     queue_ok, queue = job_queue_line(s, cache)
     for name, check in (("database", db["database"]), ("object store", store), ("cache", cache_line),

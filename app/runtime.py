@@ -15,13 +15,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 
 if TYPE_CHECKING:
+    from app.catalog.versions import PrefixStores
     from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
+    from app.jobs.queue import JobQueue
     from app.readiness import Check, StoreChecks
     from app.schema_gate import SchemaGate
     from app.services.db_calls import DbCalls
-    from app.training.queue import JobQueue
+    from app.services.limit_store import CounterStore
+    from app.services.training_setup import TrainingContext
+    from app.training.jobs import JobContext
     from prefix_store.blobs import BlobStore
     from prefix_store.cache_tier import CacheTier
     from prefix_store.resolver import PrefixResolver
@@ -46,15 +50,45 @@ class Runtime:
     # Whether the database schema is at this build's head; None (no gate) in runtimes built by hand in tests.
     schema_gate: SchemaGate | None = None
     store_checks: StoreChecks | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     # The request path's database calls (app/services/db_calls.py): as many threads as the pool keeps open.
     db_calls: DbCalls = field(init=False)
+    # Rate and concurrency counters: Redis when configured (shared by every replica), else this process.
+    counters: CounterStore = field(init=False)
 
     def __post_init__(self) -> None:
         from app.services.db_calls import DbCalls
+        from app.services.limit_store import CounterStore
+        from app.services.limits import SLOT_TTL_MARGIN_S
 
-        self.db_calls = DbCalls(self.sessions, threads=self.settings.database_pool_size,
-                                wait_s=self.settings.database_pool_timeout_s)
+        s = self.settings
+        self.db_calls = DbCalls(self.sessions, threads=s.database_pool_size, wait_s=s.database_pool_timeout_s)
+        self.counters = CounterStore(s.redis_url, slot_ttl_s=s.request_timeout_s + SLOT_TTL_MARGIN_S)
+
+    def prefix_stores(self) -> PrefixStores:
+        """The stores prefix management writes to; invalidation goes through the resolver (device pool + cache
+        tier) when this process serves, else straight to the cache tier."""
+        from app.catalog.versions import PrefixStores
+
+        resolver = self.resolver
+        invalidate = resolver.invalidate if resolver is not None else self.cache.invalidate
+        return PrefixStores(blobs=self.blobs, spec=self.model.spec if self.model is not None else None,
+                            max_virtual_tokens=self.settings.max_virtual_tokens,
+                            max_bytes=self.settings.max_upload_bytes, invalidate=invalidate)
+
+    def training_context(self) -> TrainingContext:
+        """The served model's facts for creating training jobs; 503 while the model is not loaded (examples are
+        checked with its tokenizer)."""
+        from app.engine.factory import context_length
+        from app.errors import Unavailable
+        from app.services.training_setup import TrainingContext
+
+        loaded = self.model
+        if loaded is None:
+            raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
+        return TrainingContext(
+            blobs=self.blobs, tokenizer=loaded.tokenizer, context_length=context_length(loaded),
+            base_model_id=loaded.spec.model_id, fingerprint=loaded.spec.fingerprint,
+            max_virtual_tokens=self.settings.max_virtual_tokens, max_file_examples=self.settings.max_file_examples)
 
     def database_ok(self) -> bool:
         try:
@@ -64,11 +98,16 @@ class Runtime:
         except sa.exc.SQLAlchemyError:
             return False
 
+    def _database_checks(self) -> dict[str, Check]:
+        from app.readiness import database_checks
+
+        return database_checks(self.settings, answers=self.database_ok(), schema_gate=self.schema_gate)
+
     def readiness(self) -> dict[str, Check]:
         """Every check serving needs, by name (app/readiness.py); ready when all pass."""
-        from app.readiness import database_checks, model_check
+        from app.readiness import model_check
 
-        checks = {"model": model_check(self), **database_checks(self)}
+        checks = {"model": model_check(self.model, self.engine), **self._database_checks()}
         if self.store_checks is not None:
             checks["object_store"] = self.store_checks.object_store()
             cache = self.store_checks.cache()
@@ -85,6 +124,7 @@ class Runtime:
         if self.engine is not None:
             self.engine.stop()
         self.db_calls.close()
+        self.counters.close()
         if self.store_checks is not None:
             self.store_checks.close()
         close = getattr(self.cache, "close", None)
@@ -129,10 +169,8 @@ def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
     runtime.admin_key = _admin_key(settings)
     if load_model:
         _start_model(runtime)
-        from app.training.queue import open_job_queue
-
         runtime.job_queue = open_job_queue(runtime)
-    log_start_up(runtime)
+    log_start_up(settings, runtime._database_checks(), runtime.store_checks)
     return runtime
 
 
@@ -179,10 +217,10 @@ def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> 
 
 
 def _start_model(runtime: Runtime) -> None:
+    from app.catalog.refs import DbCatalog
     from app.engine.client import EngineClient
     from app.engine.factory import build_engine, context_length
     from app.engine.threads import run_in_own_thread
-    from app.services.catalog import DbCatalog
     from prefix_store.device_pool import DevicePool
     from prefix_store.resolver import PrefixResolver
 
@@ -207,3 +245,40 @@ def _start_model(runtime: Runtime) -> None:
         runtime.engine, loaded.tokenizer, runtime.resolver, loaded.spec.model_id, context_length(loaded)
     )
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)
+
+
+def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None, **kw: Any) -> JobContext:
+    """What running a training job needs, cut from the runtime (`loaded`: a worker's own model copy)."""
+    from app.training.jobs import JobContext
+
+    model = loaded or runtime.model
+    if model is None:
+        raise ValueError("a job context needs the loaded model")
+    invalidate = runtime.resolver.invalidate if runtime.resolver is not None else runtime.cache.invalidate
+    return JobContext(sessions=runtime.sessions, blobs=runtime.blobs, loaded=model, settings=runtime.settings,
+                      invalidate=invalidate, **kw)
+
+
+def open_job_queue(runtime: Runtime) -> JobQueue | None:
+    """The queue the settings ask for; the in-process worker is started here (it needs the loaded model).
+    None (`job_queue = none`, or no model to train with): this process runs no jobs, and created jobs stay
+    `queued` in the database until a worker's recovery sweep (every `job_sweep_interval_s`) picks them up."""
+    kind = runtime.settings.resolved_job_queue
+    if kind == "arq":
+        from app.training.arq_queue import ArqJobQueue
+
+        url = runtime.settings.redis_url
+        if url is None:  # Settings refuses job_queue=arq without a Redis URL; auto picks arq only with one
+            raise ValueError("the arq job queue needs PREFIXSERVE_REDIS_URL")
+        return ArqJobQueue(url)
+    if kind == "inprocess" and runtime.model is not None:
+        from app.training.inprocess import InProcessJobQueue
+
+        gate = runtime.schema_gate
+        queue = InProcessJobQueue(job_context(runtime),
+                                  schema_ready=None if gate is None else lambda: gate.check().ok)
+        queue.start()
+        return queue
+    if kind == "inprocess":
+        log.warning("no model loaded: the in-process training worker is not started")
+    return None

@@ -120,3 +120,13 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def score(hyps: list[str], refs: list[str]) -> dict[str, float]:
+    """Exact match (%) and corpus BLEU of `hyps` against `refs`, compared stripped."""
+    import sacrebleu  # a bench-only dependency (dev extras), loaded only when scoring
+
+    exact = sum(h.strip() == r.strip() for h, r in zip(hyps, refs, strict=True)) / len(refs)
+    bleu = sacrebleu.corpus_bleu([h.strip() for h in hyps], [[r.strip() for r in refs]]).score
+    return {"exact_match": 100 * exact, "bleu": bleu}
+

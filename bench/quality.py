@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench.e2e_data import Example, generate
+from bench.e2e_data import Example, generate, score
 
 log = logging.getLogger("bench.quality")
 ADMIN_KEY = "bench-admin-key"
@@ -63,14 +63,6 @@ def _start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         time.sleep(1)
     proc.kill()
     raise RuntimeError("server did not become ready in 300 s")
-
-
-def _score(hyps: list[str], refs: list[str]) -> dict[str, float]:
-    import sacrebleu
-
-    exact = sum(h.strip() == r.strip() for h, r in zip(hyps, refs, strict=True)) / len(refs)
-    bleu = sacrebleu.corpus_bleu([h.strip() for h in hyps], [[r.strip() for r in refs]]).score
-    return {"exact_match": 100 * exact, "bleu": bleu}
 
 
 async def _complete_all(client: httpx.AsyncClient, model: str, prompts: list[str], max_tokens: int) -> list[str]:
@@ -164,15 +156,15 @@ async def _serve_phase(train: list[Example], test: list[Example], args: argparse
                 refs = [e.completion for e in test]
                 shots = train[:3]
                 zero = await _complete_all(client, args.base_model, [INSTRUCTION + e.prompt for e in test], 64)
-                out["zero_shot"] = _score(zero, refs)
+                out["zero_shot"] = score(zero, refs)
                 few = await _complete_all(client, args.base_model, [_few_shot_prompt(shots, e) for e in test], 64)
-                out["few_shot"] = _score(few, refs)
+                out["few_shot"] = score(few, refs)
                 log.info("base model: zero-shot %s, few-shot %s", out["zero_shot"], out["few_shot"])
                 train_jsonl = "".join(json.dumps(e.record()) + "\n" for e in train).encode()
                 ours = await _train_ours(client, train_jsonl, args)
                 log.info("our training: %s", ours)
                 hyps = await _complete_all(client, ours["model"], [e.prompt for e in test], 64)
-                out["ours"] = _score(hyps, refs) | ours
+                out["ours"] = score(hyps, refs) | ours
                 out["ours_samples"] = [{"prompt": e.prompt, "ref": e.completion, "hyp": h}
                                        for e, h in list(zip(test, hyps, strict=True))[:5]]
         finally:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bench.e2e_data import Example
+from bench.e2e_data import Example, score
 
 log = logging.getLogger("bench.quality")
 
@@ -98,7 +98,6 @@ def run_peft(train: list[Example], test: list[Example], args: argparse.Namespace
     from peft import PrefixTuningConfig, get_peft_model
 
     from app.engine.model import load_model
-    from bench.quality import _score
 
     loaded = load_model("embedded:smollm2-135m-instruct", data_dir=Path("data"))
     torch.manual_seed(args.seed)
@@ -113,7 +112,7 @@ def run_peft(train: list[Example], test: list[Example], args: argparse.Namespace
     pm.eval()
     hyps = [_greedy(pm, loaded.model, tok, list(tok.encode(e.prompt)), args.num_virtual_tokens, 64) for e in test]
     step_times.sort()
-    return _score(hyps, [e.completion for e in test]) | {
+    return score(hyps, [e.completion for e in test]) | {
         "train_wall_s": wall,
         "step_s": sum(step_times) / len(step_times),
         "step_s_median": step_times[len(step_times) // 2],

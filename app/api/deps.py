@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.catalog.refs import InvalidRef, split_ref
 from app.engine.protocol import EngineClientProtocol
 from app.errors import Forbidden, Unauthorized, Unavailable
 from app.observability.context import current as request_record
@@ -17,7 +18,6 @@ from app.protocol.admin import TenantLimitValues
 from app.services import limits
 from app.services.access import Access, ModelQuery, admin_access, authorize
 from app.services.auth import Principal
-from app.services.catalog import InvalidRef, split_ref
 from app.services.limit_store import CounterStore
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ LimitsDep = Annotated[TenantLimitValues | None, Depends(get_limits)]
 
 async def _counted(runtime: Runtime, fn: Callable[[CounterStore], T]) -> T:
     """A rate or slot operation: Redis calls (sub-second socket timeouts) on a thread, in-process ones inline."""
-    store = limits.counters(runtime)
+    store = runtime.counters
     if store.shared:
         return await run_in_threadpool(fn, store)
     return fn(store)

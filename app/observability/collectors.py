@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import sqlalchemy as sa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from app.runtime import Runtime
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from app.engine.loop import Engine
+    from prefix_store.resolver import PrefixResolver
 
 log = logging.getLogger(__name__)
 
-RuntimeSource = Callable[[], "Runtime | None"]
+
+class Observed(Protocol):
+    """What the collectors read of the running service (app/runtime.py's Runtime) at each scrape."""
+
+    engine: Engine | None
+    resolver: PrefixResolver | None
+    sessions: sessionmaker[Session]
+
+
+RuntimeSource = Callable[[], "Observed | None"]
 
 
 class EngineCollector(Collector):

@@ -17,18 +17,18 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from app.catalog.versions import store_blob_then_commit
 from app.db.models import JOB_TERMINAL_STATUSES, File, TrainingJob
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from app.jobs.data import parse_jsonl
+from app.jobs.types import TrainingDataError
 from app.protocol.admin import TenantLimitValues
 from app.protocol.files import FileDeleted, FileList, FileObject
 from app.services.limits import check_storage
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
-from app.services.prefix_versions import store_blob_then_commit
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
 from app.services.uploads import limited_receive, read_part
-from app.training.data import parse_jsonl
-from app.training.types import TrainingDataError
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,11 @@ from sqlalchemy.orm import Session
 
 from app.db.models import EndUser, File, JobEvent, PrefixVersion, TrainingJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
+from app.jobs.data import parse_jsonl_numbered
+from app.jobs.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job
+from app.jobs.lease import updated
+from app.jobs.queue import QueueUnavailable
+from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.admin import TenantLimitValues
 from app.protocol.fine_tuning import FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobError
 from app.services.inference import model_not_found
@@ -31,15 +36,10 @@ from app.services.training_setup import (
     finish_validation,
     resolve_warm_start,
 )
-from app.training.data import parse_jsonl_numbered
-from app.training.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job
-from app.training.lease import updated
-from app.training.queue import QueueUnavailable
-from app.training.types import TrainConfig, TrainingDataError
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 if TYPE_CHECKING:
-    from app.training.queue import JobQueue
+    from app.jobs.queue import JobQueue
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import cast
 from sqlalchemy.orm import Session
 from starlette.types import Receive
 
+from app.catalog.refs import InvalidRef, find_version, split_ref
 from app.engine.protocol import (
     EngineClientProtocol,
     EngineOverloaded,
@@ -42,7 +43,6 @@ from app.errors import (
 )
 from app.observability.context import note_event, note_model, note_prompt
 from app.services.access import Access, ModelQuery
-from app.services.catalog import InvalidRef, find_version, split_ref
 from app.services.db_calls import DbCalls
 from prefix_store.ref import PrefixRef
 

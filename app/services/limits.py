@@ -10,7 +10,6 @@ the limit, e.g. "requests_per_minute limit of 60 reached".
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -21,9 +20,6 @@ from app.errors import NotFound, RateLimited
 from app.protocol.admin import TenantLimits as TenantLimitsOut
 from app.protocol.admin import TenantLimitValues
 from app.services.limit_store import CounterStore
-
-if TYPE_CHECKING:
-    from app.runtime import Runtime
 
 LIMIT_FIELDS = tuple(TenantLimitValues.model_fields)
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
@@ -75,20 +71,6 @@ def set_tenant_limits(*, session: Session, settings: Settings, tenant_id: str,
 
 
 # ---- rates and concurrency -----------------------------------------------------------------------------------
-def counters(runtime: Runtime) -> CounterStore:
-    """The runtime's counter store, opened on first use (Redis when configured, else in process)."""
-    store = runtime.extras.get("limit_counters")
-    if store is None:
-        with _store_lock:
-            store = runtime.extras.get("limit_counters")
-            if store is None:
-                s = runtime.settings
-                store = CounterStore(s.redis_url, slot_ttl_s=s.request_timeout_s + SLOT_TTL_MARGIN_S)
-                runtime.extras["limit_counters"] = store
-    assert isinstance(store, CounterStore)
-    return store
-
-
 def limit_reached(name: str, value: int, retry_after_s: int, *, code: str = "rate_limit_exceeded") -> RateLimited:
     return RateLimited(f"{name} limit of {value} reached; retry after {retry_after_s} s", code=code,
                        headers={"Retry-After": str(retry_after_s)})

@@ -7,9 +7,9 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.catalog.refs import find_version
 from app.db.models import Prefix, PrefixVersion
 from app.protocol.models import ModelCard, ModelList
-from app.services.catalog import find_version
 from app.services.inference import model_not_found, parse_model_name
 
 BASE_OWNER = "system"

@@ -16,22 +16,21 @@ from typing import TYPE_CHECKING, Literal
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.catalog.refs import InvalidRef, split_ref
+from app.catalog.versions import PrefixStores as PrefixStores
+from app.catalog.versions import blob_referenced as blob_referenced
+from app.catalog.versions import delete_unreferenced_blobs as delete_unreferenced_blobs
+from app.catalog.versions import find_prefix, publish_version
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
 from app.engine.threads import run_in_own_thread
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.admin import TenantLimitValues
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
-from app.services.catalog import InvalidRef, split_ref
 from app.services.limits import check_new_prefix
-from app.services.prefix_versions import PrefixStores as PrefixStores
-from app.services.prefix_versions import blob_referenced as blob_referenced
-from app.services.prefix_versions import delete_unreferenced_blobs as delete_unreferenced_blobs
-from app.services.prefix_versions import find_prefix, publish_version
 from app.services.uploads import convert_upload
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 if TYPE_CHECKING:
-    from app.runtime import Runtime
     from prefix_store.types import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -45,17 +44,6 @@ class Download:
     filename: str
     media_type: str
     data: bytes
-
-
-def stores_from_runtime(runtime: Runtime) -> PrefixStores:
-    """The runtime's stores; invalidation goes through the resolver (device pool + cache) when it exists."""
-    resolver = runtime.resolver
-    invalidate = resolver.invalidate if resolver is not None else runtime.cache.invalidate
-    return PrefixStores(
-        blobs=runtime.blobs, spec=runtime.model.spec if runtime.model is not None else None,
-        max_virtual_tokens=runtime.settings.max_virtual_tokens, max_bytes=runtime.settings.max_upload_bytes,
-        invalidate=invalidate,
-    )
 
 
 def validate_name(name: str) -> str:

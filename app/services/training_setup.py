@@ -17,17 +17,16 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.catalog.refs import find_version
 from app.db.models import JOB_TERMINAL_STATUSES, JobEvent, TrainingJob
-from app.errors import Conflict, InvalidRequest, Unavailable
+from app.errors import Conflict, InvalidRequest
+from app.jobs.data import tokenize_examples
+from app.jobs.job_config import job_columns
+from app.jobs.lease import updated
+from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import MAX_SEED, Hyperparameters, TrainingOptions
-from app.services.catalog import find_version
-from app.training.data import tokenize_examples
-from app.training.job_config import job_columns
-from app.training.lease import updated
-from app.training.types import TrainConfig, TrainingDataError
 
 if TYPE_CHECKING:
-    from app.runtime import Runtime
     from prefix_store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -44,21 +43,6 @@ class TrainingContext:
     fingerprint: str
     max_virtual_tokens: int
     max_file_examples: int
-
-
-def training_context(runtime: Runtime) -> TrainingContext:
-    """The runtime's model facts; 503 while the model is not loaded (examples are checked with its tokenizer)."""
-    loaded = runtime.model
-    if loaded is None:
-        raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
-    from app.engine.factory import context_length  # torch-side module, loaded already by a serving process
-
-    return TrainingContext(
-        blobs=runtime.blobs, tokenizer=loaded.tokenizer, context_length=context_length(loaded),
-        base_model_id=loaded.spec.model_id, fingerprint=loaded.spec.fingerprint,
-        max_virtual_tokens=runtime.settings.max_virtual_tokens,
-        max_file_examples=runtime.settings.max_file_examples,
-    )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from app.db.models import (
     utcnow,
 )
 from app.errors import InvalidRequest, NotFound
+from app.jobs.data import tokenize_examples, validate_record
+from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.admin import TenantLimitValues
 from app.protocol.fine_tuning import FineTuningJob
 from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, LastJob, PersonalizeRequest, PersonalPrefix
@@ -47,8 +49,6 @@ from app.services.training_setup import (
     finish_validation,
     resolve_warm_start,
 )
-from app.training.data import tokenize_examples, validate_record
-from app.training.types import TrainConfig, TrainingDataError
 
 log = logging.getLogger(__name__)
 

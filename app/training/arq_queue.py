@@ -18,7 +18,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from redis.exceptions import RedisError
 
-from app.training.queue import QueueUnavailable
+from app.jobs.queue import QueueUnavailable
 
 log = logging.getLogger(__name__)
 

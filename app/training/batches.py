@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
-from app.training.types import TokenizedExample
+from app.jobs.types import TokenizedExample
 
 # Examples are sorted by length within windows of BUCKET_BATCHES batches of a shuffled epoch, so rows of a batch
 # have similar lengths (less padding) while the epoch order stays random. Measured on bench/e2e_data.py rows

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from app.engine.factory import context_length
 from app.engine.model import LoadedModel
-from app.training.types import TokenizedExample, TrainConfig, TrainingDataError
+from app.jobs.types import TokenizedExample, TrainConfig, TrainingDataError
 
 
 def check_config(config: TrainConfig, total_steps: int) -> None:

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from app.engine.runner import cache_kwarg_name
-from app.training.types import TokenizedExample
+from app.jobs.types import TokenizedExample
 
 
 @dataclass(frozen=True)

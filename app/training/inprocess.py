@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from app.engine.threads import run_in_own_thread
+from app.jobs.recovery import sweep
 from app.training.jobs import JobContext, execute_job
-from app.training.recovery import sweep
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import File, TrainingJob, UserExample
-from app.training.data import parse_jsonl_numbered, tokenize_examples
-from app.training.job_config import warm_start_of
-from app.training.lease import JobError
-from app.training.types import TokenizedExample, TrainingDataError
+from app.jobs.data import parse_jsonl_numbered, tokenize_examples
+from app.jobs.job_config import warm_start_of
+from app.jobs.lease import JobError
+from app.jobs.types import TokenizedExample, TrainingDataError
 from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
     ref = warm_start_of(job)
     if ref is None:
         return None
-    from app.services.catalog import DbCatalog, InvalidRef, split_ref
+    from app.catalog.refs import DbCatalog, InvalidRef, split_ref
     from prefix_store.codec import decode_native
     from prefix_store.types import PrefixError
 

@@ -2,10 +2,10 @@
 
 `execute_job` is what every worker calls (the arq worker, the in-process worker thread, `prefixserve train`
 without a server). The database row is the truth: a job is claimed with one conditional UPDATE, every later
-write is fenced on the attempt (app.training.lease), and the result is published in ONE transaction that
+write is fenced on the attempt (app.jobs.lease), and the result is published in ONE transaction that
 inserts the PrefixVersion and marks the job succeeded; the blob is written before that transaction and
 collected again if it does not commit. A worker that dies mid-job therefore never leaves a half-trained prefix
-published: the recovery sweep (app.training.recovery) re-queues or fails the job.
+published: the recovery sweep (app.jobs.recovery) re-queues or fails the job.
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.db.models import PERSONAL_PREFIX_PREFIX, PrefixVersion, TrainingJob
 from app.errors import ServiceError
-from app.training.job_config import config_from_job
-from app.training.job_inputs import JobData, JobFailed, load_job_data, load_resume_point, load_warm_start
-from app.training.lease import JobError, JobLease, JobLost, claim
-from app.training.progress import Heartbeat, JobReporter, StopCause, storable
-from app.training.types import (
+from app.jobs.job_config import config_from_job
+from app.jobs.lease import JobError, JobLease, JobLost, claim
+from app.jobs.types import (
     TokenizedExample,
     TrainCallbacks,
     TrainConfig,
@@ -37,11 +35,12 @@ from app.training.types import (
     TrainingDiverged,
     TrainResult,
 )
+from app.training.job_inputs import JobData, JobFailed, load_job_data, load_resume_point, load_warm_start
+from app.training.progress import Heartbeat, JobReporter, StopCause, storable
 from prefix_store.blobs import BlobStore
 
 if TYPE_CHECKING:
     from app.engine.model import LoadedModel
-    from app.runtime import Runtime
     from app.training.train_state import TrainState
     from prefix_store.types import PrefixKV
 
@@ -75,15 +74,6 @@ class JobContext:
     # Frees a prefix from the cache tiers on every replica (tenant_id, prefix_id); see _publish.
     invalidate: Callable[[str, str], None] = lambda _t, _p: None
     train: TrainFunction = field(default=_default_train)
-
-    @classmethod
-    def from_runtime(cls, runtime: Runtime, *, loaded: LoadedModel | None = None, **kw: Any) -> JobContext:
-        model = loaded or runtime.model
-        if model is None:
-            raise ValueError("a job context needs the loaded model")
-        invalidate = runtime.resolver.invalidate if runtime.resolver is not None else runtime.cache.invalidate
-        return cls(sessions=runtime.sessions, blobs=runtime.blobs, loaded=model, settings=runtime.settings,
-                   invalidate=invalidate, **kw)
 
 
 def execute_job(job_id: str, *, ctx: JobContext, interrupt: threading.Event | None = None,
@@ -189,7 +179,7 @@ def _personal(job: TrainingJob) -> bool:
 
 def _publish(lease: JobLease, ctx: JobContext, job: TrainingJob, result: TrainResult, seconds: float) -> Outcome:
     """Blob first, then one transaction: the new PrefixVersion and the job's success (fenced on the lease)."""
-    from app.services.prefix_versions import publish_version
+    from app.catalog.versions import publish_version
     from prefix_store.codec import encode_native
 
     spec = ctx.loaded.spec

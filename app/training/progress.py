@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 
-from app.training.lease import JobLease, JobLost
-from app.training.types import TrainCallbacks, TrainEvent
+from app.jobs.lease import JobLease, JobLost
+from app.jobs.types import TrainCallbacks, TrainEvent
 
 if TYPE_CHECKING:
     from app.training.train_state import TrainState
@@ -116,7 +116,7 @@ class JobReporter:
         """Store the checkpoint's blob (the prefix, plus `state` to resume from) and row. A storage failure costs
         the checkpoint, not the job. Nothing is stored once a cancel was requested: a cancelled job (an end
         user's deletion cancels theirs) must leave no checkpoint behind."""
-        from app.services.prefix_versions import delete_unreferenced_blobs
+        from app.catalog.versions import delete_unreferenced_blobs
         from app.training.train_state import encode_checkpoint
         from prefix_store.blobs import BlobStoreUnavailable
         from prefix_store.codec import encode_native

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from app.training.types import TokenizedExample, TrainConfig
+from app.jobs.types import TokenizedExample, TrainConfig
 from prefix_store.types import PrefixKV
 
 FORMAT = "prefixserve-train-checkpoint/1"

@@ -19,13 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from app.engine.model import LoadedModel
-from app.training.batches import batch_stream, eval_batches, split_validation
-from app.training.checks import check_config, check_examples
-from app.training.forward import PrefixForward, TrainBatch, collate
-from app.training.init_kv import real_token_kv
-from app.training.prefix_params import PrefixParameters
-from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
-from app.training.types import (
+from app.jobs.types import (
     StopReason,
     TokenizedExample,
     TrainCallbacks,
@@ -36,6 +30,12 @@ from app.training.types import (
     TrainingDiverged,
     TrainResult,
 )
+from app.training.batches import batch_stream, eval_batches, split_validation
+from app.training.checks import check_config, check_examples
+from app.training.forward import PrefixForward, TrainBatch, collate
+from app.training.init_kv import real_token_kv
+from app.training.prefix_params import PrefixParameters
+from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
 from prefix_store.types import PrefixKV
 
 logger = logging.getLogger(__name__)

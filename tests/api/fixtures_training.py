@@ -21,14 +21,14 @@ from httpx import Response
 
 from app.db.migrate import upgrade
 from app.db.models import TrainingJob
-from app.training.queue import QueueUnavailable
+from app.jobs.queue import QueueUnavailable
 from tests.api.fixtures_admin import Api, bearer, make_api
 
 CONTEXT = 2048  # random:tiny-llama's max_position_embeddings; one token per byte
 
 
 class RecordingQueue:
-    """A JobQueue (app/training/queue.py) that records job ids instead of running them."""
+    """A JobQueue (app/jobs/queue.py) that records job ids instead of running them."""
 
     def __init__(self) -> None:
         self.enqueued: list[str] = []

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.models import File, JobCheckpoint, JobEvent, Prefix, PrefixVersion, TrainingJob, utcnow
-from app.training.job_config import config_from_job
-from app.training.types import TrainConfig
+from app.jobs.job_config import config_from_job
+from app.jobs.types import TrainConfig
 from tests.api.fixtures_admin import Api, bearer, native_bytes
 from tests.api.fixtures_training import (  # noqa: F401
     CONTEXT,

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.models import EndUser, JobCheckpoint, Prefix, PrefixVersion, TrainingJob, UserExample
-from app.training.job_config import config_from_job
+from app.jobs.job_config import config_from_job
 from tests.api.fixtures_admin import Api, bearer, native_bytes
 from tests.api.fixtures_training import (  # noqa: F401
     CONTEXT,

@@ -11,7 +11,7 @@ import torch
 
 from app.engine.model import LoadedModel
 from app.training.forward import PrefixForward, collate
-from app.training.types import TokenizedExample
+from app.jobs.types import TokenizedExample
 from prefix_store.types import PrefixKV
 
 ANSWER = (300, 120, 301, 9)

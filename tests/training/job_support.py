@@ -20,9 +20,9 @@ from app.db.migrate import upgrade
 from app.db.models import EndUser, File, JobEvent, Tenant, TrainingJob, UserExample
 from app.db.session import make_engine, make_session_factory
 from app.engine.model import LoadedModel
-from app.training.job_config import job_columns
+from app.jobs.job_config import job_columns
 from app.training.jobs import JobContext
-from app.training.types import TrainConfig
+from app.jobs.types import TrainConfig
 from prefix_store.blobs import FileBlobStore
 
 # A task the tiny model learns in a few steps: a short prompt, a fixed-format completion.

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from app.engine.byte_tokenizer import build_byte_tokenizer
 from app.engine.client import EngineClient
 from app.engine.gguf_cache import embedded_gguf_path
-from app.training.data import parse_jsonl, parse_jsonl_numbered, tokenize_examples, validate_record
-from app.training.types import TrainingDataError
+from app.jobs.data import parse_jsonl, parse_jsonl_numbered, tokenize_examples, validate_record
+from app.jobs.types import TrainingDataError
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Bye"},

@@ -10,7 +10,7 @@ from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
 from app.training.init_kv import real_token_kv
 from app.training.trainer import train_prefix
-from app.training.types import TrainConfig
+from app.jobs.types import TrainConfig
 from tests.training.helpers import toy_task
 
 

@@ -6,8 +6,8 @@ import dataclasses
 import json
 from types import SimpleNamespace
 
-from app.training.job_config import OPTION_FIELDS, config_from_job, job_columns, warm_start_of
-from app.training.types import TrainConfig
+from app.jobs.job_config import OPTION_FIELDS, config_from_job, job_columns, warm_start_of
+from app.jobs.types import TrainConfig
 
 
 def test_round_trip_through_json_columns() -> None:

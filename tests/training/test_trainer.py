@@ -13,7 +13,7 @@ from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
 from app.training.prefix_params import PrefixParameters
 from app.training.trainer import build_optimizer, linear_warmup_decay, train_prefix
-from app.training.types import (
+from app.jobs.types import (
     TrainCallbacks,
     TrainConfig,
     TrainEvent,

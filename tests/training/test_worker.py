@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from app.db.models import PrefixVersion
 from app.engine.model import LoadedModel
 from app.training.arq_queue import ArqJobQueue
-from app.training.types import TrainConfig
+from app.jobs.types import TrainConfig
 from tests.training.job_support import JobEnv, open_env
 from tests.training.test_queue import wait_for
 

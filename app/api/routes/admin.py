@@ -18,7 +18,6 @@ from app.protocol.admin import (
     TenantList,
 )
 from app.services import limits, tenants
-from app.services.prefixes import stores_from_runtime
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -38,7 +37,7 @@ def list_tenants(session: SessionDep, _: AdminDep) -> TenantList:
 @router.delete("/tenants/{tenant_id}")
 def delete_tenant(tenant_id: str, session: SessionDep, runtime: RuntimeDep, _: AdminDep) -> Deleted:
     """Delete a tenant with everything it owns: rows, unreferenced blobs, cached prefixes."""
-    tenants.delete_tenant(session=session, stores=stores_from_runtime(runtime), tenant_id=tenant_id)
+    tenants.delete_tenant(session=session, stores=runtime.prefix_stores(), tenant_id=tenant_id)
     return Deleted(id=tenant_id, object="tenant")
 
 

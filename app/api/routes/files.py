@@ -11,7 +11,6 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
 from app.protocol.files import FileDeleted, FileList, FileObject
 from app.services import files
-from app.services.prefixes import stores_from_runtime
 from app.services.uploads import check_content_length
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -41,7 +40,7 @@ async def upload_file(request: Request, principal: ManageDep, session: SessionDe
     check_content_length(request.headers.get("content-length"), limit)
     upload = await files.read_file_form(request, limit=limit)
     return await run_in_threadpool(
-        files.create_file, session=session, stores=stores_from_runtime(runtime), tenant_id=principal.tenant_id,
+        files.create_file, session=session, stores=runtime.prefix_stores(), tenant_id=principal.tenant_id,
         upload=upload, max_examples=runtime.settings.max_file_examples, limits=tenant_limits)
 
 
@@ -67,7 +66,7 @@ def get_file(file_id: str, principal: ManageDep, session: SessionDep) -> FileObj
 def file_content(file_id: str, principal: ManageDep, session: SessionDep, runtime: RuntimeDep) -> Response:
     """The file's bytes, as uploaded."""
     assert principal.tenant_id is not None
-    filename, data = files.file_content(session=session, stores=stores_from_runtime(runtime),
+    filename, data = files.file_content(session=session, stores=runtime.prefix_stores(),
                                         tenant_id=principal.tenant_id, file_id=file_id)
     return Response(data, media_type="application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{_quoted(filename)}"'})
@@ -82,5 +81,5 @@ def _quoted(filename: str) -> str:
 def delete_file(file_id: str, principal: ManageDep, session: SessionDep, runtime: RuntimeDep) -> FileDeleted:
     """Delete a file (409 while a queued or running job still needs it)."""
     assert principal.tenant_id is not None
-    return files.delete_file(session=session, stores=stores_from_runtime(runtime), tenant_id=principal.tenant_id,
+    return files.delete_file(session=session, stores=runtime.prefix_stores(), tenant_id=principal.tenant_id,
                              file_id=file_id)

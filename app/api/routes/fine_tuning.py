@@ -19,7 +19,6 @@ from app.protocol.fine_tuning import (
     FineTuningJobList,
 )
 from app.services import fine_tuning, job_events
-from app.services.training_setup import training_context
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -32,7 +31,7 @@ async def create_job(body: FineTuningJobCreate, principal: ManageDep, session: S
     """Validate the request and its files (a 400 names the bad field or line) and queue the job."""
     assert principal.tenant_id is not None  # ManageDep refuses the admin key
     job = await run_in_threadpool(
-        fine_tuning.create_job, session=session, ctx=training_context(runtime), tenant_id=principal.tenant_id,
+        fine_tuning.create_job, session=session, ctx=runtime.training_context(), tenant_id=principal.tenant_id,
         req=body, limits=tenant_limits)
     await fine_tuning.enqueue_job(queue=runtime.job_queue, job=job)
     return job

@@ -37,7 +37,7 @@ async def upload_prefix(
     request: Request, principal: ManageDep, session: SessionDep, runtime: RuntimeDep, tenant_limits: LimitsDep
 ) -> PrefixUploaded:
     """Upload a prefix (native or HF PEFT); an existing name gets a new version."""
-    stores = prefixes.stores_from_runtime(runtime)
+    stores = runtime.prefix_stores()
     prefixes.require_model(stores)
     limit = runtime.settings.max_upload_bytes
     check_content_length(request.headers.get("content-length"), limit)
@@ -67,7 +67,7 @@ def get_prefix(ref: str, principal: ManageDep, session: SessionDep) -> PrefixInf
 def delete_prefix(ref: str, principal: ManageDep, session: SessionDep, runtime: RuntimeDep) -> PrefixDeleted:
     """Delete every version (`name`) or one version (`name@v`); it is never served again."""
     assert principal.tenant_id is not None
-    return prefixes.delete_prefix(session=session, stores=prefixes.stores_from_runtime(runtime),
+    return prefixes.delete_prefix(session=session, stores=runtime.prefix_stores(),
                                   tenant_id=principal.tenant_id, ref=ref)
 
 
@@ -78,7 +78,7 @@ def download_prefix(
 ) -> Response:
     """The newest (or `@v`) version: `native` safetensors as stored, or `peft` as an adapter-directory zip."""
     assert principal.tenant_id is not None
-    out = prefixes.download_prefix(session=session, stores=prefixes.stores_from_runtime(runtime),
+    out = prefixes.download_prefix(session=session, stores=runtime.prefix_stores(),
                                    tenant_id=principal.tenant_id, ref=ref, fmt=fmt)
     return Response(out.data, media_type=out.media_type,
                     headers={"Content-Disposition": f'attachment; filename="{out.filename}"'})

@@ -10,8 +10,6 @@ from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
 from app.protocol.fine_tuning import FineTuningJob
 from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, ExamplesCreate, PersonalizeRequest
 from app.services import fine_tuning, users
-from app.services.prefixes import stores_from_runtime
-from app.services.training_setup import training_context
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
@@ -21,7 +19,7 @@ def add_examples(user_id: str, body: ExamplesCreate, principal: ManageDep, sessi
                  tenant_limits: LimitsDep) -> ExamplesAdded:
     """Append examples (the training-file record forms) to the user's; the first post creates the user."""
     assert principal.tenant_id is not None  # ManageDep refuses the admin key
-    ctx = training_context(runtime) if runtime.model is not None else None
+    ctx = runtime.training_context() if runtime.model is not None else None
     return users.add_examples(session=session, ctx=ctx, tenant_id=principal.tenant_id, user_id=user_id,
                               examples=body.examples, limits=tenant_limits)
 
@@ -40,7 +38,7 @@ async def personalize(user_id: str, principal: ManageDep, session: SessionDep, r
     from their current one unless `warm_start` says otherwise). Follow it under /v1/fine_tuning/jobs/{id}."""
     assert principal.tenant_id is not None
     job = await run_in_threadpool(
-        users.personalize, session=session, ctx=training_context(runtime), tenant_id=principal.tenant_id,
+        users.personalize, session=session, ctx=runtime.training_context(), tenant_id=principal.tenant_id,
         user_id=user_id, req=body or PersonalizeRequest(), limits=tenant_limits)
     await fine_tuning.enqueue_job(queue=runtime.job_queue, job=job)
     return job
@@ -51,5 +49,5 @@ def delete_user(user_id: str, principal: ManageDep, session: SessionDep, runtime
     """Erase the user's examples, personal prefix (every version, blobs, cache copies) and checkpoints, and
     cancel their unfinished jobs."""
     assert principal.tenant_id is not None
-    return users.delete_user(session=session, stores=stores_from_runtime(runtime), tenant_id=principal.tenant_id,
+    return users.delete_user(session=session, stores=runtime.prefix_stores(), tenant_id=principal.tenant_id,
                              user_id=user_id)

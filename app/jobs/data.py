@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from app.training.types import TokenizedExample, TrainingDataError
+from app.jobs.types import TokenizedExample, TrainingDataError
 
 ROLES = frozenset({"system", "developer", "user", "assistant"})
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})

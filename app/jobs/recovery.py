@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import TrainingJob, utcnow
-from app.training.lease import JobError, add_event, cancel_if_requested, updated
+from app.jobs.lease import JobError, add_event, cancel_if_requested, updated
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Final, Protocol
 
-from app.training.types import TrainConfig
+from app.jobs.types import TrainConfig
 
 # TrainConfig fields stored under `options`; every other field goes under `hyperparameters`.
 OPTION_FIELDS: Final = frozenset({

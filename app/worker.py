@@ -21,7 +21,9 @@ from typing import Any
 from arq.worker import Worker, async_check_health, func
 
 from app.config import Settings
-from app.runtime import Runtime, load_base_model, open_runtime
+from app.jobs.queue import QueueUnavailable
+from app.jobs.recovery import sweep
+from app.runtime import Runtime, job_context, load_base_model, open_runtime
 from app.training.arq_queue import (
     FUNCTION,
     QUEUE_NAME,
@@ -31,8 +33,6 @@ from app.training.arq_queue import (
     redis_settings,
 )
 from app.training.jobs import JobContext, Outcome, execute_job
-from app.training.queue import QueueUnavailable
-from app.training.recovery import sweep
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     loaded = await asyncio.to_thread(load_base_model, settings,
                                      torch_threads=settings.training_torch_threads or settings.torch_threads)
     # No resolver without a model: invalidations go to runtime.cache, the Redis tier, which reaches every replica.
-    job_ctx = JobContext.from_runtime(runtime, loaded=loaded)
+    job_ctx = job_context(runtime, loaded=loaded)
     state = WorkerState(settings, runtime, job_ctx, ArqJobQueue(pool=ctx["redis"]))
     state.sweeper = asyncio.create_task(_sweep_forever(state), name="recovery-sweep")
     ctx["prefixserve"] = state
