@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.catalog.refs import DbCatalog, InvalidRef, find_version, split_ref
 from app.db.models import EndUser, Prefix, PrefixVersion, Tenant
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.catalog.refs import DbCatalog, InvalidRef, find_version, split_ref
 from app.services.inference import parse_model_name, resolve_model
 from app.services.prefixes import parse_ref
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from app.engine.model import LoadedModel
-from app.training.forward import PrefixForward, collate
 from app.jobs.types import TokenizedExample
+from app.training.forward import PrefixForward, collate
 from prefix_store.types import PrefixKV
 
 ANSWER = (300, 120, 301, 9)

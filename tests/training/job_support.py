@@ -21,8 +21,8 @@ from app.db.models import EndUser, File, JobEvent, Tenant, TrainingJob, UserExam
 from app.db.session import make_engine, make_session_factory
 from app.engine.model import LoadedModel
 from app.jobs.job_config import job_columns
-from app.training.jobs import JobContext
 from app.jobs.types import TrainConfig
+from app.training.jobs import JobContext
 from prefix_store.blobs import FileBlobStore
 
 # A task the tiny model learns in a few steps: a short prompt, a fixed-format completion.

@@ -14,9 +14,9 @@ from app.engine.batch import Batch, NewRow
 from app.engine.model import load_model
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
+from app.jobs.types import TrainConfig
 from app.training.forward import PrefixForward, collate
 from app.training.trainer import train_prefix
-from app.jobs.types import TrainConfig
 from prefix_store.peft_codec import encode_peft
 from tests.engine.helpers import random_prefix
 from tests.engine.test_peft_equivalence import _peft_greedy

@@ -8,9 +8,9 @@ import torch
 from app.engine.batch import Batch, NewRow
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
+from app.jobs.types import TrainConfig
 from app.training.init_kv import real_token_kv
 from app.training.trainer import train_prefix
-from app.jobs.types import TrainConfig
 from tests.training.helpers import toy_task
 
 

@@ -18,17 +18,17 @@ import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
 
+from app.catalog.refs import DbCatalog
 from app.db.models import JobCheckpoint, Prefix, PrefixVersion, TrainingJob, utcnow
 from app.engine.client import EngineClient
 from app.engine.factory import build_engine, context_length
 from app.engine.sampling import SamplingParams
-from app.catalog.refs import DbCatalog
-from app.training.jobs import execute_job
 from app.jobs.lease import claim
 from app.jobs.recovery import sweep
+from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
+from app.training.jobs import execute_job
 from app.training.train_state import decode_checkpoint
 from app.training.trainer import train_prefix
-from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
 from prefix_store.cache_tier import InProcessTier
 from prefix_store.codec import decode_native
 from prefix_store.device_pool import DevicePool

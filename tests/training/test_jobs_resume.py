@@ -10,14 +10,14 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
-from app.db.models import JobCheckpoint, PrefixVersion
 from app.catalog.versions import PrefixStores
+from app.db.models import JobCheckpoint, PrefixVersion
+from app.jobs.lease import claim
+from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
 from app.services.users import delete_user
 from app.training.jobs import execute_job
-from app.jobs.lease import claim
 from app.training.train_state import decode_checkpoint
 from app.training.trainer import train_prefix
-from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainResult
 from prefix_store.codec import decode_native
 from tests.training.job_support import RECORDS, JobEnv
 

@@ -20,12 +20,12 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 from app.config import Settings
 from app.db.models import TrainingJob, utcnow
 from app.engine.model import LoadedModel
-from app.training.arq_queue import QUEUE_NAME, ArqJobQueue
-from app.training.inprocess import InProcessJobQueue
 from app.jobs.lease import claim
 from app.jobs.queue import QueueUnavailable
 from app.jobs.recovery import sweep
 from app.jobs.types import TrainConfig
+from app.training.arq_queue import QUEUE_NAME, ArqJobQueue
+from app.training.inprocess import InProcessJobQueue
 from tests.training.job_support import JobEnv, open_env
 
 LONG = TrainConfig(num_virtual_tokens=4, batch_size=4, max_steps=100_000)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from app.engine.model import LoadedModel
+from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainingCancelled, TrainResult
 from app.training.train_state import decode_checkpoint, encode_checkpoint
 from app.training.trainer import train_prefix
-from app.jobs.types import TrainCallbacks, TrainConfig, TrainEvent, TrainingCancelled, TrainResult
 from tests.training.helpers import toy_task
 
 # A long warm-up (half the run) and a validation set every 2 steps: a fresh optimizer or schedule, a restarted

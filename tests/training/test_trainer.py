@@ -11,8 +11,6 @@ import torch
 from app.engine.batch import Batch, NewRow
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
-from app.training.prefix_params import PrefixParameters
-from app.training.trainer import build_optimizer, linear_warmup_decay, train_prefix
 from app.jobs.types import (
     TrainCallbacks,
     TrainConfig,
@@ -21,6 +19,8 @@ from app.jobs.types import (
     TrainingDataError,
     TrainingDiverged,
 )
+from app.training.prefix_params import PrefixParameters
+from app.training.trainer import build_optimizer, linear_warmup_decay, train_prefix
 from tests.engine.helpers import random_prefix
 from tests.training.helpers import evaluate, example, toy_task
 

@@ -20,8 +20,8 @@ import sqlalchemy as sa
 
 from app.db.models import PrefixVersion
 from app.engine.model import LoadedModel
-from app.training.arq_queue import ArqJobQueue
 from app.jobs.types import TrainConfig
+from app.training.arq_queue import ArqJobQueue
 from tests.training.job_support import JobEnv, open_env
 from tests.training.test_queue import wait_for
 
