@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 
@@ -17,6 +17,28 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "PREFIXSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("PREFIXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+# The tests' own configuration (service URLs, which databases the API tests run on); every other PREFIXSERVE_*
+# variable is an app setting.
+TEST_VARIABLE_PREFIX = "PREFIXSERVE_TEST_"
+
+
+def without_app_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` less the app's PREFIXSERVE_* settings: the base of a subprocess's explicit environment."""
+    return {k: v for k, v in environ.items()
+            if not k.startswith("PREFIXSERVE_") or k.startswith(TEST_VARIABLE_PREFIX)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_app_settings_from_the_caller() -> Iterator[None]:
+    """Settings (pydantic-settings) read PREFIXSERVE_* from the environment: a developer's shell (say
+    PREFIXSERVE_MAX_BATCH_ROWS=1 left from a benchmark) would otherwise change what every test runs against,
+    and subprocesses inherit the same. Removed for the session, restored afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in set(os.environ) - set(without_app_settings(os.environ)):
+            mp.delenv(name)
+        yield
 
 
 @pytest.fixture
@@ -38,6 +60,45 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+# The database of the HTTP-layer tests (tests/api): SQLite (a single server's default) for every test; the tests
+# of modules marked `both_databases` run a second time on PostgreSQL (what a cluster shares), so dialect
+# differences (locking, constraint errors, types) in the request paths show up in CI, not in production.
+DATABASES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_databases: HTTP-layer tests run on SQLite and again on a fresh PostgreSQL database")
+    config.addinivalue_line(
+        "markers", "sqlite_only: in a both_databases module, a test whose requests are refused before any query "
+        "(field validation): a second run on PostgreSQL would cost time and check nothing new")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker
+    if "api_database" in metafunc.fixturenames and marked("both_databases") and not marked("sqlite_only"):
+        metafunc.parametrize("api_database", DATABASES, indirect=True)
+
+
+@pytest.fixture
+def api_database(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def api_database_url(api_database: str, request: pytest.FixtureRequest) -> str | None:
+    """None: SQLite under the test's data dir (the app migrates it itself). Otherwise the URL of a fresh
+    PostgreSQL database of this test alone (`postgres_url`: created with a random name, dropped afterwards),
+    migrated to head as an operator would before starting the servers."""
+    if api_database == "sqlite":
+        return None
+    from app.db.migrate import upgrade
+
+    url: str = request.getfixturevalue("postgres_url")
+    upgrade(url)
+    return url
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.conftest import without_app_settings
 from tests.s3_server import closed_port
 
 MODEL = "random:tiny-llama"
@@ -29,7 +30,8 @@ class ServerProcess:
         self.port = closed_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "PREFIXSERVE_MODEL": MODEL, "PREFIXSERVE_HOST": "127.0.0.1",
+        # Explicit: none of the caller's PREFIXSERVE_* settings, only the ones given here.
+        env = {**without_app_settings(os.environ), "PREFIXSERVE_MODEL": MODEL, "PREFIXSERVE_HOST": "127.0.0.1",
                "PREFIXSERVE_PORT": str(self.port), "PREFIXSERVE_TORCH_THREADS": "1", **settings}
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, stdout=self._log,

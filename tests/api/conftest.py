@@ -47,8 +47,8 @@ class AppEnv:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY)
+def settings(tmp_path: Path, api_database_url: str | None) -> Settings:
+    return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, database_url=api_database_url)
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def fake_engine() -> FakeEngineClient:
 
 @pytest.fixture
 def app_env(settings: Settings, fake_engine: FakeEngineClient) -> Iterator[AppEnv]:
-    """The app (lifespan not yet run) on a migrated SQLite database, its runtime serving `fake_engine`."""
+    """The app (lifespan not yet run) on a migrated database (SQLite, or PostgreSQL for the modules marked
+    `both_databases`), its runtime serving `fake_engine`."""
     url = settings.resolved_database_url
     upgrade(url)
     db = make_engine(url)

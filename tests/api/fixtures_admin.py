@@ -83,9 +83,10 @@ def make_api(data_dir: Path, **overrides: object) -> Iterator[Api]:
 
 
 @pytest.fixture(name="api")
-def api_fixture(tmp_path: Path) -> Iterator[Api]:
-    """A fresh app on an empty data directory (model loaded, stores empty)."""
-    yield from make_api(tmp_path)
+def api_fixture(tmp_path: Path, api_database_url: str | None) -> Iterator[Api]:
+    """A fresh app on an empty data directory (model loaded, stores empty); its database is SQLite, or a fresh
+    PostgreSQL one in the modules marked `both_databases`."""
+    yield from make_api(tmp_path, database_url=api_database_url)
 
 
 def random_prefix(spec: ModelSpec, p: int = 4, *, seed: int = 0, dtype: torch.dtype = torch.float32,

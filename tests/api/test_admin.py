@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 
 from app.db.models import ApiKey, Prefix, Tenant
 from tests.api.fixtures_admin import ADMIN, Api, api_fixture, bearer, native_bytes  # noqa: F401
+
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
 
 
 def test_create_list_and_duplicate_tenant(api: Api) -> None:

@@ -12,6 +12,8 @@ from tests.api.conftest import ADMIN_KEY, TenantKey
 from tests.api.fake_engine import FakeEngineClient
 from tests.api.sse import sse_payloads
 
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
+
 URL = "/v1/chat/completions"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
@@ -107,6 +109,7 @@ async def test_prefix_and_404(client: httpx.AsyncClient, tenant: TenantKey,
     ({"temperature": 3}, "temperature"),
     ({"messages": [{"role": "assistant", "content": "{% bad"}]}, "messages"),
 ])
+@pytest.mark.sqlite_only
 async def test_invalid(client: httpx.AsyncClient, tenant: TenantKey, body: dict[str, Any],
                        param: str) -> None:
     r = await chat(client, tenant, **body)

@@ -17,6 +17,9 @@ from tests.api.fake_engine import FAKE_FINGERPRINT, FakeEngineClient
 from tests.api.sse import sse_payloads
 
 URL = "/v1/completions"
+# Most of this module checks request fields, which never reach the database; the tests that read tenants,
+# keys and prefixes there also run on PostgreSQL (the whole module would cost ~30 s more per CI run).
+both_databases = pytest.mark.both_databases
 
 
 async def complete(client: httpx.AsyncClient, tenant: TenantKey, **body: Any) -> httpx.Response:
@@ -31,6 +34,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict[str,
     return err
 
 
+@both_databases
 async def test_non_streaming_shape_and_usage(client: httpx.AsyncClient, tenant: TenantKey,
                                              fake_engine: FakeEngineClient) -> None:
     r = await complete(client, tenant, max_tokens=50, user="u-1", frobnicate=True)  # unknown field ignored
@@ -99,6 +103,7 @@ async def test_logprobs_shape(client: httpx.AsyncClient, tenant: TenantKey,
     assert zero == {"tokens": ["h"], "token_logprobs": [-0.5], "top_logprobs": None, "text_offset": [0]}
 
 
+@both_databases
 async def test_stream_format(client: httpx.AsyncClient, tenant: TenantKey) -> None:
     r = await complete(client, tenant, stream=True, max_tokens=50)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -126,6 +131,7 @@ async def test_stream_usage_and_n(client: httpx.AsyncClient, tenant: TenantKey) 
         assert [t for c in mine for t in c["logprobs"]["tokens"]] == list("hell")
 
 
+@both_databases
 async def test_prefix_resolution(client: httpx.AsyncClient, tenant: TenantKey, fake_engine: FakeEngineClient,
                                  insert_prefix: Callable[..., str]) -> None:
     insert_prefix(tenant.tenant_id, "poet", versions=3)
@@ -139,6 +145,7 @@ async def test_prefix_resolution(client: httpx.AsyncClient, tenant: TenantKey, f
     assert sel is not None and (sel.tenant_id, sel.name, sel.version) == (tenant.tenant_id, "poet", 3)
 
 
+@both_databases
 async def test_personal_prefix(client: httpx.AsyncClient, tenant: TenantKey, app_env: AppEnv,
                                insert_prefix: Callable[..., str]) -> None:
     from app.db.models import EndUser
@@ -154,6 +161,7 @@ async def test_personal_prefix(client: httpx.AsyncClient, tenant: TenantKey, app
     assert_error(await complete(client, tenant, model="user:bob"), 404, "model")
 
 
+@both_databases
 async def test_other_tenants_prefix_is_a_missing_one(
     client: httpx.AsyncClient, tenant: TenantKey, make_tenant: Callable[..., TenantKey],
     insert_prefix: Callable[..., str], fake_engine: FakeEngineClient,
@@ -281,6 +289,7 @@ async def test_error_mid_stream_sends_error_chunk_then_done(tenant: TenantKey, a
     assert events[1]["error"]["type"] == "service_unavailable" and events[2] == "[DONE]"
 
 
+@both_databases
 async def test_auth_and_scopes(client: httpx.AsyncClient, tenant: TenantKey,
                                make_tenant: Callable[..., TenantKey]) -> None:
     body = {"model": "fake-base", "prompt": "hi"}

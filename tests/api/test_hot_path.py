@@ -18,6 +18,8 @@ from app.runtime import Runtime
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
 from tests.api.sse import sse_payloads
 
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
+
 CONCURRENT = 200
 
 

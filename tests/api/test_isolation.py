@@ -9,6 +9,8 @@ from app.db.models import JobCheckpoint
 from tests.api.fixtures_admin import ADMIN, Api, api_fixture, bearer, native_bytes  # noqa: F401
 from tests.api.fixtures_training import create_job, file_id, pc, train_api_fixture  # noqa: F401
 
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
+
 # (method, path template) of every prefix endpoint that names a prefix; {ref} is the prefix reference.
 PREFIX_ENDPOINTS = [
     ("GET", "/v1/prefixes/{ref}"),

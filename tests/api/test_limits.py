@@ -20,6 +20,8 @@ from tests.api.fake_engine import FakeEngineClient, with_fake_model
 from tests.api.fixtures_admin import ADMIN as API_ADMIN
 from tests.api.fixtures_admin import Api, api_fixture, bearer, native_bytes  # noqa: F401
 
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 COMPLETION = {"model": "fake-base", "prompt": "hi", "max_tokens": 50}
 FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "max_prefixes",
@@ -60,6 +62,7 @@ async def test_admin_reads_and_sets_limits(client: httpx.AsyncClient, tenant: Te
 
 @pytest.mark.parametrize("body", [{"requests_per_minute": -1}, {"max_prefixes": 2**31},
                                   {"tokens_per_minute": "many"}, {"bogus": 1}, [1]])
+@pytest.mark.sqlite_only
 async def test_bad_limit_bodies(client: httpx.AsyncClient, tenant: TenantKey, body: Any) -> None:
     r = await client.put(f"/admin/tenants/{tenant.tenant_id}/limits", json=body, headers=ADMIN)
     assert r.status_code == 400, r.text

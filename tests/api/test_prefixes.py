@@ -33,6 +33,8 @@ from tests.api.fixtures_admin import (  # noqa: F401
     zip_bytes,
 )
 
+pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
+
 P = 5
 
 
@@ -174,6 +176,7 @@ BAD_FILES = [
 ]
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(("what", "make", "fragment"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
 def test_bad_files_are_refused_and_nothing_is_stored(api: Api, what: str, make, fragment: str) -> None:  # type: ignore[no-untyped-def]
     _, key = api.tenant("acme")

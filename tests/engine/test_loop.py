@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
 from app.engine.sampling import SamplingParams
 from app.engine.types import EngineOverloaded, GenerationRequest, RequestTooLarge
-from tests.engine.helpers import collect, make_engine, random_prefix
+from tests.engine.helpers import StepProbe, collect, make_engine, random_prefix, until
 
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -18,15 +17,22 @@ SHORT = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 async def test_new_request_joins_running_batch(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
+    # The long request's decoding is held until the short one is queued: otherwise a fast machine may finish
+    # the long one before the short one arrives, and nothing would be joined.
+    probe = StepProbe(engine)
+    probe.hold()
     try:
-        long_task = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], LONG)))
-        await asyncio.sleep(0.05)
-        t0 = time.monotonic()
-        short = await collect(engine, GenerationRequest([4, 5], SHORT))
+        long_task = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], LONG, request_id="long")))
+        await until(probe.decoding.is_set, "the long request decoding")
+        short_task = asyncio.create_task(collect(engine, GenerationRequest([4, 5], SHORT, request_id="short")))
+        await until(lambda: engine.stats.waiting == 1, "the short request queued")
+        probe.release()
+        short = await short_task
         assert len(short.tokens) == 4
-        assert not long_task.done(), "the short request waited for the long one to drain"
-        assert time.monotonic() - t0 < 5
-        await long_task
+        # Prefilled while the long one ran, then decoded in the same batch: it did not wait for a drain.
+        assert (frozenset({"short"}), frozenset({"long"})) in probe.prefills
+        assert sum(d == {"long", "short"} for d in probe.decodes) == 3  # its tokens 2..4, next to the long one
+        assert len((await long_task).tokens) == 200
     finally:
         engine.stop()
 
@@ -63,9 +69,7 @@ async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
             got += 1
             if got == 3:
                 break
-        await asyncio.sleep(0.2)
-        assert engine.stats.running_rows <= 1
-        assert "cancel-me" not in engine._active
+        await until(lambda: "cancel-me" not in engine._active, "the cancelled request leaving the engine")
         res = await other
         assert len(res.tokens) == 60 and res.final is not None and res.final.finish_reason == "length"
     finally:
@@ -124,7 +128,7 @@ async def test_request_too_large_and_overload(tiny_llama) -> None:
             asyncio.create_task(collect(engine, GenerationRequest([1], SHORT, prefix=slow_prefix)))
             for _ in range(2)
         ]
-        await asyncio.sleep(0.1)
+        await until(lambda: engine.stats.waiting == 2, "both requests waiting for their prefix")
         with pytest.raises(EngineOverloaded):
             await collect(engine, GenerationRequest([1], SHORT))
         gate.set()
@@ -138,16 +142,20 @@ async def test_request_too_large_and_overload(tiny_llama) -> None:
 
 async def test_slow_prefix_load_does_not_stall_other_rows(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
+    loading, release = threading.Event(), threading.Event()
     try:
 
         def slow_prefix():
-            time.sleep(1.5)
+            loading.set()
+            release.wait(60)  # bounded: a failing test must not leave the loader thread for good
             return random_prefix(tiny_llama, 3, seed=0)
 
         slow = asyncio.create_task(collect(engine, GenerationRequest([1, 2], SHORT, prefix=slow_prefix)))
-        t0 = time.monotonic()
-        fast = await collect(engine, GenerationRequest([3, 4], SHORT))
-        assert len(fast.tokens) == 4 and time.monotonic() - t0 < 1.0
+        await asyncio.to_thread(loading.wait, 60)
+        # The load cannot finish before `release`: a fast request that waited for it would never end.
+        fast = await asyncio.wait_for(collect(engine, GenerationRequest([3, 4], SHORT)), 60)
+        assert len(fast.tokens) == 4 and not slow.done()
+        release.set()
         assert len((await slow).tokens) == 4
     finally:
         engine.stop()
@@ -177,25 +185,34 @@ async def test_failing_prefix_load_fails_only_that_request(tiny_llama) -> None:
 
 async def test_exception_in_prefill_fails_only_the_new_rows(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
+    real = engine.runner.forward
+
+    def flaky(batch):
+        if batch.input_ids.shape[1] > 1 and batch.rows[0].request_id == "doomed":
+            raise RuntimeError("boom")
+        return real(batch)
+
+    engine.runner.forward = flaky  # type: ignore[method-assign]
+    # The running request's decoding is held until the doomed one is queued, so the failing prefill really
+    # happens next to a running row (a fast machine could otherwise finish it first).
+    probe = StepProbe(engine)
+    probe.hold()
     try:
         running = asyncio.create_task(
             collect(
                 engine,
-                GenerationRequest([1, 2, 3], SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)),
+                GenerationRequest([1, 2, 3], SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True),
+                                  request_id="running"),
             )
         )
-        await asyncio.sleep(0.1)
-        real = engine.runner.forward
-
-        def flaky(batch):
-            if batch.input_ids.shape[1] > 1 and batch.rows[0].request_id == "doomed":
-                raise RuntimeError("boom")
-            return real(batch)
-
-        engine.runner.forward = flaky  # type: ignore[method-assign]
-        doomed = await collect(engine, GenerationRequest([5, 6], SHORT, request_id="doomed"))
+        await until(probe.decoding.is_set, "the first request decoding")
+        doomed_task = asyncio.create_task(collect(engine, GenerationRequest([5, 6], SHORT, request_id="doomed")))
+        await until(lambda: engine.stats.waiting == 1, "the doomed request queued")
+        probe.release()
+        doomed = await doomed_task
         assert doomed.final is not None and doomed.final.finish_reason == "error"
         assert doomed.final.error_kind == "internal"
+        assert (frozenset({"doomed"}), frozenset({"running"})) in probe.prefills
         res = await running
         assert len(res.tokens) == 80 and res.final is not None and res.final.finish_reason == "length"
     finally:
@@ -280,12 +297,17 @@ async def test_fail_all_requests_ends_running_and_waiting_ones_and_the_engine_se
     engine = make_engine(tiny_llama, max_batch_rows=1)
     try:
         endless = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
-        running = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], endless)))
-        await asyncio.sleep(0.1)
+        # Decoding is held until both requests are in place: one running, one waiting for its row.
+        probe = StepProbe(engine)
+        probe.hold()
+        running = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], endless, request_id="running")))
+        await until(probe.decoding.is_set, "the first request decoding")
         waiting = asyncio.create_task(collect(engine, GenerationRequest([4, 5], endless)))  # no row for it
-        await asyncio.sleep(0.05)
+        await until(lambda: engine.stats.waiting == 1, "the second request waiting")
         engine.fail_all_requests("shutting down")
-        for res in await asyncio.wait_for(asyncio.gather(running, waiting), 10):
+        probe.release()
+        # generous: only a request that never ends fails here, instead of hanging the run
+        for res in await asyncio.wait_for(asyncio.gather(running, waiting), 60):
             assert res.final is not None and res.final.finish_reason == "error"
             assert (res.final.error, res.final.error_kind) == ("shutting down", "internal")
             assert len(res.tokens) < 1500
@@ -345,14 +367,20 @@ async def test_a_cancelled_request_never_starts_its_prefix_load(tiny_llama) -> N
         await asyncio.to_thread(started.wait, 5)
         stream = engine.submit(GenerationRequest([3, 4], SHORT, prefix=second, request_id="waits"))
         pending = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0.1)
+
+        def loads_of_waits() -> int:
+            return sum(a.request_id == "waits" for a, _ in list(engine._intake.resolving))
+
+        await until(lambda: loads_of_waits() == 1, "the second load queued for the loader slot")
         pending.cancel()  # the consumer leaves: the request is cancelled while its load waits for the slot
         await asyncio.gather(pending, return_exceptions=True)
         await stream.aclose()
-        await asyncio.sleep(0.1)
+        await until(lambda: loads_of_waits() == 0, "the cancelled load dropped")
         release.set()
         assert len((await first).tokens) == 4
-        await asyncio.sleep(0.2)
+        # Every loader thread has ended: a load that was going to run has run by now.
+        await until(lambda: not any(t.name == "prefix-resolve" for t in threading.enumerate()),
+                    "the loader threads ending")
         assert not ran.is_set()
     finally:
         release.set()

@@ -45,13 +45,16 @@ class CountingDecode:
 
 
 class CountingBlobs:
-    """Wraps a real BlobStore: counts gets, can delay them, and can be switched 'down'."""
+    """Wraps a real BlobStore: counts gets and how many are in progress at once, can hold them at a gate (an
+    object store that has not answered yet, up or down), and can be switched 'down'."""
 
-    def __init__(self, inner: BlobStore, delay_s: float = 0.0) -> None:
+    def __init__(self, inner: BlobStore) -> None:
         self.inner = inner
-        self.delay_s = delay_s
         self.down = False
         self.gets = 0
+        self.in_progress = 0
+        self.max_in_progress = 0
+        self.gate: threading.Event | None = None  # when set by a test, every get waits for it to open
         self._lock = threading.Lock()
 
     def put(self, data: bytes) -> str:
@@ -60,10 +63,17 @@ class CountingBlobs:
     def get(self, sha256: str) -> bytes:
         with self._lock:
             self.gets += 1
-        if self.down:
-            raise BlobStoreUnavailable("switched down by the test")
-        time.sleep(self.delay_s)
-        return self.inner.get(sha256)
+            self.in_progress += 1
+            self.max_in_progress = max(self.max_in_progress, self.in_progress)
+        try:
+            if self.gate is not None:
+                assert self.gate.wait(60), "the test never opened the gate"
+            if self.down:  # after the wait: an outage that takes a while to answer, as a real one does
+                raise BlobStoreUnavailable("switched down by the test")
+            return self.inner.get(sha256)
+        finally:
+            with self._lock:
+                self.in_progress -= 1
 
     def exists(self, sha256: str) -> bool:
         return self.inner.exists(sha256)
@@ -151,53 +161,61 @@ def test_walk_order_and_write_back(blobs: CountingBlobs, redis_tiers: Callable[[
     assert s1.load_seconds_total > 0
 
 
-def test_single_flight(blobs: CountingBlobs) -> None:
-    catalog = DictCatalog()
-    catalog.add(blobs, "hot")
-    blobs.delay_s = 0.3  # a slow object store keeps the load in flight while the others arrive
-    decode = CountingDecode()
-    r = resolver(catalog, blobs, InProcessTier(60, 2**20), decode)
-    barrier = threading.Barrier(20)
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for `predicate`; the deadline only turns an event that never comes into a failure, not a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.005)
+
+
+def _concurrent_gets(r: PrefixResolver, blobs: CountingBlobs, n: int) -> tuple[list[PrefixKV], list[BaseException]]:
+    """`n` threads get "hot" while the object store holds the first read: all `n` are inside the resolver at
+    once (one reading, n - 1 joined to its load) before the read is answered, so the loads surely overlap."""
+    blobs.gate = threading.Event()
     results: list[PrefixKV] = []
     errors: list[BaseException] = []
 
     def worker() -> None:
-        barrier.wait()
         try:
             results.append(r.get(TENANT, "hot").kv)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(20)]
+    threads = [threading.Thread(target=worker) for _ in range(n)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        # Without single flight each thread would read on its own: the object store would see n reads waiting.
+        _wait(lambda: blobs.in_progress + r.stats().coalesced == n,
+              f"{n} concurrent gets in the resolver ({blobs.in_progress} reading, {r.stats().coalesced} joined)")
+    finally:
+        blobs.gate.set()
+        for t in threads:
+            t.join()
+    return results, errors
+
+
+def test_single_flight(blobs: CountingBlobs) -> None:
+    catalog = DictCatalog()
+    catalog.add(blobs, "hot")
+    decode = CountingDecode()
+    r = resolver(catalog, blobs, InProcessTier(60, 2**20), decode)
+    results, errors = _concurrent_gets(r, blobs, 20)
     assert errors == []
-    assert blobs.gets == 1 and decode.calls == 1
+    assert (blobs.gets, blobs.max_in_progress, decode.calls) == (1, 1, 1)
+    assert r.stats().coalesced == 19
     assert len(results) == 20 and all(kv is results[0] for kv in results)  # one copy on the device
-    assert r.stats().coalesced >= 1
 
 
 def test_single_flight_shares_failure_then_recovers(blobs: CountingBlobs) -> None:
     catalog = DictCatalog()
     catalog.add(blobs, "hot")
-    blobs.down, blobs.delay_s = True, 0.2
+    blobs.down = True
     r = resolver(catalog, blobs, InProcessTier(60, 2**20))
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        try:
-            r.get(TENANT, "hot")
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _, errors = _concurrent_gets(r, blobs, 5)
     assert len(errors) == 5 and all(isinstance(e, PrefixUnavailable) for e in errors)
+    assert (blobs.gets, r.stats().coalesced) == (1, 4)  # one outage, one read: the others shared its error
     blobs.down = False
     assert r.get(TENANT, "hot").source == "blob"  # no stuck in-flight entry
 
