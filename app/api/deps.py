@@ -14,11 +14,11 @@ from app.engine.protocol import EngineClientProtocol
 from app.errors import Forbidden, Unauthorized, Unavailable
 from app.observability.context import current as request_record
 from app.observability.context import note_tenant
-from app.protocol.admin import TenantLimitValues
 from app.services import limits
 from app.services.access import Access, ModelQuery, admin_access, authorize
 from app.services.auth import Principal
 from app.services.limit_store import CounterStore
+from app.services.limits import Limits
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -82,12 +82,12 @@ async def get_principal(access: AccessDep) -> Principal:
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-async def get_limits(access: AccessDep) -> TenantLimitValues | None:
+async def get_limits(access: AccessDep) -> Limits | None:
     """The calling tenant's effective limits (None for the admin key, which has none)."""
     return access.limits
 
 
-LimitsDep = Annotated[TenantLimitValues | None, Depends(get_limits)]
+LimitsDep = Annotated[Limits | None, Depends(get_limits)]
 
 
 async def _counted(runtime: Runtime, fn: Callable[[CounterStore], T]) -> T:

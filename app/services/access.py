@@ -20,9 +20,8 @@ from sqlalchemy.orm import Session, aliased
 
 from app.config import Settings
 from app.db.models import ApiKey, Prefix, PrefixVersion, TenantLimits, utcnow
-from app.protocol.admin import TenantLimitValues
 from app.services.auth import Principal, hash_key
-from app.services.limits import LIMIT_FIELDS, defaults
+from app.services.limits import LIMIT_FIELDS, Limits, defaults
 from prefix_store.ref import PrefixRef
 
 TOUCH_EVERY_S: Final = 60.0  # a key's last_used_at is written at most this often (per process)
@@ -42,7 +41,7 @@ class Access:
     (None when the tenant has no such prefix or version: another tenant's is never found)."""
 
     principal: Principal
-    limits: TenantLimitValues | None
+    limits: Limits | None
     looked_up: ModelQuery | None = None  # what `found` answers
     found: PrefixRef | None = None
 
@@ -88,10 +87,10 @@ def _statement(key_hash: str, model: ModelQuery | None) -> sa.Select[Any]:
                                               PrefixVersion.version == version)))
 
 
-def _effective(row: Any, settings: Settings) -> TenantLimitValues:
+def _effective(row: Any, settings: Settings) -> Limits:
     base = defaults(settings)
     own = {f: getattr(row, f"limit_{f}") for f in LIMIT_FIELDS}
-    return TenantLimitValues(**{f: own[f] if own[f] is not None else getattr(base, f) for f in LIMIT_FIELDS})
+    return Limits(**{f: own[f] if own[f] is not None else getattr(base, f) for f in LIMIT_FIELDS})
 
 
 def _found(row: Any, name: str) -> PrefixRef | None:

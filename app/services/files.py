@@ -22,9 +22,8 @@ from app.db.models import JOB_TERMINAL_STATUSES, File, TrainingJob
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.jobs.data import parse_jsonl
 from app.jobs.types import TrainingDataError
-from app.protocol.admin import TenantLimitValues
 from app.protocol.files import FileDeleted, FileList, FileObject
-from app.services.limits import check_storage
+from app.services.limits import Limits, check_storage
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
@@ -83,7 +82,7 @@ def file_object(row: File) -> FileObject:
 
 def create_file(
     *, session: Session, stores: PrefixStores, tenant_id: str, upload: Upload, max_examples: int,
-    limits: TenantLimitValues | None = None,
+    limits: Limits | None = None,
 ) -> FileObject:
     """Validate every line, then store the bytes and the row (nothing is stored when anything fails)."""
     try:

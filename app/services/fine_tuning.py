@@ -21,12 +21,12 @@ from app.jobs.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job
 from app.jobs.lease import updated
 from app.jobs.queue import QueueUnavailable
 from app.jobs.types import TrainConfig, TrainingDataError
-from app.protocol.admin import TenantLimitValues
 from app.protocol.fine_tuning import FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobError
 from app.services.inference import model_not_found
-from app.services.limits import check_new_job
+from app.services.limits import Limits, check_new_job
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
+from app.services.prefixes import validate_name
 from app.services.training_setup import (
     TrainingContext,
     build_config,
@@ -47,8 +47,6 @@ CANCELLABLE_AT_ONCE = ("validating_files", "queued")
 
 
 def _suffix(suffix: str | None) -> str:
-    from app.services.prefixes import validate_name
-
     if suffix is None:
         return f"ft-{secrets.token_hex(4)}"
     try:
@@ -87,7 +85,7 @@ def _check_file(ctx: TrainingContext, row: File, config: TrainConfig, param: str
 
 def create_job(
     *, session: Session, ctx: TrainingContext, tenant_id: str, req: FineTuningJobCreate,
-    limits: TenantLimitValues | None = None,
+    limits: Limits | None = None,
 ) -> FineTuningJob:
     """Validate the request and its files, and store the job as `queued` (the caller then enqueues it)."""
     if req.model != ctx.base_model_id:

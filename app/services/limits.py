@@ -9,7 +9,7 @@ the limit, e.g. "requests_per_minute limit of 60 reached".
 
 from __future__ import annotations
 
-import threading
+from dataclasses import asdict, dataclass, fields
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -21,20 +21,32 @@ from app.protocol.admin import TenantLimits as TenantLimitsOut
 from app.protocol.admin import TenantLimitValues
 from app.services.limit_store import CounterStore
 
-LIMIT_FIELDS = tuple(TenantLimitValues.model_fields)
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits enforced for one tenant; None = unlimited, 0 allows nothing. The admin API's wire form is
+    app/protocol/admin.py's TenantLimitValues (where null in `configured` means "the default")."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None  # generated (completion) tokens
+    max_concurrent_requests: int | None = None  # completions and chat requests in flight
+    max_prefixes: int | None = None
+    max_stored_bytes: int | None = None  # prefix versions and files together
+    max_concurrent_jobs: int | None = None  # training jobs queued or running
+    max_examples_per_user: int | None = None
+
+
+LIMIT_FIELDS = tuple(f.name for f in fields(Limits))
 ACTIVE_JOB_STATUSES = ("validating_files", "queued", "running")
 QUOTA_RETRY_AFTER_S = 60  # counts and bytes free up only when the tenant deletes something
 SLOT_RETRY_AFTER_S = 1
 # A concurrency slot outlives its request's timeout by this much before it counts as leaked.
 SLOT_TTL_MARGIN_S = 60.0
 
-_store_lock = threading.Lock()
-
-
 # ---- what the limits are -------------------------------------------------------------------------------------
-def defaults(settings: Settings) -> TenantLimitValues:
+def defaults(settings: Settings) -> Limits:
     """The Settings defaults (`PREFIXSERVE_TENANT_*`); None = unlimited."""
-    return TenantLimitValues(**{f: getattr(settings, f"tenant_{f}") for f in LIMIT_FIELDS})
+    return Limits(**{f: getattr(settings, f"tenant_{f}") for f in LIMIT_FIELDS})
 
 
 def configured(session: Session, tenant_id: str) -> TenantLimitValues:
@@ -43,18 +55,19 @@ def configured(session: Session, tenant_id: str) -> TenantLimitValues:
     return TenantLimitValues(**{f: getattr(row, f) if row is not None else None for f in LIMIT_FIELDS})
 
 
-def effective_limits(*, session: Session, settings: Settings, tenant_id: str) -> TenantLimitValues:
+def effective_limits(*, session: Session, settings: Settings, tenant_id: str) -> Limits:
     """The limits enforced for the tenant: its own values, the defaults where it has none."""
     own, base = configured(session, tenant_id), defaults(settings)
-    return TenantLimitValues(**{f: getattr(own, f) if getattr(own, f) is not None else getattr(base, f)
-                                for f in LIMIT_FIELDS})
+    return Limits(**{f: getattr(own, f) if getattr(own, f) is not None else getattr(base, f)
+                     for f in LIMIT_FIELDS})
 
 
 def get_tenant_limits(*, session: Session, settings: Settings, tenant_id: str) -> TenantLimitsOut:
     if session.get(Tenant, tenant_id) is None:
         raise NotFound(f"no tenant {tenant_id!r}")
+    effective = effective_limits(session=session, settings=settings, tenant_id=tenant_id)
     return TenantLimitsOut(tenant_id=tenant_id, configured=configured(session, tenant_id),
-                           effective=effective_limits(session=session, settings=settings, tenant_id=tenant_id))
+                           effective=TenantLimitValues(**asdict(effective)))
 
 
 def set_tenant_limits(*, session: Session, settings: Settings, tenant_id: str,
@@ -76,7 +89,7 @@ def limit_reached(name: str, value: int, retry_after_s: int, *, code: str = "rat
                        headers={"Retry-After": str(retry_after_s)})
 
 
-def check_request_rate(*, store: CounterStore, tenant_id: str, limits: TenantLimitValues) -> None:
+def check_request_rate(*, store: CounterStore, tenant_id: str, limits: Limits) -> None:
     """Count this request against requests_per_minute."""
     if limits.requests_per_minute is None:
         return
@@ -85,7 +98,7 @@ def check_request_rate(*, store: CounterStore, tenant_id: str, limits: TenantLim
         raise limit_reached("requests_per_minute", limits.requests_per_minute, answer.retry_after_s)
 
 
-def check_token_rate(*, store: CounterStore, tenant_id: str, limits: TenantLimitValues) -> None:
+def check_token_rate(*, store: CounterStore, tenant_id: str, limits: Limits) -> None:
     """Refuse a generation while the minute's generated tokens are already at tokens_per_minute."""
     if limits.tokens_per_minute is None:
         return
@@ -94,13 +107,13 @@ def check_token_rate(*, store: CounterStore, tenant_id: str, limits: TenantLimit
         raise limit_reached("tokens_per_minute", limits.tokens_per_minute, answer.retry_after_s)
 
 
-def record_tokens(*, store: CounterStore, tenant_id: str, limits: TenantLimitValues, tokens: int) -> None:
+def record_tokens(*, store: CounterStore, tenant_id: str, limits: Limits, tokens: int) -> None:
     """Count a finished request's completion tokens (even past the limit: they were generated)."""
     if limits.tokens_per_minute is not None:
         store.add(f"tokens:{tenant_id}", limits.tokens_per_minute, tokens)
 
 
-def acquire_request_slot(*, store: CounterStore, tenant_id: str, limits: TenantLimitValues) -> str | None:
+def acquire_request_slot(*, store: CounterStore, tenant_id: str, limits: Limits) -> str | None:
     """A concurrency slot for one generation (release it with `release_request_slot`); None = unlimited."""
     if limits.max_concurrent_requests is None:
         return None
@@ -130,14 +143,14 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     return int(prefix_bytes or 0) + int(file_bytes or 0)
 
 
-def check_storage(*, session: Session, limits: TenantLimitValues, tenant_id: str, new_bytes: int) -> None:
+def check_storage(*, session: Session, limits: Limits, tenant_id: str, new_bytes: int) -> None:
     """Refuse storing `new_bytes` more when it would take the tenant past max_stored_bytes."""
     cap = limits.max_stored_bytes
     if cap is not None and stored_bytes(session, tenant_id) + new_bytes > cap:
         raise quota_reached("max_stored_bytes", cap)
 
 
-def check_new_prefix(*, session: Session, limits: TenantLimitValues, tenant_id: str, name: str,
+def check_new_prefix(*, session: Session, limits: Limits, tenant_id: str, name: str,
                      new_bytes: int) -> None:
     """Before storing a prefix version: max_prefixes (when `name` is new) and max_stored_bytes.
     Personal prefixes (`user:<id>`) do not count against max_prefixes: they scale with end users."""
@@ -151,7 +164,7 @@ def check_new_prefix(*, session: Session, limits: TenantLimitValues, tenant_id: 
     check_storage(session=session, limits=limits, tenant_id=tenant_id, new_bytes=new_bytes)
 
 
-def check_new_job(*, session: Session, limits: TenantLimitValues, tenant_id: str) -> None:
+def check_new_job(*, session: Session, limits: Limits, tenant_id: str) -> None:
     """Before creating a training job: max_concurrent_jobs counts the tenant's jobs not yet finished."""
     cap = limits.max_concurrent_jobs
     if cap is None:
@@ -162,7 +175,7 @@ def check_new_job(*, session: Session, limits: TenantLimitValues, tenant_id: str
         raise quota_reached("max_concurrent_jobs", cap)
 
 
-def check_new_examples(*, session: Session, limits: TenantLimitValues, end_user_id: str | None,
+def check_new_examples(*, session: Session, limits: Limits, end_user_id: str | None,
                        adding: int) -> None:
     """Before adding `adding` examples to an end user (None: a user not created yet, who has none)."""
     cap = limits.max_examples_per_user

@@ -24,9 +24,8 @@ from app.catalog.versions import find_prefix, publish_version
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
 from app.engine.threads import run_in_own_thread
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from app.protocol.admin import TenantLimitValues
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
-from app.services.limits import check_new_prefix
+from app.services.limits import Limits, check_new_prefix
 from app.services.uploads import convert_upload
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
@@ -79,7 +78,7 @@ def _missing(name: str, version: int | None) -> NotFound:
 
 def upload_prefix(
     *, session: Session, stores: PrefixStores, tenant_id: str, name: str, files: list[tuple[str, bytes]],
-    limits: TenantLimitValues | None = None,
+    limits: Limits | None = None,
 ) -> PrefixUploaded:
     """Store an upload as the next version of `name` (version 1 for a new name), within the tenant's
     max_prefixes and max_stored_bytes (`limits`; None = unchecked)."""
@@ -197,9 +196,10 @@ def download_prefix(
 
 
 def _to_peft_zip(data: bytes, stores: PrefixStores, recorded: str | None) -> bytes:
+    # torch: the codecs import it, and the web side stays torch-free at import (only a PEFT download converts)
     from prefix_store.codec import decode_native
-    from prefix_store.peft_codec import encode_peft_zip
-    from prefix_store.types import PrefixError
+    from prefix_store.peft_codec import encode_peft_zip  # the same reason
+    from prefix_store.types import PrefixError  # the same reason
 
     spec = require_model(stores)
     try:

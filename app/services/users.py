@@ -32,11 +32,10 @@ from app.db.models import (
 from app.errors import InvalidRequest, NotFound
 from app.jobs.data import tokenize_examples, validate_record
 from app.jobs.types import TrainConfig, TrainingDataError
-from app.protocol.admin import TenantLimitValues
 from app.protocol.fine_tuning import FineTuningJob
 from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, LastJob, PersonalizeRequest, PersonalPrefix
 from app.services.fine_tuning import job_object, request_cancel
-from app.services.limits import check_new_examples, check_new_job
+from app.services.limits import Limits, check_new_examples, check_new_job
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
 from app.services.training_setup import (
     TrainingContext,
@@ -101,7 +100,7 @@ def _validated(examples: list[Any], ctx: TrainingContext | None) -> list[dict[st
 
 def add_examples(
     *, session: Session, ctx: TrainingContext | None, tenant_id: str, user_id: str, examples: list[Any],
-    limits: TenantLimitValues | None = None,
+    limits: Limits | None = None,
 ) -> ExamplesAdded:
     """Append examples to the user's (creating the user on first use), within max_examples_per_user; all or
     nothing."""
@@ -117,7 +116,7 @@ def add_examples(
 
 
 def _append(session: Session, tenant_id: str, user_id: str, records: list[dict[str, Any]],
-            limits: TenantLimitValues | None) -> str:
+            limits: Limits | None) -> str:
     """Insert the examples (and the user if new) in one transaction; returns the end user's row id."""
     try:
         user = _find_user(session, tenant_id, user_id)
@@ -174,7 +173,7 @@ def _warm_start(session: Session, ctx: TrainingContext, tenant_id: str, user: En
 
 def personalize(
     *, session: Session, ctx: TrainingContext, tenant_id: str, user_id: str, req: PersonalizeRequest,
-    limits: TenantLimitValues | None = None,
+    limits: Limits | None = None,
 ) -> FineTuningJob:
     """A job that trains the next version of the user's personal prefix on their examples (queued; the caller
     enqueues it)."""
