@@ -94,11 +94,13 @@ class RedisTier:
         socket_timeout_s: float = 1.0,
         retry_interval_s: float = 1.0,
         client_name: str = "prefixserve",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl_s = ttl_s
         self.max_value_bytes = max_value_bytes
         self.channel = channel
         self.retry_interval_s = retry_interval_s
+        self._clock = clock  # times the retry interval; tests pass one they advance
         self._client = redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout_s,
@@ -120,7 +122,7 @@ class RedisTier:
         return self._healthy
 
     def _available(self) -> bool:
-        return self._healthy or time.monotonic() >= self._skip_until
+        return self._healthy or self._clock() >= self._skip_until
 
     def _ok(self) -> None:
         if not self._healthy:
@@ -133,7 +135,7 @@ class RedisTier:
         else:
             log.debug("Redis still unavailable (%s): %s", what, exc)
         self._healthy = False
-        self._skip_until = time.monotonic() + self.retry_interval_s
+        self._skip_until = self._clock() + self.retry_interval_s
 
     def get(self, key: PrefixKey) -> bytes | None:
         """The cached bytes, or None on a miss or any Redis error."""

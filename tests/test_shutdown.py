@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from app.db.migrate import upgrade
@@ -105,6 +106,21 @@ def _stream_lines(url: str, auth: dict[str, str], body: dict[str, Any], out: dic
     out["lines"], out["ended"] = lines, time.monotonic()
 
 
+def _running_rows(url: str) -> float:
+    """Rows in the engine's running batch (from /metrics)."""
+    families = text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text)
+    return sum(sample.value for family in families for sample in family.samples
+               if sample.name == "prefixserve_engine_batch_size")
+
+
+def _accepts_connections(url: str) -> bool:
+    try:
+        httpx.get(url + "/healthz", timeout=5)
+    except httpx.ConnectError:
+        return False
+    return True
+
+
 def test_sigterm_finishes_short_requests_bounds_long_ones_and_hands_the_job_back(
         servers: list[ServerProcess], settings: dict[str, str], tmp_path: Path) -> None:
     server = _start(servers, tmp_path, settings)
@@ -125,17 +141,27 @@ def test_sigterm_finishes_short_requests_bounds_long_ones_and_hands_the_job_back
     short: dict[str, httpx.Response] = {}
     shorter = threading.Thread(target=lambda: short.setdefault("r", httpx.post(
         server.url + "/v1/completions", headers=auth, timeout=30,
-        json={"model": base, "prompt": "hello", "max_tokens": 200, "temperature": 0})))
+        json={"model": base, "prompt": "hello", "max_tokens": 50, "temperature": 0})))
     shorter.start()
-    # Time to be accepted (a connection the server never accepted would be refused after the signal): the
-    # request is then decoding in the long one's batch, a few hundred ms, when the signal comes.
-    time.sleep(0.3)
+    # The signal comes once the server has accepted the short request (a connection it never accepted would be
+    # refused after the signal): its row is decoding in the engine's batch, beside the long one's 8. Short:
+    # 50 tokens, a fortieth of the long rows' 2000, so it ends well within the grace period that the long
+    # ones outlast, however fast or busy the machine. Should it finish before this loop sees it, it was
+    # accepted all the same.
+    deadline = time.monotonic() + 30
+    while _running_rows(server.url) < 9 and shorter.is_alive():
+        assert time.monotonic() < deadline, "the short request never reached the engine's batch"
+        time.sleep(0.02)
+    if not shorter.is_alive():
+        print("the short request finished before the signal")
+    signalled = time.monotonic()  # read before the signal: the stream's time below is then never too short
     server.terminate()
-    signalled = time.monotonic()
 
-    time.sleep(0.5)  # uvicorn notices the signal within 0.1 s and closes its listening socket
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(server.url + "/healthz", timeout=5)
+    # uvicorn closes its listening socket once it has noticed the signal: new connections are then refused.
+    deadline = time.monotonic() + 30
+    while _accepts_connections(server.url):
+        assert time.monotonic() < deadline, "new connections were still accepted 30 s after SIGTERM"
+        time.sleep(0.05)
     shorter.join(30)
     assert short["r"].status_code == 200, short["r"].text
     assert len(short["r"].json()["choices"][0]["text"]) > 0
@@ -145,11 +171,15 @@ def test_sigterm_finishes_short_requests_bounds_long_ones_and_hands_the_job_back
     assert long["lines"][-1] == "data: [DONE]"
     err = json.loads(long["lines"][-2].removeprefix("data: "))
     assert SHUTDOWN_MESSAGE in err["error"]["message"]
-    assert GRACE_S - 0.2 <= long["ended"] - signalled <= GRACE_S + SHUTDOWN_FLUSH_S
+    # The grace period is the behaviour under test, so here the stream's time is asserted. At least the grace
+    # period: the stream was not cut early (a lower bound a slow machine cannot break). At most grace + flush:
+    # the contract, whose flush allowance (seconds, for one engine step and a send) is the generous margin.
+    stream_s = long["ended"] - signalled
+    assert GRACE_S - 0.2 <= stream_s <= GRACE_S + SHUTDOWN_FLUSH_S, stream_s
+    # The process exits by itself, with 0. After grace + flush comes the lifespan's engine and worker stop; the
+    # 30 s spare only keeps a failing stop from hanging the test, it is no claim on the machine's speed.
     assert server.proc.wait(GRACE_S + SHUTDOWN_FLUSH_S + 30) == 0
-    exited_after = time.monotonic() - signalled
-    assert exited_after < GRACE_S + SHUTDOWN_FLUSH_S + 15, exited_after  # + the lifespan's engine/worker stop
-    print(f"stream ended {long['ended'] - signalled:.2f} s and the process {exited_after:.2f} s after SIGTERM")
+    print(f"stream ended {stream_s:.2f} s and the process {time.monotonic() - signalled:.2f} s after SIGTERM")
 
     # The in-process training job was handed back (read in the database: no server runs now) ...
     db = sa.create_engine(settings["PREFIXSERVE_DATABASE_URL"])

@@ -51,8 +51,10 @@ class CounterStore:
     """Per-minute rate counters and concurrency slots, keyed by strings such as `requests:<tenant id>`."""
 
     def __init__(self, redis_url: str | None, *, slot_ttl_s: float, socket_timeout_s: float = 0.5,
-                 retry_interval_s: float = 1.0) -> None:
+                 retry_interval_s: float = 1.0, clock: Callable[[], float] = time.time) -> None:
         self.slot_ttl_s = slot_ttl_s
+        # Slots' start times: wall-clock seconds, comparable between replicas; tests pass a clock they advance.
+        self._clock = clock
         self.retry_interval_s = retry_interval_s
         self._redis: redis.Redis | None = None
         if redis_url is None:
@@ -113,7 +115,7 @@ class CounterStore:
         self._guard("slots", lambda: bool(client.zrem(self._slot_key(key), token)), False)
 
     def _acquire_local(self, key: str, limit: int, token: str) -> bool:
-        now = time.time()
+        now = self._clock()
         with self._lock:
             slots = self._slots.setdefault(key, {})
             for t in [t for t, started in slots.items() if started < now - self.slot_ttl_s]:
@@ -125,7 +127,7 @@ class CounterStore:
 
     def _acquire_redis(self, key: str, limit: int, token: str) -> bool:
         assert self._redis is not None
-        name, now = self._slot_key(key), time.time()
+        name, now = self._slot_key(key), self._clock()
         pipe = self._redis.pipeline(transaction=True)
         pipe.zremrangebyscore(name, "-inf", now - self.slot_ttl_s)  # slots of crashed replicas expire
         pipe.zadd(name, {token: now})

@@ -5,7 +5,6 @@ SSE)/checkpoints show what a worker writes; the official openai client parses ev
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import openai
@@ -15,6 +14,7 @@ import sqlalchemy as sa
 from app.db.models import File, JobCheckpoint, JobEvent, Prefix, PrefixVersion, TrainingJob, utcnow
 from app.jobs.job_config import config_from_job
 from app.jobs.types import TrainConfig
+from app.services import job_events
 from tests.api.fixtures_admin import Api, bearer, native_bytes
 from tests.api.fixtures_training import (  # noqa: F401
     CONTEXT,
@@ -294,29 +294,44 @@ def test_events_pages_and_metrics(train_api: Api) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "after"
 
 
-def test_events_stream_until_the_job_ends(train_api: Api) -> None:
+def test_events_stream_until_the_job_ends(train_api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     api = train_api
     _, key = api.tenant("acme")
     job = create_job(api, key, training_file=file_id(api, key)).json()
     set_status(api, job["id"], "running")
     first = add_event(api, job["id"], "Step 1/2", {"step": 1})
 
+    # The worker below writes only once the stream has looked at the job and found it running with nothing new,
+    # so the stream surely follows new events live (written after it started) and ends because the job did.
+    polls: list[job_events.EventPoll] = []
+    following = threading.Event()
+    poll_events = job_events.poll_events
+
+    def watched_poll(**kwargs: Any) -> job_events.EventPoll:
+        polled = poll_events(**kwargs)
+        polls.append(polled)
+        if not polled.finished and not polled.events:
+            following.set()
+        return polled
+
+    monkeypatch.setattr(job_events, "poll_events", watched_poll)
+
     def worker() -> None:  # what a worker does while the client follows the stream
-        time.sleep(0.7)
+        following.wait(60)  # bounded: written in any case, so the stream ends and the assertions below report
         add_event(api, job["id"], "Step 2/2", {"step": 2})
         add_event(api, job["id"], "Job succeeded")
         set_status(api, job["id"], "succeeded")
 
     thread = threading.Thread(target=worker)
     thread.start()
-    started = time.monotonic()
     with api.client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true&after={first}",
                            headers=bearer(key)) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         payloads = parse_sse(r.read().decode())
     thread.join()
-    assert time.monotonic() - started < 10
+    assert following.is_set(), "the stream never found the job running with no new event"
     assert [p["message"] for p in payloads[:-1]] == ["Step 2/2", "Job succeeded"] and payloads[-1] == "[DONE]"
+    assert polls[-1].finished  # it ended because the job did
     # From the start: every event, oldest first; a finished job's stream ends at once.
     with api.client.stream("GET", f"/v1/fine_tuning/jobs/{job['id']}/events?stream=true", headers=bearer(key)) as r:
         messages = [p["message"] for p in parse_sse(r.read().decode())[:-1]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +280,7 @@ def test_embedded_second_load_reads_the_cache(
         raise AssertionError("the GGUF was already converted in this data dir")
 
     monkeypatch.setattr(gguf_cache, "convert_gguf", must_not_convert)
-    started = time.perf_counter()
     again = load_model(EMBEDDED_MODEL, data_dir=embedded_data_dir)
-    assert time.perf_counter() - started < 10  # the conversion takes ~30 s, a cached load ~0.5 s
     assert again.spec == embedded_model.spec
 
 
