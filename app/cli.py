@@ -46,8 +46,9 @@ def serve(
 ) -> None:
     """Start the HTTP server (the embedded default needs no other service). SIGTERM stops it gracefully:
     in-flight requests get PREFIXSERVE_SHUTDOWN_GRACE_S to finish (app/server.py)."""
+    # the CLI imports each command's modules only when that command runs (fast --help)
     from app.main import create_app
-    from app.server import serve as run_server
+    from app.server import serve as run_server  # the same reason
 
     settings = _settings(host=host, port=port)
     run_server(create_app(settings), settings)
@@ -58,6 +59,7 @@ def migrate(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Upgrade the database schema (run once per deployment, before the replicas start)."""
+    # the CLI imports each command's modules only when that command runs (fast --help)
     from app.db.migrate import current, upgrade
 
     settings = _settings()
@@ -78,6 +80,7 @@ def worker(
         typer.echo("error: prefixserve worker needs PREFIXSERVE_REDIS_URL (without Redis, the server's in-process "
                    "worker runs the jobs)", err=True)
         raise typer.Exit(2)
+    # the CLI imports each command's modules only when that command runs (fast --help)
     from app.worker import build_worker, check_health
 
     if check:
@@ -106,10 +109,11 @@ def train(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Train a prefix on a JSONL file with a live progress bar; print the model name to use at the end."""
+    # the CLI imports each command's modules only when that command runs (fast --help)
     from rich.console import Console
 
-    from app.cli_progress import TrainOptions
-    from app.cli_train import TrainCommandError, train_local, train_remote
+    from app.cli_progress import TrainOptions  # the same reason
+    from app.cli_train import TrainCommandError, train_local, train_remote  # the same reason
 
     settings = _settings()
     opts = TrainOptions(

@@ -18,11 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 from rich.console import Console
 
 from app.cli_progress import JobProgress, TrainOptions, summary
 from app.config import Settings
-from app.db.models import JOB_TERMINAL_STATUSES
+from app.db.models import JOB_TERMINAL_STATUSES, Tenant, TrainingJob
+from app.errors import ServiceError
+from app.protocol.fine_tuning import FineTuningJobCreate
+from app.runtime import job_context, load_base_model, open_runtime
+from app.services import files, fine_tuning
+from app.services.fine_tuning import job_object, request_cancel
+from app.services.job_events import poll_events
+from app.services.tenants import create_tenant
+from app.training.jobs import execute_job
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +141,6 @@ def _run_view(console: Console, follow: Callable[[JobProgress], dict[str, Any]],
 def train_local(*, data: Path, validation: Path | None, opts: TrainOptions, settings: Settings, tenant: str,
                 console: Console) -> bool:
     """Create the File and job rows in the local deployment and run the job in this process."""
-    from app.runtime import load_base_model, open_runtime
-
     runtime = open_runtime(settings, load_model=False)
     try:
         console.print(f"loading {settings.model} ...")
@@ -143,8 +150,6 @@ def train_local(*, data: Path, validation: Path | None, opts: TrainOptions, sett
                                    console=console)
         worker = threading.Thread(target=_execute, args=(runtime, job_id), name="train", daemon=True)
         worker.start()
-        from app.services.fine_tuning import request_cancel
-
         def cancel() -> None:
             with runtime.sessions() as session:
                 request_cancel(session, job_id)
@@ -156,9 +161,6 @@ def train_local(*, data: Path, validation: Path | None, opts: TrainOptions, sett
 
 
 def _execute(runtime: Any, job_id: str) -> None:
-    from app.runtime import job_context
-    from app.training.jobs import execute_job
-
     outcome = execute_job(job_id, ctx=job_context(runtime), timeout_s=runtime.settings.job_timeout_s)
     # "skipped": a server's in-process worker sharing this database claimed it first; we follow it anyway.
     log.debug("job %s: %s", job_id, outcome)
@@ -166,10 +168,6 @@ def _execute(runtime: Any, job_id: str) -> None:
 
 def _create_local_job(runtime: Any, *, data: Path, validation: Path | None, opts: TrainOptions, tenant: str,
                       console: Console) -> str:
-    from app.errors import ServiceError
-    from app.protocol.fine_tuning import FineTuningJobCreate
-    from app.services import files, fine_tuning
-        
     stores = runtime.prefix_stores()
     with runtime.sessions() as session:
         tenant_id = _local_tenant(session, tenant, console)
@@ -189,11 +187,6 @@ def _create_local_job(runtime: Any, *, data: Path, validation: Path | None, opts
 
 
 def _local_tenant(session: Any, name: str, console: Console) -> str:
-    import sqlalchemy as sa
-
-    from app.db.models import Tenant
-    from app.services.tenants import create_tenant
-
     found = session.execute(sa.select(Tenant.id).where(Tenant.name == name)).scalar()
     if found is not None:
         return str(found)
@@ -203,10 +196,6 @@ def _local_tenant(session: Any, name: str, console: Console) -> str:
 
 
 def _follow_local(runtime: Any, job_id: str, worker: threading.Thread, view: JobProgress) -> dict[str, Any]:
-    from app.db.models import TrainingJob
-    from app.services.fine_tuning import job_object
-    from app.services.job_events import poll_events
-
     cursor = None
     while True:
         polled = poll_events(sessions=runtime.sessions, job_id=job_id, cursor=cursor)

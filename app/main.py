@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,10 +15,8 @@ from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.observability.middleware import ObservabilityMiddleware
 from app.protocol.errors import ERROR_RESPONSES
+from app.runtime import Runtime, open_runtime
 from app.schema_gate import SchemaGate, SchemaGateMiddleware
-
-if TYPE_CHECKING:
-    from app.runtime import Runtime
 
 
 def create_app(
@@ -31,8 +28,6 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if runtime_factory is None:
-            from app.runtime import open_runtime
-
             factory: Callable[[Settings], Runtime] = open_runtime
         else:
             factory = runtime_factory

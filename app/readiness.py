@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import redis
+
 from app.config import Settings
-from prefix_store.blobs import BlobStore, BlobStoreUnavailable
+from prefix_store.blobs import BlobStore, BlobStoreUnavailable, open_blob_store
 
 if TYPE_CHECKING:
-    import redis
-
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
     from app.schema_gate import SchemaGate
@@ -123,8 +123,6 @@ class StoreChecks:
         self._redis: _Probe | None = None
         self._redis_client: redis.Redis | None = None
         if settings.redis_url:
-            import redis
-
             client = redis.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
                                           client_name="prefixserve-readiness")
 
@@ -203,8 +201,6 @@ class DeferredBlobStore:
 
 def open_blobs(settings: Settings) -> BlobStore:
     """The configured object store; a DeferredBlobStore when it cannot be reached now."""
-    from prefix_store.blobs import open_blob_store
-
     def opener() -> BlobStore:
         return open_blob_store(settings.resolved_object_store_url, endpoint_url=settings.s3_endpoint_url,
                                access_key=settings.s3_access_key_id, secret_key=settings.s3_secret_access_key,
@@ -239,8 +235,8 @@ def job_queue_line(settings: Settings, cache: Check | None) -> tuple[bool, str]:
     kind = settings.resolved_job_queue
     if kind == "arq":
         ok = cache is None or cache.ok
-        redis = describe_url(settings.redis_url or "")
-        return ok, f"arq on Redis {redis}" + ("" if ok else " (Redis does not answer: jobs stay queued)")
+        where = describe_url(settings.redis_url or "")
+        return ok, f"arq on Redis {where}" + ("" if ok else " (Redis does not answer: jobs stay queued)")
     if kind == "inprocess":
         return True, "in-process worker thread"
     return True, "none: this process runs no training jobs (a `prefixserve worker` picks them up)"

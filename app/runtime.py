@@ -6,26 +6,36 @@ Heavy imports (torch, transformers) happen inside `open_runtime`, never at impor
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.catalog.refs import DbCatalog
+from app.catalog.versions import PrefixStores
 from app.config import Settings
+from app.db.migrate import head, upgrade
+from app.db.session import PoolLimits, make_engine, make_session_factory
+from app.engine.threads import run_in_own_thread
+from app.errors import Unavailable
+from app.readiness import Check, StoreChecks, database_checks, describe_url, log_start_up, model_check, open_blobs
+from app.schema_gate import SchemaGate, open_schema_gate
+from app.services.auth import generate_key
+from app.services.db_calls import DbCalls
+from app.services.limit_store import CounterStore
+from app.services.limits import SLOT_TTL_MARGIN_S
+from app.services.training_setup import TrainingContext
+from app.training.inprocess import InProcessJobQueue
+from app.training.jobs import JobContext
+from prefix_store.cache_tier import open_cache_tier
 
 if TYPE_CHECKING:
-    from app.catalog.versions import PrefixStores
     from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
     from app.jobs.queue import JobQueue
-    from app.readiness import Check, StoreChecks
-    from app.schema_gate import SchemaGate
-    from app.services.db_calls import DbCalls
-    from app.services.limit_store import CounterStore
-    from app.services.training_setup import TrainingContext
-    from app.training.jobs import JobContext
     from prefix_store.blobs import BlobStore
     from prefix_store.cache_tier import CacheTier
     from prefix_store.resolver import PrefixResolver
@@ -56,10 +66,6 @@ class Runtime:
     counters: CounterStore = field(init=False)
 
     def __post_init__(self) -> None:
-        from app.services.db_calls import DbCalls
-        from app.services.limit_store import CounterStore
-        from app.services.limits import SLOT_TTL_MARGIN_S
-
         s = self.settings
         self.db_calls = DbCalls(self.sessions, threads=s.database_pool_size, wait_s=s.database_pool_timeout_s)
         self.counters = CounterStore(s.redis_url, slot_ttl_s=s.request_timeout_s + SLOT_TTL_MARGIN_S)
@@ -67,8 +73,6 @@ class Runtime:
     def prefix_stores(self) -> PrefixStores:
         """The stores prefix management writes to; invalidation goes through the resolver (device pool + cache
         tier) when this process serves, else straight to the cache tier."""
-        from app.catalog.versions import PrefixStores
-
         resolver = self.resolver
         invalidate = resolver.invalidate if resolver is not None else self.cache.invalidate
         return PrefixStores(blobs=self.blobs, spec=self.model.spec if self.model is not None else None,
@@ -78,9 +82,7 @@ class Runtime:
     def training_context(self) -> TrainingContext:
         """The served model's facts for creating training jobs; 503 while the model is not loaded (examples are
         checked with its tokenizer)."""
-        from app.engine.factory import context_length
-        from app.errors import Unavailable
-        from app.services.training_setup import TrainingContext
+        from app.engine.factory import context_length  # imports torch: app.runtime stays torch-free at import
 
         loaded = self.model
         if loaded is None:
@@ -99,14 +101,10 @@ class Runtime:
             return False
 
     def _database_checks(self) -> dict[str, Check]:
-        from app.readiness import database_checks
-
         return database_checks(self.settings, answers=self.database_ok(), schema_gate=self.schema_gate)
 
     def readiness(self) -> dict[str, Check]:
         """Every check serving needs, by name (app/readiness.py); ready when all pass."""
-        from app.readiness import model_check
-
         checks = {"model": model_check(self.model, self.engine), **self._database_checks()}
         if self.store_checks is not None:
             checks["object_store"] = self.store_checks.object_store()
@@ -135,12 +133,6 @@ class Runtime:
 
 def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
     """Open the stores and (optionally) load the model and start the engine thread."""
-    from app.db.migrate import head, upgrade
-    from app.db.session import PoolLimits, make_engine, make_session_factory
-    from app.readiness import StoreChecks, describe_url, log_start_up, open_blobs
-    from app.schema_gate import open_schema_gate
-    from prefix_store.cache_tier import open_cache_tier
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     if settings.database_url is None:
@@ -181,10 +173,6 @@ def _admin_key(settings: Settings) -> str | None:
     if settings.database_url is not None:
         log.warning("PREFIXSERVE_ADMIN_KEY is not set: admin endpoints are disabled")
         return None
-    import os
-
-    from app.services.auth import generate_key
-
     path = (settings.data_dir / "admin_key").resolve()
     if path.exists():
         log.info("admin key: in %s (read it with `cat %s`)", path, path)
@@ -200,9 +188,10 @@ def _admin_key(settings: Settings) -> str | None:
 
 def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> LoadedModel:
     """The frozen base model the settings name (no engine): the server's and the training workers' model."""
+    # torch and transformers: only a process that loads the model imports them
     import torch
 
-    from app.engine.model import load_model
+    from app.engine.model import load_model  # the same reason
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -217,12 +206,11 @@ def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> 
 
 
 def _start_model(runtime: Runtime) -> None:
-    from app.catalog.refs import DbCatalog
+    # torch: only a process that loads the model imports the engine, the device pool and the resolver
     from app.engine.client import EngineClient
-    from app.engine.factory import build_engine, context_length
-    from app.engine.threads import run_in_own_thread
-    from prefix_store.device_pool import DevicePool
-    from prefix_store.resolver import PrefixResolver
+    from app.engine.factory import build_engine, context_length  # the same reason
+    from prefix_store.device_pool import DevicePool  # the same reason
+    from prefix_store.resolver import PrefixResolver  # the same reason
 
     s = runtime.settings
     # Loading and packing run parallel torch ops: on a thread that ends, so no OpenMP pool outlives them.
@@ -249,8 +237,6 @@ def _start_model(runtime: Runtime) -> None:
 
 def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None, **kw: Any) -> JobContext:
     """What running a training job needs, cut from the runtime (`loaded`: a worker's own model copy)."""
-    from app.training.jobs import JobContext
-
     model = loaded or runtime.model
     if model is None:
         raise ValueError("a job context needs the loaded model")
@@ -265,15 +251,13 @@ def open_job_queue(runtime: Runtime) -> JobQueue | None:
     `queued` in the database until a worker's recovery sweep (every `job_sweep_interval_s`) picks them up."""
     kind = runtime.settings.resolved_job_queue
     if kind == "arq":
-        from app.training.arq_queue import ArqJobQueue
+        from app.training.arq_queue import ArqJobQueue  # arq: only a process whose job queue is arq needs it
 
         url = runtime.settings.redis_url
         if url is None:  # Settings refuses job_queue=arq without a Redis URL; auto picks arq only with one
             raise ValueError("the arq job queue needs PREFIXSERVE_REDIS_URL")
         return ArqJobQueue(url)
     if kind == "inprocess" and runtime.model is not None:
-        from app.training.inprocess import InProcessJobQueue
-
         gate = runtime.schema_gate
         queue = InProcessJobQueue(job_context(runtime),
                                   schema_ready=None if gate is None else lambda: gate.check().ok)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.db.migrate import head, known_revisions, revision_of
 from app.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,6 @@ class SchemaGate:
 
 def engine_revision_reader(db: sa.Engine) -> Callable[[], str | None]:
     """Reads the revision through the runtime's own engine (its pool: no new connection per check)."""
-    from app.db.migrate import revision_of
-
     def read() -> str | None:
         with db.connect() as conn:
             return revision_of(conn)
@@ -122,8 +121,6 @@ def engine_revision_reader(db: sa.Engine) -> Callable[[], str | None]:
 
 def open_schema_gate(db: sa.Engine) -> SchemaGate:
     """The gate for `db` against this build's migrations, checked once now."""
-    from app.db.migrate import head, known_revisions
-
     gate = SchemaGate(engine_revision_reader(db), head=head(), known=known_revisions())
     gate.check()
     return gate

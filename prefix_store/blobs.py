@@ -172,8 +172,9 @@ class S3BlobStore:
         read_timeout_s: float = 60.0,
         max_attempts: int = 3,
     ) -> None:
+        # boto3 is heavy: only an s3:// store imports it (the embedded default is a directory)
         import boto3
-        from botocore.config import Config
+        from botocore.config import Config  # the same reason
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -202,7 +203,7 @@ class S3BlobStore:
 
     def _ensure_bucket(self, region: str) -> None:
         """Create the bucket if missing, so a fresh deployment works; fail clearly if S3 cannot be reached."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy: only an s3:// store needs it
 
         try:
             self._client.head_bucket(Bucket=self.bucket)
@@ -230,7 +231,7 @@ class S3BlobStore:
         return f"{self.prefix}/{sha256}" if self.prefix else sha256
 
     def put(self, data: bytes) -> str:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy: only an s3:// store needs it
 
         sha256 = sha256_hex(data)
         key = self.key_for(sha256)
@@ -247,7 +248,7 @@ class S3BlobStore:
         return sha256
 
     def get(self, sha256: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy: only an s3:// store needs it
 
         key = self.key_for(sha256)
         try:
@@ -265,7 +266,7 @@ class S3BlobStore:
             raise BlobStoreUnavailable(f"cannot read blob {sha256} from {self._where()}: {exc}") from exc
 
     def exists(self, sha256: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy: only an s3:// store needs it
 
         key = self.key_for(sha256)
         try:
@@ -279,7 +280,7 @@ class S3BlobStore:
             raise BlobStoreUnavailable(f"cannot stat blob {sha256} in {self._where()}: {exc}") from exc
 
     def delete(self, sha256: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # heavy: only an s3:// store needs it
 
         key = self.key_for(sha256)
         try:

@@ -86,6 +86,7 @@ def default_decode(spec: ModelSpec | None, *, max_virtual_tokens: int, max_bytes
     """codec.decode_native bound to the served model's limits (imported lazily, at first use)."""
 
     def decode(data: bytes) -> PrefixKV:
+        # the codec (and safetensors) load at the first decode: a resolver given its own decode never needs it
         from prefix_store.codec import decode_native
 
         return decode_native(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)

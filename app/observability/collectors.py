@@ -16,6 +16,8 @@ import sqlalchemy as sa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.db.models import JOB_STATUSES, TrainingJob
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
@@ -110,8 +112,6 @@ class TrainingJobsCollector(Collector):
         self._runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
-        from app.db.models import JOB_STATUSES, TrainingJob
-
         jobs = GaugeMetricFamily("prefixserve_training_jobs", "Training jobs in the database, by state.",
                                  labels=["state"])
         rt = self._runtime()

@@ -25,6 +25,7 @@ from app.jobs.job_config import job_columns
 from app.jobs.lease import updated
 from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import MAX_SEED, Hyperparameters, TrainingOptions
+from app.services.prefixes import parse_ref
 
 if TYPE_CHECKING:
     from prefix_store.blobs import BlobStore
@@ -66,8 +67,6 @@ def find_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, n
 
 def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, ref: str) -> WarmStart:
     """A warm start the client named: one of the tenant's prefixes, `name` or `name@version`; else 400."""
-    from app.services.prefixes import parse_ref
-
     try:
         name, version = parse_ref(ref)
     except InvalidRequest as exc:

@@ -106,8 +106,9 @@ def convert_upload(
     files: [(file name, bytes)] -- one file (native .safetensors or a PEFT zip, told apart by content), or
     the two files of a PEFT adapter directory (told apart by name). Raise InvalidRequest on bad input.
     """
+    # torch: the codecs import it, and the web side stays torch-free at import
     from prefix_store.codec import encode_native, is_safetensors
-    from prefix_store.types import PrefixError, PrefixKV
+    from prefix_store.types import PrefixError, PrefixKV  # the same reason
 
     info: PeftInfo | None
     try:
@@ -117,7 +118,7 @@ def convert_upload(
         elif is_safetensors(files[0][1]) or files[0][1][8:9] == b"{":
             kv, info = _decode_native(files[0][1], spec, max_virtual_tokens, max_bytes), None
         elif files[0][1][:4] in ZIP_MAGICS:
-            from prefix_store.peft_codec import decode_peft_zip
+            from prefix_store.peft_codec import decode_peft_zip  # imports torch: only a zip upload needs it
 
             kv, info = decode_peft_zip(files[0][1], spec=spec, max_virtual_tokens=max_virtual_tokens,
                                        max_bytes=max_bytes)
@@ -139,6 +140,7 @@ def convert_upload(
 
 
 def _decode_native(data: bytes, spec: ModelSpec, max_virtual_tokens: int, max_bytes: int) -> PrefixKV:
+    # torch: the codecs import it, and the web side stays torch-free at import
     from prefix_store.codec import decode_native
 
     return decode_native(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
@@ -147,6 +149,7 @@ def _decode_native(data: bytes, spec: ModelSpec, max_virtual_tokens: int, max_by
 def _decode_peft_pair(
     files: list[tuple[str, bytes]], spec: ModelSpec, max_virtual_tokens: int, max_bytes: int
 ) -> tuple[PrefixKV, PeftInfo]:
+    # torch: the codecs import it, and the web side stays torch-free at import
     from prefix_store.peft_codec import decode_peft
 
     by_name = {name.replace("\\", "/").rsplit("/", 1)[-1]: data for name, data in files}

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db.models import File, TrainingJob, UserExample
+from app.catalog.refs import DbCatalog, InvalidRef, split_ref
+from app.db.models import File, JobCheckpoint, TrainingJob, UserExample
 from app.jobs.data import parse_jsonl_numbered, tokenize_examples
 from app.jobs.job_config import warm_start_of
 from app.jobs.lease import JobError
@@ -116,9 +117,9 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
     ref = warm_start_of(job)
     if ref is None:
         return None
-    from app.catalog.refs import DbCatalog, InvalidRef, split_ref
+    # torch: prefix_store's codec imports it, and app/training's job modules stay torch-free at import
     from prefix_store.codec import decode_native
-    from prefix_store.types import PrefixError
+    from prefix_store.types import PrefixError  # the same reason
 
     try:
         name, version = split_ref(ref)  # checked when the job was created; the same parser reads it back
@@ -156,10 +157,10 @@ def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blob
     """The job's latest checkpoint — left by an earlier attempt that was interrupted (it checkpoints on the way
     out) or died after a periodic checkpoint — or None. An unreadable checkpoint is skipped: the attempt then
     starts over, which is always correct."""
-    from app.db.models import JobCheckpoint
+    # torch: train_state and prefix_store's codec import it, and app/training's job modules stay torch-free at import
     from app.training.train_state import decode_checkpoint
-    from prefix_store.codec import decode_native
-    from prefix_store.types import PrefixError
+    from prefix_store.codec import decode_native  # the same reason
+    from prefix_store.types import PrefixError  # the same reason
 
     with sessions() as session:
         row = session.execute(sa.select(JobCheckpoint.step, JobCheckpoint.sha256)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.catalog.versions import publish_version
 from app.config import Settings
 from app.db.models import PERSONAL_PREFIX_PREFIX, PrefixVersion, TrainingJob
 from app.errors import ServiceError
@@ -57,7 +58,7 @@ def _default_train(
     config: TrainConfig, *, init: PrefixKV | None = None, callbacks: TrainCallbacks | None = None,
     resume: TrainState | None = None,
 ) -> TrainResult:
-    from app.training.trainer import train_prefix
+    from app.training.trainer import train_prefix  # torch: app/training's job modules stay torch-free at import
 
     return train_prefix(loaded, train, val, config, init=init, callbacks=callbacks, resume=resume)
 
@@ -126,7 +127,7 @@ def _run(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, started: float)
 
 
 def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: TrainingJob) -> TrainResult:
-    from app.engine.factory import context_length
+    from app.engine.factory import context_length  # imports torch: this module stays torch-free at import
 
     config = config_from_job(job)
     s = ctx.settings
@@ -168,7 +169,7 @@ def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: Training
 
 
 def _resumable(state: TrainState, config: TrainConfig, data: JobData) -> bool:
-    from app.training.train_state import run_key
+    from app.training.train_state import run_key  # torch: this module stays torch-free at import
 
     return state.key == run_key(config, data.train, data.val)
 
@@ -179,8 +180,7 @@ def _personal(job: TrainingJob) -> bool:
 
 def _publish(lease: JobLease, ctx: JobContext, job: TrainingJob, result: TrainResult, seconds: float) -> Outcome:
     """Blob first, then one transaction: the new PrefixVersion and the job's success (fenced on the lease)."""
-    from app.catalog.versions import publish_version
-    from prefix_store.codec import encode_native
+    from prefix_store.codec import encode_native  # torch: this module stays torch-free at import
 
     spec = ctx.loaded.spec
     kv = storable(result.prefix, spec)

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy as sa
 
+from app.catalog.versions import delete_unreferenced_blobs
 from app.jobs.lease import JobLease, JobLost
 from app.jobs.types import TrainCallbacks, TrainEvent
+from prefix_store.blobs import BlobStore, BlobStoreUnavailable
 
 if TYPE_CHECKING:
     from app.training.train_state import TrainState
-    from prefix_store.blobs import BlobStore
     from prefix_store.types import ModelSpec, PrefixKV
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,9 @@ class JobReporter:
         """Store the checkpoint's blob (the prefix, plus `state` to resume from) and row. A storage failure costs
         the checkpoint, not the job. Nothing is stored once a cancel was requested: a cancelled job (an end
         user's deletion cancels theirs) must leave no checkpoint behind."""
-        from app.catalog.versions import delete_unreferenced_blobs
+        # torch: train_state and prefix_store's codec import it, and this module stays torch-free at import
         from app.training.train_state import encode_checkpoint
-        from prefix_store.blobs import BlobStoreUnavailable
-        from prefix_store.codec import encode_native
+        from prefix_store.codec import encode_native  # the same reason
 
         step += self.step_offset
         if self._heartbeat is not None and self._heartbeat.cause == "cancelled":
