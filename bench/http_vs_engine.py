@@ -1,6 +1,6 @@
 """HTTP path vs engine alone: the same concurrent workload through the engine object and through one server.
 
-    python -m bench.http_vs_engine [--sizes 32,64] [--new-tokens 64] [--no-profile] [--out F]
+    python -m bench.http_vs_engine [--sizes 32,64] [--new-tokens 64] [--repeats 3] [--no-profile] [--out F]
     make bench-http
 
 In one run, on the embedded model with default settings:
@@ -10,6 +10,8 @@ In one run, on the embedded model with default settings:
 2. HTTP: `prefixserve serve` on its defaults (temp data dir, SQLite, free port), the same prefixes uploaded,
    the same N prompts as N concurrent streaming /v1/completions requests (max_tokens = --new-tokens,
    `ignore_eos`, temperature 0) after one warm-up request;
+   engine and HTTP rounds alternate, --repeats times per N, and the medians are compared: this machine's
+   speed moves with whatever else runs on it, and alternating spreads that over both sides;
 3. profile: py-spy samples the server process (every thread, idle samples dropped, non-blocking so it does
    not pause the server) while the HTTP workload at the largest N runs again; the samples are split by thread
    and, outside the model forward, by what the code does (authentication, database, JSON, SSE framing,
@@ -62,8 +64,9 @@ def _pcts(values: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- engine
 
 
-def _engine_child(sizes: list[int], new_tokens: int, conn: Any) -> None:
-    """Engine alone on default settings; sends back (results, native prefix blobs)."""
+def _engine_child(n_max: int, new_tokens: int, conn: Any) -> None:
+    """Engine alone on default settings. Sends the native prefix blobs, then runs one round of N concurrent
+    rows per ("run", N) it receives and sends its result, until ("stop",)."""
     # The server runs on its defaults: the engine here must too, whatever PREFIXSERVE_* the shell has.
     for key in [k for k in os.environ if k.startswith("PREFIXSERVE_")]:
         del os.environ[key]
@@ -83,19 +86,24 @@ def _engine_child(sizes: list[int], new_tokens: int, conn: Any) -> None:
     loaded = run_in_own_thread(lambda: load_base_model(settings, torch_threads=settings.torch_threads))
     engine = run_in_own_thread(lambda: build_engine(loaded, settings=settings))
     engine.start()
-    n_max = max(sizes)
     spec = loaded.spec
-    gen = torch.Generator().manual_seed(0)
-    blobs = []
-    for i in range(n_max):
-        shape = (spec.num_layers, spec.num_kv_heads, 5 + (i * 7) % 16, spec.head_dim)  # 5..20 virtual tokens
-        blobs.append(encode_native(PrefixKV(keys=torch.randn(shape, generator=gen),
-                                            values=torch.randn(shape, generator=gen),
-                                            base_fingerprint=spec.fingerprint, created_by="bench.http_vs_engine")))
-    # Decoded from the same bytes the server will store, so both sides serve identical prefixes.
-    prefixes = [decode_native(b, spec=spec, max_virtual_tokens=256, max_bytes=2**30) for b in blobs]
-    texts = prompts(n_max)
-    ids = [list(loaded.tokenizer.encode(t)) for t in texts]  # as the server's EngineClient.encode_prompt
+
+    def make_prefixes() -> tuple[list[bytes], list[PrefixKV]]:
+        gen = torch.Generator().manual_seed(0)
+        blobs = []
+        for i in range(n_max):
+            shape = (spec.num_layers, spec.num_kv_heads, 5 + (i * 7) % 16, spec.head_dim)  # 5..20 virtual tokens
+            blobs.append(encode_native(PrefixKV(keys=torch.randn(shape, generator=gen),
+                                                values=torch.randn(shape, generator=gen),
+                                                base_fingerprint=spec.fingerprint,
+                                                created_by="bench.http_vs_engine")))
+        # Decoded from the same bytes the server will store, so both sides serve identical prefixes.
+        return blobs, [decode_native(b, spec=spec, max_virtual_tokens=256, max_bytes=2**30) for b in blobs]
+
+    # Torch work off the engine thread runs on a thread that ends, as in the server: a measured first version
+    # of this bench made the prefixes on the main thread and its engine was slower than the server's.
+    blobs, prefixes = run_in_own_thread(make_prefixes)
+    ids = [list(loaded.tokenizer.encode(t)) for t in prompts(n_max)]  # as the server's EngineClient.encode_prompt
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(i: int, t0: float) -> tuple[float, list[int], str]:
@@ -108,45 +116,61 @@ def _engine_child(sizes: list[int], new_tokens: int, conn: Any) -> None:
             text.append(ev.text)
         return ttft, toks, "".join(text)
 
-    async def run_all() -> list[dict[str, Any]]:
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
         await one(0, time.perf_counter())  # warm-up (first-call overheads) outside the measurement
-        out = []
-        for n in sizes:
+        conn.send({"blobs": blobs, "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+        while True:
+            cmd = await loop.run_in_executor(None, conn.recv)
+            if cmd[0] == "stop":
+                return
+            n = cmd[1]
             t0 = time.perf_counter()
             res = await asyncio.gather(*[one(i, t0) for i in range(n)])
             wall = time.perf_counter() - t0
             tokens = sum(len(t) for _, t, _ in res)
-            out.append({"n": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-                        "ttft_s": _pcts([r[0] for r in res]), "texts": [r[2] for r in res]})
-            log.info("engine, %d rows: %d tokens in %.2f s = %.1f tok/s", n, tokens, wall, tokens / wall)
+            conn.send({"n": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "errors": 0,
+                       "ttft_s": _pcts([r[0] for r in res]), "texts": [r[2] for r in res]})
+
+    asyncio.run(serve())
+    engine.stop()
+
+
+class EngineProcess:
+    """The engine-alone side in its own process (its torch state, threads and memory apart from the server's),
+    kept alive so its rounds can alternate with the HTTP rounds."""
+
+    def __init__(self, n_max: int, new_tokens: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_child, args=(n_max, new_tokens, child))
+        self.proc.start()
+        self.info: dict[str, Any] = self.conn.recv()
+
+    def round(self, n: int) -> dict[str, Any]:
+        self.conn.send(("run", n))
+        out: dict[str, Any] = self.conn.recv()
         return out
 
-    results = asyncio.run(run_all())
-    engine.stop()
-    conn.send({"results": results, "blobs": blobs, "torch": torch.__version__,
-               "torch_threads": torch.get_num_threads()})
-
-
-def run_engine(sizes: list[int], new_tokens: int) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no torch state shared with the HTTP phase
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_engine_child, args=(sizes, new_tokens, child))
-    proc.start()
-    out: dict[str, Any] = parent.recv()
-    proc.join()
-    return out
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(("stop",))
+            self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 # ------------------------------------------------------------------------------------------------------ HTTP
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any],
-                      t0: float) -> tuple[float, int, str]:
-    """One streamed completion: (seconds to the first text chunk from t0, completion tokens, text)."""
+                      t0: float) -> tuple[float, int, str, str | None]:
+    """One streamed completion: (seconds to the first text chunk from t0, completion tokens, text, error)."""
     ttft, tokens, parts = 0.0, 0, []
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
-            raise RuntimeError(f"{r.status_code}: {(await r.aread()).decode()[:300]}")
+            # Counted, not retried: a refused request is part of what the HTTP path costs at this concurrency.
+            return 0.0, 0, "", f"{r.status_code}: {(await r.aread()).decode()[:200]}"
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -160,7 +184,7 @@ async def _stream_one(client: httpx.AsyncClient, url: str, headers: dict[str, st
                     if not parts:
                         ttft = time.perf_counter() - t0
                     parts.append(choice["text"])
-    return ttft, tokens, "".join(parts)
+    return ttft, tokens, "".join(parts), None
 
 
 async def http_round(target: Target, key: str, n: int, new_tokens: int) -> dict[str, Any]:
@@ -174,7 +198,11 @@ async def http_round(target: Target, key: str, n: int, new_tokens: int) -> dict[
         res = await asyncio.gather(*[_stream_one(client, target.urls[0], headers, b, t0) for b in bodies])
         wall = time.perf_counter() - t0
     tokens = sum(r[1] for r in res)
-    return {"n": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_s": _pcts([r[0] for r in res]),
+    errors = [r[3] for r in res if r[3]]
+    if errors:
+        log.warning("HTTP, %d streams: %d refused (%s)", n, len(errors), Counter(errors).most_common(2))
+    return {"n": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "errors": len(errors),
+            "error_kinds": dict(Counter(errors)), "ttft_s": _pcts([r[0] for r in res if not r[3]] or [0.0]),
             "texts": [r[2] for r in res]}
 
 
@@ -296,6 +324,7 @@ def profile_http(server_pid: int, target: Target, key: str, n: int, new_tokens: 
         raise RuntimeError(f"py-spy wrote nothing: {err.decode()[-500:]}")
     result = analyse(out_raw)
     result["rounds_tok_s"] = [round(r["tok_s"], 1) for r in rounds_out]
+    result["rounds_errors"] = [r["error_kinds"] for r in rounds_out]
     return result
 
 
@@ -304,26 +333,50 @@ def profile_http(server_pid: int, target: Target, key: str, n: int, new_tokens: 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"{'N':>4}{'engine tok/s':>14}{'HTTP tok/s':>12}{'HTTP/engine':>13}{'engine TTFT p50':>17}"
-             f"{'HTTP TTFT p50':>15}{'same text':>11}"]
+             f"{'HTTP TTFT p50':>15}{'same text':>11}  per-repeat HTTP/engine; HTTP errors"]
     for row in report["comparison"]:
         lines.append(f"{row['n']:>4}{row['engine_tok_s']:>14.1f}{row['http_tok_s']:>12.1f}{row['ratio']:>12.2f}x"
                      f"{row['engine_ttft_p50_s']:>16.2f}s{row['http_ttft_p50_s']:>14.2f}s"
-                     f"{row['same_text']:>8}/{row['n']}")
+                     f"{row['same_text']:>8}/{row['n']}  {row['pair_ratios']}; {row['http_errors']}")
+    lines.append(f"medians of {report['comparison'][0]['rounds'] if report['comparison'] else 0} alternating rounds; "
+                 f"1-min load average over the run: {report['loadavg_1m']}")
     prof = report.get("profile")
     if prof:
         lines.append(f"profile: {prof['samples']} samples of non-idle threads at 100 Hz during "
-                     f"{len(prof['rounds_tok_s'])} rounds of N={report['profile_n']} ({prof['rounds_tok_s']} tok/s)")
+                     f"{len(prof['rounds_tok_s'])} rounds of N={report['profile_n']} ({prof['rounds_tok_s']} tok/s, "
+                     f"refused: {prof['rounds_errors']})")
         for t, d in prof["threads"].items():
+            if d["pct_of_all"] < 0.1:
+                continue  # short-lived or idle threads
             lines.append(f"  {t}: {d['pct_of_all']}% of samples")
             for b, m in list(d["buckets"].items())[:8]:
                 lines.append(f"      {m['pct_of_all']:>5.1f}%  {b}")
     return lines
 
 
+def _compare(n: int, eng: list[dict[str, Any]], http: list[dict[str, Any]]) -> dict[str, Any]:
+    e_tok = [r["tok_s"] for r in eng]
+    h_tok = [r["tok_s"] for r in http]
+    return {
+        "n": n, "rounds": len(eng), "engine_tok_s": statistics.median(e_tok), "http_tok_s": statistics.median(h_tok),
+        "ratio": statistics.median(h_tok) / statistics.median(e_tok),
+        "pair_ratios": [round(h / e, 3) for e, h in zip(e_tok, h_tok, strict=True)],
+        "engine_tok_s_all": [round(v, 1) for v in e_tok], "http_tok_s_all": [round(v, 1) for v in h_tok],
+        "engine_ttft_p50_s": statistics.median(r["ttft_s"]["p50"] for r in eng),
+        "engine_ttft_p99_s": statistics.median(r["ttft_s"]["p99"] for r in eng),
+        "http_ttft_p50_s": statistics.median(r["ttft_s"]["p50"] for r in http),
+        "http_ttft_p99_s": statistics.median(r["ttft_s"]["p99"] for r in http),
+        "http_errors": sum(r["errors"] for r in http),
+        "same_text": sum(a == b for a, b in zip(eng[0]["texts"], http[0]["texts"], strict=True)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="32,64", help="comma-separated numbers of concurrent requests")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="engine and HTTP rounds alternate this many times per size (medians are reported)")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy phase")
     ap.add_argument("--profile-rounds", type=int, default=2, help="HTTP rounds at the largest size under py-spy")
     ap.add_argument("--out", type=Path, default=Path("bench/out/http_vs_engine.json"))
@@ -331,41 +384,50 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-
-    eng = run_engine(sizes, args.new_tokens)
-    report: dict[str, Any] = {"model": MODEL, "sizes": sizes, "new_tokens": args.new_tokens, "torch": eng["torch"],
-                              "torch_threads": eng["torch_threads"], "comparison": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        server = start_embedded(Path(tmp) / "data", MODEL)
-        try:
-            with httpx.Client(timeout=60) as client:
-                tenant_id, key = create_tenant(client, server.target, f"bench-http-{os.getpid()}")
-            upload(server.target, key, eng["blobs"])
-            asyncio.run(http_round(server.target, key, 1, args.new_tokens))  # warm-up, as on the engine side
-            http = []
-            for n in sizes:
-                r = asyncio.run(http_round(server.target, key, n, args.new_tokens))
-                log.info("HTTP, %d streams: %d tokens in %.2f s = %.1f tok/s", n, r["tokens"], r["wall_s"], r["tok_s"])
-                http.append(r)
-            for e, h in zip(eng["results"], http, strict=True):
-                report["comparison"].append({
-                    "n": e["n"], "engine_tok_s": e["tok_s"], "http_tok_s": h["tok_s"], "ratio": h["tok_s"] / e["tok_s"],
-                    "engine_wall_s": e["wall_s"], "http_wall_s": h["wall_s"], "engine_tokens": e["tokens"],
-                    "http_tokens": h["tokens"], "engine_ttft_p50_s": e["ttft_s"]["p50"],
-                    "engine_ttft_p99_s": e["ttft_s"]["p99"], "http_ttft_p50_s": h["ttft_s"]["p50"],
-                    "http_ttft_p99_s": h["ttft_s"]["p99"],
-                    "same_text": sum(a == b for a, b in zip(e["texts"], h["texts"], strict=True))})
-            if not args.no_profile:
-                report["profile_n"] = max(sizes)
-                raw = args.out.with_suffix(".pyspy.txt")
-                report["profile"] = profile_http(server.proc.pid, server.target, key, max(sizes), args.new_tokens,
-                                                 args.profile_rounds, raw)
-                report["profile_raw"] = str(raw)
-            with httpx.Client(timeout=60) as client:
-                delete_tenant(client, server.target, tenant_id)
-        finally:
-            server.stop()
+
+    engine = EngineProcess(max(sizes), args.new_tokens)
+    report: dict[str, Any] = {"model": MODEL, "sizes": sizes, "new_tokens": args.new_tokens,
+                              "torch": engine.info["torch"], "torch_threads": engine.info["torch_threads"],
+                              "comparison": [], "loadavg_1m": [round(os.getloadavg()[0], 2)]}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+            server = start_embedded(Path(tmp) / "data", MODEL)
+            try:
+                with httpx.Client(timeout=60) as client:
+                    tenant_id, key = create_tenant(client, server.target, f"bench-http-{os.getpid()}")
+                upload(server.target, key, engine.info["blobs"])
+                asyncio.run(http_round(server.target, key, 1, args.new_tokens))  # warm-up, as the engine's
+                eng_rounds: dict[int, list[dict[str, Any]]] = defaultdict(list)
+                http_rounds: dict[int, list[dict[str, Any]]] = defaultdict(list)
+                # Engine and HTTP rounds alternate (and swap order each repeat) so that other work on the machine,
+                # which comes and goes, weighs on both sides alike.
+                for rep in range(args.repeats):
+                    for n in sizes:
+                        for side in (("engine", "http") if rep % 2 == 0 else ("http", "engine")):
+                            if side == "engine":
+                                r = engine.round(n)
+                                eng_rounds[n].append(r)
+                            else:
+                                r = asyncio.run(http_round(server.target, key, n, args.new_tokens))
+                                http_rounds[n].append(r)
+                            log.info("repeat %d, %s, N=%d: %d tokens in %.2f s = %.1f tok/s (load %.2f)", rep, side,
+                                     n, r["tokens"], r["wall_s"], r["tok_s"], os.getloadavg()[0])
+                        report["loadavg_1m"].append(round(os.getloadavg()[0], 2))
+                engine.stop()  # nothing else on the engine side: its process leaves the CPUs to the profile
+                report["comparison"] = [_compare(n, eng_rounds[n], http_rounds[n]) for n in sizes]
+                if not args.no_profile:
+                    report["profile_n"] = max(sizes)
+                    raw = args.out.with_suffix(".pyspy.txt")
+                    report["profile"] = profile_http(server.proc.pid, server.target, key, max(sizes),
+                                                     args.new_tokens, args.profile_rounds, raw)
+                    report["profile_raw"] = str(raw)
+                with httpx.Client(timeout=60) as client:
+                    delete_tenant(client, server.target, tenant_id)
+            finally:
+                server.stop()
+    finally:
+        engine.stop()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("\n%s", "\n".join(_report_lines(report)))
     log.info("report: %s", args.out)
