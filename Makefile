@@ -9,7 +9,8 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 # Bursts of 400 and 2,000 simultaneous requests (24 tokens each, ignore_eos, half streamed) over 200 prefixes, first
-# on one embedded-default server, then on the local cluster (PostgreSQL, Redis, 2 API replicas); about 20 minutes.
+# on one embedded-default server, then on the local cluster (PostgreSQL, Redis, 2 API replicas); it took 27 minutes
+# on the 2-core VM shared with other test runs (bench/RESULTS.md).
 BENCH_LOAD_ARGS ?= --target embedded --target cluster --bursts 400,2000 -p 200 --max-tokens 24 --out bench/out/load.json
 BENCH_HTTP_ARGS ?= --out bench/out/http_vs_engine.json
 

@@ -107,7 +107,7 @@ def _engine_child(n_max: int, new_tokens: int, conn: Any) -> None:
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     async def one(i: int, t0: float) -> tuple[float, list[int], str]:
-        ttft, toks, text = 0.0, [], []
+        ttft, toks, text = 0.0, list[int](), list[str]()
         async for ev in engine.submit(GenerationRequest(ids[i], params, prefix=prefixes[i])):
             if ev.token_id is not None:
                 if not toks:
@@ -166,7 +166,7 @@ class EngineProcess:
 async def _stream_one(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: dict[str, Any],
                       t0: float) -> tuple[float, int, str, str | None]:
     """One streamed completion: (seconds to the first text chunk from t0, completion tokens, text, error)."""
-    ttft, tokens, parts = 0.0, 0, []
+    ttft, tokens, parts = 0.0, 0, list[str]()
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             # Counted, not retried: a refused request is part of what the HTTP path costs at this concurrency.
