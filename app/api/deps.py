@@ -26,9 +26,15 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def get_runtime(request: Request) -> Runtime:
+def runtime_of(request: Request) -> Runtime:
+    """The Runtime the composition root built (app/main.py's lifespan)."""
     runtime: Runtime = request.app.state.runtime
     return runtime
+
+
+async def get_runtime(request: Request) -> Runtime:
+    # async: a plain `def` dependency is run on FastAPI's thread pool, a hand-off per request for a read.
+    return runtime_of(request)
 
 
 RuntimeDep = Annotated["Runtime", Depends(get_runtime)]
@@ -69,7 +75,7 @@ async def _authorize(request: Request, runtime: Runtime, model: ModelQuery | Non
 
 
 async def get_access(request: Request) -> Access:
-    return await _authorize(request, get_runtime(request))
+    return await _authorize(request, runtime_of(request))
 
 
 AccessDep = Annotated[Access, Depends(get_access)]
@@ -116,7 +122,7 @@ def require_tenant(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency: the principal of a tenant key holding `scope` (see `_check_tenant`)."""
 
     async def dep(request: Request, access: AccessDep) -> Principal:
-        await _check_tenant(get_runtime(request), access, scope)
+        await _check_tenant(runtime_of(request), access, scope)
         return access.principal
 
     return dep
@@ -155,7 +161,7 @@ async def generation_access(request: Request) -> AsyncIterator[Access]:
     """A completions/chat request: an inference key, the version its `model` names (same query), room left in
     tokens_per_minute and one of max_concurrent_requests slots, held until the response ends (a stream
     included); then its completion tokens are counted. Holds no thread and no connection meanwhile."""
-    runtime = get_runtime(request)
+    runtime = runtime_of(request)
     client = runtime.engine_client
     query = await _named_model(request, client.model_id if client is not None else None)
     access = await _authorize(request, runtime, query)
@@ -184,8 +190,8 @@ async def generation_access(request: Request) -> AsyncIterator[Access]:
 GenerationDep = Annotated[Access, Depends(generation_access)]
 
 
-def get_engine_client(request: Request) -> EngineClientProtocol:
-    runtime = get_runtime(request)
+async def get_engine_client(request: Request) -> EngineClientProtocol:
+    runtime = runtime_of(request)
     if runtime.engine_client is None:
         raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
     return runtime.engine_client
@@ -194,9 +200,9 @@ def get_engine_client(request: Request) -> EngineClientProtocol:
 EngineClientDep = Annotated[EngineClientProtocol, Depends(get_engine_client)]
 
 
-def get_served_fingerprint(request: Request) -> str:
+async def get_served_fingerprint(request: Request) -> str:
     """The served base model's fingerprint: a prefix version made for another one is refused up front."""
-    loaded = get_runtime(request).model
+    loaded = runtime_of(request).model
     if loaded is None:
         raise Unavailable("the model is not loaded yet", headers={"Retry-After": "5"})
     return loaded.spec.fingerprint

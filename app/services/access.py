@@ -13,7 +13,7 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
@@ -68,23 +68,36 @@ class _Touched:
 _touched = _Touched()
 
 
-def _statement(key_hash: str, model: ModelQuery | None) -> sa.Select[Any]:
+def _build(model: Literal["none", "version", "newest"]) -> sa.Select[Any]:
+    """The statement, with bind parameters `key_hash`, `name` and `version`: built once per shape at import
+    (building it per request showed in the server's profile)."""
     cols: list[Any] = [ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, ApiKey.last_used_at]
     cols += [getattr(TenantLimits, f).label(f"limit_{f}") for f in LIMIT_FIELDS]
     stmt = (sa.select(*cols).select_from(ApiKey)
             .outerjoin(TenantLimits, TenantLimits.tenant_id == ApiKey.tenant_id)
-            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
-    if model is None:
+            .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None)))
+    if model == "none":
         return stmt
     newest = aliased(PrefixVersion)
-    version: Any = model.version if model.version is not None else (
+    version: Any = sa.bindparam("version") if model == "version" else (
         sa.select(sa.func.max(newest.version)).where(newest.prefix_id == Prefix.id).scalar_subquery())
     return (stmt.add_columns(Prefix.id.label("prefix_id"), Prefix.created_at.label("prefix_created_at"),
                              PrefixVersion.version, PrefixVersion.sha256, PrefixVersion.num_virtual_tokens,
                              PrefixVersion.base_model_fingerprint, PrefixVersion.created_at.label("v_created_at"))
-            .outerjoin(Prefix, sa.and_(Prefix.tenant_id == ApiKey.tenant_id, Prefix.name == model.name))
+            .outerjoin(Prefix, sa.and_(Prefix.tenant_id == ApiKey.tenant_id, Prefix.name == sa.bindparam("name")))
             .outerjoin(PrefixVersion, sa.and_(PrefixVersion.prefix_id == Prefix.id,
                                               PrefixVersion.version == version)))
+
+
+_STATEMENTS: Final = {shape: _build(shape) for shape in ("none", "version", "newest")}
+
+
+def _statement(key_hash: str, model: ModelQuery | None) -> tuple[sa.Select[Any], dict[str, Any]]:
+    if model is None:
+        return _STATEMENTS["none"], {"key_hash": key_hash}
+    if model.version is None:
+        return _STATEMENTS["newest"], {"key_hash": key_hash, "name": model.name}
+    return _STATEMENTS["version"], {"key_hash": key_hash, "name": model.name, "version": model.version}
 
 
 def _effective(row: Any, settings: Settings) -> Limits:
@@ -119,7 +132,8 @@ def authorize(session: Session, *, raw_key: str, admin_key: str | None, settings
     admin = admin_access(raw_key, admin_key)
     if admin is not None:
         return admin
-    row = session.execute(_statement(hash_key(raw_key), model)).first()
+    stmt, params = _statement(hash_key(raw_key), model)
+    row = session.execute(stmt, params).first()
     if row is None:
         return None
     if _touched.due(row.id):

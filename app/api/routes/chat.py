@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
-from app.api.deps import EngineClientDep, GenerationDep, ServedFingerprintDep, get_runtime
+from app.api.deps import EngineClientDep, GenerationDep, ServedFingerprintDep, runtime_of
 from app.api.routes.streaming import respond
 from app.protocol.chat import ChatCompletionRequest
 from app.services.chat import serve_chat
@@ -21,8 +21,8 @@ async def create_chat_completion(
 ) -> Response | EventSourceResponse:
     """Answer `messages` (through the model's chat template) with the model `model` names."""
     try:
-        result = await serve_chat(body, access=access, db_calls=get_runtime(request).db_calls, engine=engine,
+        result = await serve_chat(body, access=access, db_calls=runtime_of(request).db_calls, engine=engine,
                                   fingerprint=fingerprint, disconnected=receive_disconnect(request.receive))
     except ClientDisconnected:
         return Response(status_code=499)
-    return respond(result, send_timeout_s=get_runtime(request).settings.stream_send_timeout_s)
+    return respond(result, send_timeout_s=runtime_of(request).settings.stream_send_timeout_s)
