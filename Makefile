@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_LOAD_ARGS ?= --target embedded --target cluster --bursts 400,2000 -p 200 --max-tokens 24 --out bench/out/load.json
 BENCH_HTTP_ARGS ?= --out bench/out/http_vs_engine.json
 
-.PHONY: install run test lint typecheck bench bench-quality bench-load bench-http cluster cluster-stop clean
+.PHONY: install run test test-postgres lint typecheck bench bench-quality bench-load bench-http cluster cluster-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +36,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/services.sh ensure
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PREFIXSERVE_TEST_API_DATABASES=sqlite $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The HTTP-layer tests that reach the database, again on a fresh PostgreSQL database each (CI runs it after
+# `make test`; apart so that `make test` stays within 10 minutes on 2 cores).
+test-postgres: $(STAMP)
+	bash scripts/services.sh ensure
+	PREFIXSERVE_TEST_API_DATABASES=postgresql $(BIN)/python -m pytest -q -m "both_databases and not sqlite_only" -k "not sqlite" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app prefix_store tests bench

@@ -173,8 +173,9 @@ def test_postgres_down_gives_503_and_recovers(serve: Any, pg: PgCluster, prefix_
                "PREFIXSERVE_JOB_SWEEP_INTERVAL_S": "1"})
     assert c.upload("kept", prefix_bytes[0]).status_code == 201
     kept = c.text("kept")
-    job_id = _create_job(c, max_steps=2000)
-    _wait_job(c, job_id, {"running"})
+    # Long enough to outlast the outage below (about 3 s) several times over; checked after the outage.
+    job_id = _create_job(c, max_steps=600)
+    _wait_training(c, job_id)  # past its set-up (inputs read from the database): training steps are being made
 
     pg.stop()  # the training job keeps running through the outage (heartbeats and events fail meanwhile)
     try:
@@ -193,6 +194,8 @@ def test_postgres_down_gives_503_and_recovers(serve: Any, pg: PgCluster, prefix_
 
     # Full recovery, without a restart: the very next requests succeed; nothing was lost.
     assert c.text("kept") == kept
+    still = c.http.get(f"/v1/fine_tuning/jobs/{job_id}", headers=c.auth).json()
+    assert still["status"] == "running", still  # the job did run through the outage
     assert c.http.get("/readyz").status_code == 200
     assert c.upload("new", prefix_bytes[2]).status_code == 201
     ids = {m["id"] for m in c.http.get("/v1/models", headers=c.auth).json()["data"]}
@@ -267,6 +270,18 @@ def _create_job(c: Client, *, max_steps: int) -> str:
     assert r.status_code == 200, r.text
     job_id: str = r.json()["id"]
     return job_id
+
+
+def _wait_training(c: Client, job_id: str) -> None:
+    """Until the job has reported a training step (a `metrics` event)."""
+    deadline = time.monotonic() + 180
+    while True:
+        r = c.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=c.auth, params={"limit": 100})
+        assert r.status_code == 200, r.text
+        if any(e["type"] == "metrics" for e in r.json()["data"]):
+            return
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.1)
 
 
 def _wait_job(c: Client, job_id: str, statuses: set[str]) -> dict[str, Any]:

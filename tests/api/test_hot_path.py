@@ -23,23 +23,23 @@ pytestmark = pytest.mark.both_databases  # the requests reach the database: run 
 CONCURRENT = 200
 
 
-def one_connection(tmp_path: Path, *, wait_s: float) -> Settings:
+def one_connection(tmp_path: Path, database_url: str | None, *, wait_s: float) -> Settings:
     """One connection (and one database thread) for the whole server; room for every request in the tenant's
     limits."""
-    return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, database_pool_size=1,
+    return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, database_url=database_url, database_pool_size=1,
                     database_max_overflow=0, database_pool_timeout_s=wait_s, tenant_max_concurrent_requests=None,
                     tenant_requests_per_minute=None)
 
 
 @pytest.fixture
-def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+def settings(tmp_path: Path, api_database_url: str | None, request: pytest.FixtureRequest) -> Settings:
     # The 200 queries of a burst queue for the one connection: on a loaded 2-core machine the last can wait more
     # than the default second behind the others, so that test waits longer. A connection held across a
     # generation would still block the rest for good (the streams only end once all 200 have started).
-    return one_connection(tmp_path, wait_s=60.0 if "200_concurrent" in request.node.name else 1.0)
+    return one_connection(tmp_path, api_database_url, wait_s=60.0 if "200_concurrent" in request.node.name else 1.0)
 
 
-def runtime_of(env: AppEnv) -> Runtime:
+def runtime_of_env(env: AppEnv) -> Runtime:
     runtime: Runtime = env.app.state.runtime
     return runtime
 
@@ -90,7 +90,7 @@ async def test_200_concurrent_streams_complete_on_a_pool_of_one_connection(
 async def test_a_generation_costs_one_query(client: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey,
                                            insert_prefix: Callable[..., str]) -> None:
     insert_prefix(tenant.tenant_id, "bot", versions=2)
-    runtime = runtime_of(app_env)
+    runtime = runtime_of_env(app_env)
     first = await client.post("/v1/completions", json={"model": "bot", "prompt": "x"}, headers=tenant.headers)
     assert first.status_code == 200  # the key's last_used_at is written once, here
     requests: list[tuple[str, dict[str, Any]]] = [
@@ -110,7 +110,7 @@ async def test_a_generation_costs_one_query(client: httpx.AsyncClient, app_env: 
 
 async def test_an_exhausted_pool_is_a_503_with_retry_after_then_serving_resumes(
         client: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey) -> None:
-    runtime = runtime_of(app_env)
+    runtime = runtime_of_env(app_env)
     body = {"model": "fake-base", "prompt": "x"}
     with runtime.db.connect() as held:  # the pool's only connection
         held.execute(sa.text("SELECT 1"))
