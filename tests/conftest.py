@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,18 @@ def redis_url() -> Iterator[str]:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir shared by the session, so the embedded GGUF is converted only once (about 25 s on 2 cores);
+    a test with its own data dir links its `models/` here (`shared_models`)."""
+    return tmp_path_factory.mktemp("embedded-data")
+
+
+def shared_models(data_dir: Path, embedded_data_dir: Path) -> None:
+    """Make `data_dir`'s converted-model cache the session's one."""
+    (embedded_data_dir / "models").mkdir(exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(embedded_data_dir / "models", target_is_directory=True)
+

@@ -22,6 +22,7 @@ from app.config import EMBEDDED_MODEL, Settings
 from app.engine.model import LoadedModel, load_model
 from app.main import create_app
 from tests.api.sse import sse_payloads
+from tests.conftest import shared_models
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,9 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory, embedded_data_dir: Path) -> Iterator[Env]:
     data_dir = tmp_path_factory.mktemp("embedded-api")
+    shared_models(data_dir, embedded_data_dir)  # the GGUF is converted once per session, not per module
     with TestClient(create_app(Settings(data_dir=data_dir, admin_key="adm"))) as client:
         r = client.post("/admin/tenants", json={"name": "acme"}, headers=ADMIN)
         assert r.status_code == 201, r.text

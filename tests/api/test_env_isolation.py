@@ -8,16 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.api.conftest import AppEnv
+from app.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_fixture_settings_ignore_the_environment(app_env: AppEnv) -> None:
+def test_fixture_settings_ignore_the_environment(settings: Settings) -> None:
     """Trivially true in a clean shell; the next test runs it with the variables exported."""
     assert "PREFIXSERVE_MAX_BATCH_ROWS" not in os.environ
-    assert app_env.settings.max_batch_rows != 1
-    assert app_env.settings.request_timeout_s != 0.001
+    assert settings.max_batch_rows != 1
+    assert settings.request_timeout_s != 0.001
 
 
 def test_a_shell_exporting_settings_changes_nothing() -> None:

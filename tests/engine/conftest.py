@@ -27,12 +27,6 @@ def tiny_gpt2(tmp_path: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def embedded_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data dir shared by the session, so the embedded GGUF is converted only once."""
-    return tmp_path_factory.mktemp("embedded-data")
-
-
-@pytest.fixture(scope="session")
 def embedded_model(embedded_data_dir: Path) -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct, float32 on CPU. Shared: tests must not modify it."""
     return load_model(EMBEDDED_MODEL, data_dir=embedded_data_dir)
