@@ -116,7 +116,9 @@ def _running_rows(url: str) -> float:
 def _accepts_connections(url: str) -> bool:
     try:
         httpx.get(url + "/healthz", timeout=5)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+        # Refused, or taken from the backlog just as the listening socket closed and reset unanswered: either
+        # way a new connection is no longer served.
         return False
     return True
 
