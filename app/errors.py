@@ -84,6 +84,11 @@ class Unavailable(ServiceError):
     error_type = "service_unavailable"
 
 
+def database_busy() -> Unavailable:
+    """No database thread or pooled connection came free in time: shed, the client retries."""
+    return Unavailable("the database is busy; retry shortly", code="database_busy", headers={"Retry-After": "1"})
+
+
 class RequestTimeout(ServiceError):
     """A generation outlived PREFIXSERVE_REQUEST_TIMEOUT_S (queued or running); the engine freed its row."""
 
@@ -124,8 +129,7 @@ def install_handlers(app: FastAPI) -> None:
     async def _pool_exhausted(request: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
         # No pooled connection came free within PREFIXSERVE_DATABASE_POOL_TIMEOUT_S: shed, the client retries.
         log.warning("database pool exhausted during %s %s", request.method, request.url.path)
-        return await _service(request, Unavailable("the database is busy; retry shortly", code="database_busy",
-                                                   headers={"Retry-After": "1"}))
+        return await _service(request, database_busy())
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

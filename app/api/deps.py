@@ -104,25 +104,25 @@ async def _counted(runtime: Runtime, fn: Callable[[CounterStore], T]) -> T:
     return fn(store)
 
 
-async def _check_tenant(runtime: Runtime, access: Access, scope: str) -> None:
-    """A tenant key holding `scope` (the admin key is not a tenant and is refused here), within its
-    requests_per_minute (every tenant request counts)."""
+def _tenant_of(access: Access, scope: str) -> tuple[str, Limits]:
+    """The tenant of a key holding `scope` and its limits; the admin key is not a tenant and is refused here."""
     principal, tenant_limits = access.principal, access.limits
     if principal.is_admin:
         raise Forbidden("the admin key cannot access tenant data; use a tenant API key")
     if scope not in principal.scopes and not (scope == "inference" and "manage" in principal.scopes):
         raise Forbidden(f"this API key lacks the `{scope}` scope")
     assert principal.tenant_id is not None and tenant_limits is not None
-    tenant_id = principal.tenant_id
-    await _counted(runtime, lambda store: limits.check_request_rate(store=store, tenant_id=tenant_id,
-                                                                     limits=tenant_limits))
+    return principal.tenant_id, tenant_limits
 
 
 def require_tenant(scope: str) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: the principal of a tenant key holding `scope` (see `_check_tenant`)."""
+    """A dependency: the principal of a tenant key holding `scope`, within its requests_per_minute (every tenant
+    request counts)."""
 
     async def dep(request: Request, access: AccessDep) -> Principal:
-        await _check_tenant(runtime_of(request), access, scope)
+        tenant_id, tenant_limits = _tenant_of(access, scope)
+        await _counted(runtime_of(request), lambda store: limits.check_request_rate(
+            store=store, tenant_id=tenant_id, limits=tenant_limits))
         return access.principal
 
     return dep
@@ -165,11 +165,10 @@ async def generation_access(request: Request) -> AsyncIterator[Access]:
     client = runtime.engine_client
     query = await _named_model(request, client.model_id if client is not None else None)
     access = await _authorize(request, runtime, query)
-    await _check_tenant(runtime, access, "inference")
-    tenant_id, tenant_limits = access.principal.tenant_id, access.limits
-    assert tenant_id is not None and tenant_limits is not None
+    tenant_id, tenant_limits = _tenant_of(access, "inference")
 
-    def take(store: CounterStore) -> str | None:
+    def take(store: CounterStore) -> str | None:  # one hand-off for all three when the counters are in Redis
+        limits.check_request_rate(store=store, tenant_id=tenant_id, limits=tenant_limits)
         limits.check_token_rate(store=store, tenant_id=tenant_id, limits=tenant_limits)
         return limits.acquire_request_slot(store=store, tenant_id=tenant_id, limits=tenant_limits)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, aliased
 from app.config import Settings
 from app.db.models import ApiKey, Prefix, PrefixVersion, TenantLimits, utcnow
 from app.services.auth import Principal, hash_key
-from app.services.limits import LIMIT_FIELDS, Limits, defaults
+from app.services.limits import LIMIT_FIELDS, Limits, over_defaults
 from prefix_store.ref import PrefixRef
 
 TOUCH_EVERY_S: Final = 60.0  # a key's last_used_at is written at most this often (per process)
@@ -100,12 +100,6 @@ def _statement(key_hash: str, model: ModelQuery | None) -> tuple[sa.Select[Any],
     return _STATEMENTS["version"], {"key_hash": key_hash, "name": model.name, "version": model.version}
 
 
-def _effective(row: Any, settings: Settings) -> Limits:
-    base = defaults(settings)
-    own = {f: getattr(row, f"limit_{f}") for f in LIMIT_FIELDS}
-    return Limits(**{f: own[f] if own[f] is not None else getattr(base, f) for f in LIMIT_FIELDS})
-
-
 def _found(row: Any, name: str) -> PrefixRef | None:
     if row.version is None:
         return None
@@ -140,5 +134,6 @@ def authorize(session: Session, *, raw_key: str, admin_key: str | None, settings
         session.execute(sa.update(ApiKey).where(ApiKey.id == row.id).values(last_used_at=utcnow()))
         session.commit()
     principal = Principal(tenant_id=row.tenant_id, scopes=frozenset(row.scopes.split(",")), key_id=row.id)
-    return Access(principal, limits=_effective(row, settings), looked_up=model,
+    own = {f: getattr(row, f"limit_{f}") for f in LIMIT_FIELDS}
+    return Access(principal, limits=over_defaults(own, settings), looked_up=model,
                   found=_found(row, model.name) if model is not None else None)

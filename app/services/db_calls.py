@@ -12,22 +12,16 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, TypeVar
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import Unavailable
+from app.errors import database_busy
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RETRY_AFTER_S: Final = "1"
-
-
-def database_busy() -> Unavailable:
-    return Unavailable("the database is busy; retry shortly", code="database_busy",
-                       headers={"Retry-After": RETRY_AFTER_S})
 
 
 class DbCalls:

@@ -9,6 +9,7 @@ the limit, e.g. "requests_per_minute limit of 60 reached".
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 import sqlalchemy as sa
@@ -55,11 +56,15 @@ def configured(session: Session, tenant_id: str) -> TenantLimitValues:
     return TenantLimitValues(**{f: getattr(row, f) if row is not None else None for f in LIMIT_FIELDS})
 
 
+def over_defaults(own: Mapping[str, int | None], settings: Settings) -> Limits:
+    """The limits enforced: the tenant's own values (`own`, by field; None = not set), the defaults elsewhere."""
+    base = defaults(settings)
+    return Limits(**{f: own[f] if own.get(f) is not None else getattr(base, f) for f in LIMIT_FIELDS})
+
+
 def effective_limits(*, session: Session, settings: Settings, tenant_id: str) -> Limits:
     """The limits enforced for the tenant: its own values, the defaults where it has none."""
-    own, base = configured(session, tenant_id), defaults(settings)
-    return Limits(**{f: getattr(own, f) if getattr(own, f) is not None else getattr(base, f)
-                     for f in LIMIT_FIELDS})
+    return over_defaults(configured(session, tenant_id).model_dump(), settings)
 
 
 def get_tenant_limits(*, session: Session, settings: Settings, tenant_id: str) -> TenantLimitsOut:
