@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+from app.engine.loop import Engine
 from app.engine.sampling import SamplerState, SamplingParams, SamplingParamsError, select_tokens
 from app.engine.types import GenerationRequest
 from tests.engine.helpers import Result, collect, make_engine, random_prefix
@@ -58,13 +59,19 @@ def test_min_tokens_masks_eos_of_sampled_rows() -> None:
     assert select_tokens(logits, [state])[0].token_id == 2
 
 
+async def _eos_at(engine: Engine, index: int) -> tuple[Result, int, Result]:
+    """The free run; then the engine's EOS is its token at `index`, and the same request is run honouring EOS."""
+    free = await _free_run(engine)
+    eos = free.tokens[index]
+    engine.eos_token_ids = frozenset({eos})
+    honoured = await collect(engine, GenerationRequest(PROMPT, dataclasses.replace(FREE, ignore_eos=False)))
+    return free, eos, honoured
+
+
 async def test_ignore_eos_keeps_going_to_max_tokens(tiny_llama) -> None:
     engine = make_engine(tiny_llama)
     try:
-        free = await _free_run(engine)
-        eos = free.tokens[2]
-        engine.eos_token_ids = frozenset({eos})
-        stops = await collect(engine, GenerationRequest(PROMPT, dataclasses.replace(FREE, ignore_eos=False)))
+        free, eos, stops = await _eos_at(engine, 2)
         assert stops.final is not None and stops.final.finish_reason == "stop"
         assert stops.tokens == free.tokens[: free.tokens.index(eos) + 1]
         kept = await collect(engine, GenerationRequest(PROMPT, FREE))
@@ -80,10 +87,7 @@ async def test_min_tokens_forbids_eos_before_n(tiny_llama) -> None:
     both cases)."""
     engine = make_engine(tiny_llama)
     try:
-        free = await _free_run(engine)
-        eos = free.tokens[0]
-        engine.eos_token_ids = frozenset({eos})
-        plain = await collect(engine, GenerationRequest(PROMPT, dataclasses.replace(FREE, ignore_eos=False)))
+        free, eos, plain = await _eos_at(engine, 0)
         assert plain.tokens == [eos] and plain.final is not None and plain.final.finish_reason == "stop"
         for ignore_eos in (False, True):
             params = dataclasses.replace(FREE, ignore_eos=ignore_eos, min_tokens=5)
