@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.catalog.versions import publish_version
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     from prefix_store.types import PrefixKV
 
 log = logging.getLogger(__name__)
+
+# What a lost database connection raises: an outage, not a failure of the job.
+DATABASE_DOWN = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+OUTAGE_RETRY_S = 1.0
 
 Outcome = Literal["succeeded", "failed", "cancelled", "requeued", "lost", "skipped"]
 
@@ -121,6 +126,11 @@ def _run(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, started: float)
         return _fail(lease, JobError("training_diverged", str(exc)))
     except ValueError as exc:  # the trainer refuses a configuration or warm-start prefix
         return _fail(lease, JobError("invalid_configuration", str(exc)))
+    except DATABASE_DOWN as exc:
+        # The database went away mid-attempt (a restart, a fail-over), e.g. while the job read its inputs: not
+        # the job's doing, so it gets another attempt instead of failing for good.
+        log.warning("job %s: the database went away (%s); handing the job back", lease.job_id, type(exc).__name__)
+        return _hand_back_when_the_database_answers(lease, ctx, heartbeat)
     except Exception as exc:
         log.exception("job %s failed with an internal error", lease.job_id)
         return _fail(lease, JobError("internal_error", f"internal error ({type(exc).__name__}): {str(exc)[:300]}"))
@@ -226,11 +236,28 @@ def _stopped(lease: JobLease, cause: StopCause, ctx: JobContext) -> Outcome:
         return "cancelled"
     if cause == "timeout":
         return _fail(lease, JobError("timeout", f"the job ran longer than {ctx.settings.job_timeout_s} s"))
+    return _hand_back(lease, ctx, "the worker is shutting down", "its workers shut down")
+
+
+def _hand_back(lease: JobLease, ctx: JobContext, why: str, why_all: str) -> Outcome:
+    """Re-queue the job for another attempt, or fail it once it has had `job_max_attempts`."""
     if lease.attempt >= ctx.settings.job_max_attempts:
-        return _fail(lease, JobError("interrupted", f"the job was interrupted {lease.attempt} times (its workers "
-                                     "shut down)"))
-    lease.finish("queued", "the worker is shutting down; job re-queued", level="warn")
+        return _fail(lease, JobError("interrupted", f"the job was interrupted {lease.attempt} times ({why_all})"))
+    lease.finish("queued", f"{why}; job re-queued", level="warn")
     return "requeued"
+
+
+def _hand_back_when_the_database_answers(lease: JobLease, ctx: JobContext, heartbeat: Heartbeat) -> Outcome:
+    """Hand the job back as soon as the database takes the write, trying every OUTAGE_RETRY_S. Past the point
+    where the job's heartbeat counts as stale the recovery sweep does it instead (the error is raised)."""
+    deadline = time.monotonic() + ctx.settings.job_stale_after_s
+    while True:
+        try:
+            return _hand_back(lease, ctx, "the database went away during the attempt", "database outages")
+        except DATABASE_DOWN:
+            if time.monotonic() >= deadline or heartbeat.cause is not None:
+                raise
+            time.sleep(OUTAGE_RETRY_S)
 
 
 def _fail(lease: JobLease, error: JobError) -> Outcome:

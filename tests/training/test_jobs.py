@@ -14,6 +14,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 import torch
 from sqlalchemy.orm import Session
@@ -227,6 +228,25 @@ def test_a_lost_lease_publishes_nothing_and_the_next_attempt_succeeds(env: JobEn
     job = env.job(job_id)
     assert (job.status, job.attempts) == ("succeeded", 2)
     assert [(v.version, v.training_job_id) for v in _versions(env)] == [(1, job_id)]
+
+
+def test_a_database_outage_during_set_up_hands_the_job_back(sqlite_env: JobEnv,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database went away while the attempt read its inputs: another attempt, not a failed job."""
+    env = sqlite_env
+    job_id = env.add_job()
+
+    def database_gone(*_: Any, **__: Any) -> Any:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("injected: server closed the connection"))
+
+    monkeypatch.setattr("app.training.jobs.load_job_data", database_gone)
+    assert execute_job(job_id, ctx=env.ctx()) == "requeued"
+    job = env.job(job_id)
+    assert (job.status, job.attempts, job.error) == ("queued", 1, None)
+    assert any("database went away" in e.message for e in env.events(job_id))
+    monkeypatch.undo()
+    assert execute_job(job_id, ctx=env.ctx()) == "succeeded"
+    assert env.job(job_id).attempts == 2
 
 
 def test_diverging_training_fails_with_the_reason(sqlite_env: JobEnv) -> None:
