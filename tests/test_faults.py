@@ -174,9 +174,10 @@ def test_postgres_down_gives_503_and_recovers(serve: Any, pg: PgCluster, prefix_
     assert c.upload("kept", prefix_bytes[0]).status_code == 201
     kept = c.text("kept")
     # Long enough to outlast the outage below (about 3 s) several times over; checked after the outage.
-    job_id = _create_job(c, max_steps=600)
+    job_id = _create_job(c, max_steps=1500)
     _wait_training(c, job_id)  # past its set-up (inputs read from the database): training steps are being made
 
+    outage_began = int(time.time())  # whole seconds, like the job's finished_at
     pg.stop()  # the training job keeps running through the outage (heartbeats and events fail meanwhile)
     try:
         time.sleep(2.5)  # longer than a heartbeat interval (2 s)
@@ -194,14 +195,16 @@ def test_postgres_down_gives_503_and_recovers(serve: Any, pg: PgCluster, prefix_
 
     # Full recovery, without a restart: the very next requests succeed; nothing was lost.
     assert c.text("kept") == kept
-    still = c.http.get(f"/v1/fine_tuning/jobs/{job_id}", headers=c.auth).json()
-    assert still["status"] == "running", still  # the job did run through the outage
     assert c.http.get("/readyz").status_code == 200
     assert c.upload("new", prefix_bytes[2]).status_code == 201
     ids = {m["id"] for m in c.http.get("/v1/models", headers=c.auth).json()["data"]}
     assert {"kept", "new"} <= ids and "lost" not in ids
     job = _wait_job(c, job_id, {"succeeded", "failed", "cancelled"})
     assert (job["status"], job["trained_tokens"] is not None) == ("succeeded", True), job
+    # The job ran through the outage in its first attempt: it finished after the outage began, never handed back.
+    assert job["finished_at"] >= outage_began, job
+    events = c.http.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=c.auth, params={"limit": 100}).json()
+    assert not [e for e in events["data"] if "re-queued" in e["message"]], events
     assert c.complete(job["fine_tuned_model"]).status_code == 200
 
 

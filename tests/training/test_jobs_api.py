@@ -47,11 +47,14 @@ def _wait_done(client: TestClient, key: str, job_id: str, timeout: float = 120) 
         time.sleep(0.1)
 
 
-def _complete(client: TestClient, key: str, model: str) -> str:
+def _complete(client: TestClient, key: str, model: str) -> tuple[str, list[float]]:
+    """The greedy text and its tokens' log-probabilities: the random model's bytes often decode to no text at all,
+    so a prefix that changes the model's output is told apart by the distribution, not only by the text."""
     r = client.post("/v1/completions", headers=_auth(key),
-                    json={"model": model, "prompt": "item 4:", "max_tokens": 6, "temperature": 0})
+                    json={"model": model, "prompt": "item 4:", "max_tokens": 6, "temperature": 0, "logprobs": 1})
     assert r.status_code == 200, r.text
-    return str(r.json()["choices"][0]["text"])
+    choice = r.json()["choices"][0]
+    return str(choice["text"]), [float(x) for x in choice["logprobs"]["token_logprobs"]]
 
 
 def test_fine_tuning_job_runs_on_the_in_process_worker_and_is_served(client: TestClient) -> None:
