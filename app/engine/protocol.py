@@ -10,7 +10,7 @@ builds on these types.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
 from prefix_store.ref import PrefixRef
@@ -38,6 +38,35 @@ class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message names it."""
 
 
+StructuredKind = Literal["json_schema", "regex", "grammar", "choice"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a request may generate, enforced token by token (app/engine/structured.py).
+
+    kind / spec: "json_schema" (the schema as canonical JSON: sorted keys, no spaces, so equal schemas share one
+    compiled grammar), "regex" (the whole output matches it), "grammar" (Lark or GBNF/EBNF) or "choice" (a JSON
+    list of strings: the output is exactly one of them). whitespace (json_schema only): None = JSON's flexible
+    whitespace, "" = none at all, else a regex for it. param: the request field that asked for it, which an
+    invalid spec's 400 names (not part of equality: equal constraints share one compiled grammar).
+    """
+
+    kind: StructuredKind
+    spec: str
+    whitespace: str | None = None
+    param: str = field(default="structured_outputs", compare=False)
+
+
+class StructuredOutputError(ValueError):
+    """A structured-output spec that cannot be compiled (bad schema, regex or grammar); the API's 400 names
+    `param`, the request field it came from."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a request asks of token selection and of when generation ends. temperature 0 = greedy.
@@ -57,6 +86,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k = also return the k most likely alternatives
     ignore_eos: bool = False
     min_tokens: int = 0
+    structured: StructuredOutput | None = None  # a grammar the output must follow; the row ends ("stop") with it
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
