@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The in-process training worker runs one job at a time: a job's writes (heartbeats, events, the publish) and the
+# recovery sweep need one connection or two, and, being background work, can wait longer for one than a request.
+WORKER_POOL = PoolLimits(size=2, overflow=0, timeout_s=30.0)
+
 
 @dataclass
 class Runtime:
@@ -235,14 +239,27 @@ def _start_model(runtime: Runtime) -> None:
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)
 
 
-def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None, **kw: Any) -> JobContext:
-    """What running a training job needs, cut from the runtime (`loaded`: a worker's own model copy)."""
+def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None,
+                sessions: sessionmaker[Session] | None = None, **kw: Any) -> JobContext:
+    """What running a training job needs, cut from the runtime (`loaded`: a worker's own model copy;
+    `sessions`: connections of its own instead of the serving pool's)."""
     model = loaded or runtime.model
     if model is None:
         raise ValueError("a job context needs the loaded model")
     invalidate = runtime.resolver.invalidate if runtime.resolver is not None else runtime.cache.invalidate
-    return JobContext(sessions=runtime.sessions, blobs=runtime.blobs, loaded=model, settings=runtime.settings,
-                      invalidate=invalidate, **kw)
+    return JobContext(sessions=sessions or runtime.sessions, blobs=runtime.blobs, loaded=model,
+                      settings=runtime.settings, invalidate=invalidate, **kw)
+
+
+def _worker_sessions(runtime: Runtime) -> tuple[sessionmaker[Session], sa.Engine | None]:
+    """The in-process training worker's own connections (and the engine to dispose, if new): a burst of requests
+    that holds every connection of the serving pool must not starve training or its recovery sweep. An in-memory
+    SQLite database exists only in the serving engine's one connection, so it is shared."""
+    url = runtime.settings.resolved_database_url
+    if runtime.db.url.get_backend_name() == "sqlite" and runtime.db.url.database in (None, "", ":memory:"):
+        return runtime.sessions, None
+    db = make_engine(url, pool=WORKER_POOL)
+    return make_session_factory(db), db
 
 
 def open_job_queue(runtime: Runtime) -> JobQueue | None:
@@ -259,8 +276,10 @@ def open_job_queue(runtime: Runtime) -> JobQueue | None:
         return ArqJobQueue(url)
     if kind == "inprocess" and runtime.model is not None:
         gate = runtime.schema_gate
-        queue = InProcessJobQueue(job_context(runtime),
-                                  schema_ready=None if gate is None else lambda: gate.check().ok)
+        sessions, worker_db = _worker_sessions(runtime)
+        queue = InProcessJobQueue(job_context(runtime, sessions=sessions),
+                                  schema_ready=None if gate is None else lambda: gate.check().ok,
+                                  on_stop=worker_db.dispose if worker_db is not None else None)
         queue.start()
         return queue
     if kind == "inprocess":

@@ -28,8 +28,9 @@ class InProcessJobQueue:
     """JobQueue (and RecoveringQueue) run by a worker thread of this process."""
 
     def __init__(self, ctx: JobContext, *, stop_timeout_s: float = 30.0,
-                 schema_ready: Callable[[], bool] | None = None) -> None:
+                 schema_ready: Callable[[], bool] | None = None, on_stop: Callable[[], None] | None = None) -> None:
         self.ctx = ctx
+        self._on_stop = on_stop  # e.g. closes the worker's own database connections once the thread has ended
         # While it says no (the shared database not migrated yet), sweeps are skipped: they would only fail on
         # missing tables, and no job can be created meanwhile (the API answers 503).
         self.schema_ready = schema_ready
@@ -73,6 +74,9 @@ class InProcessJobQueue:
             self._thread.join(self.stop_timeout_s)
             if self._thread.is_alive():
                 log.warning("the training worker thread did not stop within %.0f s", self.stop_timeout_s)
+                return
+        if self._on_stop is not None:
+            self._on_stop()
 
     def _run(self) -> None:
         log.info("in-process training worker started")
