@@ -21,6 +21,7 @@ from app.engine.batch import Batch, KVGeometry, NewRow
 from app.engine.detok import Decoder
 from app.engine.event_queue import EventQueue, Outbox, post
 from app.engine.intake import Intake
+from app.engine.priority import BatchRequest, held_events_bound
 from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
@@ -93,11 +94,13 @@ class Engine:
             self._waiting_count += 1
             self.stats.waiting = self._waiting_count
         loop = asyncio.get_running_loop()
-        events = EventQueue(request.request_id, self.limits.max_buffered_events,
+        events = EventQueue(request.request_id, held_events_bound(request, self.limits.max_buffered_events),
                              lambda: self.cancel(request.request_id))
         # Only the engine thread emits; events wait in the outbox until the end of the step.
-        active = ActiveRequest(request, self.tokenizer, lambda ev: self._outbox.append((loop, events, ev)))
-        if self.limits.request_timeout_s is not None:
+        kind = BatchRequest if request.priority == "batch" else ActiveRequest
+        active = kind(request, self.tokenizer, lambda ev: self._outbox.append((loop, events, ev)))
+        # A batch request waits behind interactive traffic by design; the Batch API's window bounds it instead.
+        if self.limits.request_timeout_s is not None and request.priority != "batch":
             active.deadline = time.monotonic() + self.limits.request_timeout_s
         self._intake.put(active)
         self._wake.set()
@@ -203,20 +206,31 @@ class Engine:
         self._intake.drop_done()
         self._filter_running()
 
-    def _reserved_tokens(self) -> int:
-        if self._running is None:
-            return 0
-        return sum(a.budget_tokens for r in self._running.rows if (a := self._active.get(r.request_id)) is not None)
-
     def _admit(self) -> list[ActiveRequest]:
         if not self._intake.ready:
             return []
-        rows = len(self._running) if self._running is not None else 0
-        admitted, refused = admit(self._intake.ready, rows=rows, reserved_tokens=self._reserved_tokens(),
-                                  limits=self.limits)
-        for active, why in refused:
+        rows = self._running.rows if self._running is not None else []
+        running = [a for r in rows if (a := self._active.get(r.request_id)) is not None]
+        decided = admit(self._intake.ready, running=running, limits=self.limits)
+        for active, why in decided.refused:
             self._finish(active, "error", kind="too_large", error=why)
-        return admitted
+        if decided.preempted:
+            self._preempt(decided.preempted)
+        return decided.admitted
+
+    def _preempt(self, rows: list[ActiveRequest]) -> None:
+        """Take batch rows out of the running batch and queue each again from its start (app/engine/priority.py),
+        first among the batch requests waiting."""
+        for old in rows:
+            assert isinstance(old, BatchRequest)
+            fresh = old.restarted()
+            self._active[fresh.request_id] = fresh
+            self._intake.ready.appendleft(fresh)
+            with self._lock:
+                self._waiting_count += 1
+                self.stats.waiting = self._waiting_count
+        self.stats.preempted += len(rows)
+        self._filter_running()
 
     def _prefill(self, admitted: list[ActiveRequest]) -> None:
         for a in admitted:
@@ -227,6 +241,9 @@ class Engine:
                    SamplerState.create(a.request.sampling, dev, end_token_ids=self.eos_token_ids))
             for a in admitted
         ]
+        for row, a in zip(new_rows, admitted, strict=True):  # structured outputs: compiled before it came in
+            if a.request.grammar is not None:
+                row.sampler.grammar = a.request.grammar.restart()  # from the start (a row prefilled again too)
         try:
             batch = Batch.from_requests(new_rows, geometry=self.geometry, pad_token_id=self.pad_token_id)
             logits = self.runner.forward(batch)
@@ -276,7 +293,9 @@ class Engine:
     def _filter_running(self) -> None:
         if self._running is None:
             return
-        alive = {r.request_id for r in self._running.rows if r.request_id in self._active}
+        # A queued request is not in the batch: a preempted row's id now names its restarted copy.
+        alive = {r.request_id for r in self._running.rows
+                 if (a := self._active.get(r.request_id)) is not None and not a.queued}
         self._running = self._running.filter(alive)
         self.stats.running_rows = len(self._running) if self._running is not None else 0
 

@@ -18,6 +18,9 @@ from prefix_store.ref import PrefixRef
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Why a request ended in "error": the API maps these to statuses without reading messages.
 ErrorKind = Literal["prefix_unavailable", "too_large", "timeout", "internal"]
+# Who waits for a request: "interactive" (an API client) is always admitted before "batch" (the Batch API's
+# runner), and a batch row gives its place up to an interactive request that needs it (docs/batching.md).
+Priority = Literal["interactive", "batch"]
 
 MAX_TOP_LOGPROBS: Final = 20  # OpenAI's cap on returned alternatives
 
@@ -151,7 +154,9 @@ class EngineClientProtocol(Protocol):
     def token_text(self, token_id: int) -> str: ...
 
     def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
-                 request_id: str | None = None) -> AsyncIterator[TokenEvent]:
+                 request_id: str | None = None, priority: Priority = "interactive") -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine. `prefix`: the
-        version the caller read from the catalog; the engine loads exactly that content."""
+        version the caller read from the catalog; the engine loads exactly that content. `priority` "batch":
+        admitted only where no interactive request waits, restarted from its first token when an interactive
+        one needs its row, so its events arrive together once it has finished; it has no request timeout."""
         ...

@@ -5,20 +5,25 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.engine.protocol import (
     EngineError,
     EngineOverloaded,
     ErrorKind,
     FinishReason,
+    Priority,
     RequestTooLarge,
     SamplingParams,
     TokenEvent,
 )
 from prefix_store.types import PrefixKV
 
+if TYPE_CHECKING:
+    from app.engine.structured import RowGrammar
+
 __all__ = ["EngineError", "EngineOverloaded", "ErrorKind", "FinishReason", "GenerationRequest", "PrefixSource",
-           "RequestTooLarge", "TokenEvent"]
+           "Priority", "RequestTooLarge", "TokenEvent"]
 
 # A prefix is given resolved, or as a loader the engine calls on a side thread (cold loads never stall a step).
 PrefixSource = PrefixKV | Callable[[], PrefixKV] | None
@@ -32,3 +37,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prefix: PrefixSource = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Structured outputs: this request's matcher for `sampling.structured`, compiled before submission (the
+    # engine client does it off the engine thread: app/engine/structured.py).
+    grammar: RowGrammar | None = None
+    priority: Priority = "interactive"  # "batch": see EngineClientProtocol.generate
