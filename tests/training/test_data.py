@@ -4,6 +4,7 @@ with loss masks, on the byte tokenizer of the tiny random models and on the embe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,7 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from app.engine.byte_tokenizer import build_byte_tokenizer
 from app.engine.client import EngineClient
-from app.engine.gguf_cache import embedded_gguf_path
+from app.engine.gguf_cache import embedded_gguf_path, ensure_converted
 from app.jobs.data import parse_jsonl, parse_jsonl_numbered, tokenize_examples, validate_record
 from app.jobs.types import TrainingDataError
 
@@ -29,10 +30,11 @@ def byte_tok() -> PreTrainedTokenizerBase:
 
 
 @pytest.fixture(scope="module")
-def smol_tok() -> PreTrainedTokenizerBase:
-    """The embedded SmolLM2-135M-Instruct tokenizer (BPE; template adds a default system turn)."""
-    gguf = embedded_gguf_path()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+def smol_tok(embedded_data_dir: Path) -> PreTrainedTokenizerBase:
+    """The embedded SmolLM2-135M-Instruct tokenizer (BPE; template adds a default system turn), from the session's
+    converted copy of the GGUF (reading the GGUF itself takes ~13 s; the conversion is shared with other tests)."""
+    converted = ensure_converted(embedded_gguf_path(), embedded_data_dir)
+    return AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 
 def jsonl(*records: Any) -> bytes:
