@@ -238,7 +238,8 @@ class Engine:
         dev = self.geometry.device
         new_rows = [
             NewRow(a.request_id, a.request.prompt_ids, a.prefix,
-                   SamplerState.create(a.request.sampling, dev, end_token_ids=self.eos_token_ids))
+                   SamplerState.create(a.request.sampling, dev, end_token_ids=self.eos_token_ids,
+                                       prompt_ids=a.request.prompt_ids))
             for a in admitted
         ]
         try:

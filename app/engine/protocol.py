@@ -90,6 +90,15 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     structured: StructuredOutput | None = None  # a grammar the output must follow; the row ends ("stop") with it
+    # vLLM's logits controls (app/engine/logits_processors.py). Penalties: presence/frequency act on the tokens this
+    # row generated, repetition (HF style: positive logits divided, negative multiplied) on its prompt's and its
+    # generated tokens; 0 / 0 / 1 = off.
+    min_p: float = 0.0  # drop tokens whose probability < min_p * the likeliest's (after temperature); 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids distinct
+    stop_token_ids: tuple[int, ...] = ()  # end the row like EOS (the token is not in the text; "stop")
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -107,6 +116,29 @@ class SamplingParams:
             raise SamplingParamsError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop strings must not be empty")
+        self._check_logits_controls()
+
+    def _check_logits_controls(self) -> None:
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamsError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise SamplingParamsError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise SamplingParamsError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        ids = [t for t, _ in self.logit_bias]
+        if len(set(ids)) != len(ids) or any(t < 0 for t in ids):
+            raise SamplingParamsError(f"logit_bias must map distinct non-negative token ids, got ids {ids}")
+        bad = next((b for _, b in self.logit_bias if not -100.0 <= b <= 100.0), None)
+        if bad is not None:
+            raise SamplingParamsError(f"logit_bias values must be in [-100, 100], got {bad}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise SamplingParamsError(f"stop_token_ids must be non-negative, got {list(self.stop_token_ids)}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the row then keeps counts of its tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

@@ -40,7 +40,8 @@ class ActiveRequest:
         params = self.request.sampling
         self.completion_tokens += 1
         # With ignore_eos an EOS is an ordinary token; EOS before min_tokens cannot come (select_tokens masks it).
-        is_eos = choice.token_id in eos and not params.ignore_eos
+        # A stop token id ends the row whatever ignore_eos says, and is not in the text (vLLM).
+        is_eos = (choice.token_id in eos and not params.ignore_eos) or choice.token_id in params.stop_token_ids
         text = "" if is_eos else self.text.add(choice.token_id)
         reason: FinishReason | None = None
         if is_eos or self.text.stopped:

@@ -1,4 +1,4 @@
-"""Token selection: greedy, temperature, top-k, top-p, per-request seeds, and the logprobs of what was chosen.
+"""Token selection: greedy, temperature, min-p, top-k, top-p, per-request seeds, and the logprobs of what was chosen.
 
 Every row owns its own `torch.Generator`, seeded from the request, and draws exactly one number per generated
 token. A row's sampled tokens therefore depend only on its own logits and seed, never on which other rows share
@@ -7,7 +7,10 @@ the batch (the sampling half of the batch-invariance contract, docs/batching.md)
 Length controls, as vLLM: `min_tokens` masks the row's end tokens (the model's EOS ids, whether or not the row
 ignores EOS: vLLM masks every "stop token id" of the request) to -inf for its first `min_tokens` tokens, so a row
 never ends on EOS before then; its stop strings are handled by the detokenizer (`IncrementalText`). `ignore_eos`
-is applied where a row finishes (`ActiveRequest.on_token`): an EOS is then an ordinary token.
+is applied where a row finishes (`ActiveRequest.on_token`): an EOS is then an ordinary token. The request's
+`stop_token_ids` end it like EOS and are masked by `min_tokens` too (vLLM's rule).
+
+logit_bias, penalties and min_p are app/engine/logits_processors.py's (applied in vLLM's order).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.logits_processors import TokenCounts, apply_controls, apply_min_p, bias_tensors, record_tokens
 from app.engine.protocol import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
 
 __all__ = ["MAX_TOP_LOGPROBS", "SamplerState", "SamplingParams", "SamplingParamsError", "TokenChoice",
@@ -25,17 +29,21 @@ __all__ = ["MAX_TOP_LOGPROBS", "SamplerState", "SamplingParams", "SamplingParams
 class SamplerState:
     """Per-row sampling state that lives as long as the row.
 
-    end_token_ids: the tokens that `min_tokens` forbids (the model's EOS ids); generated: tokens chosen so far.
+    end_token_ids: the tokens that `min_tokens` forbids (the model's EOS ids and the request's stop_token_ids);
+    generated: tokens chosen so far; counts: the tokens seen, when a penalty is on; bias: logit_bias as tensors.
     """
 
     params: SamplingParams
     generator: torch.Generator | None = field(default=None)
     end_token_ids: tuple[int, ...] = ()
     generated: int = 0
+    counts: TokenCounts | None = None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def create(cls, params: SamplingParams, device: torch.device,
-               end_token_ids: frozenset[int] = frozenset()) -> SamplerState:
+    def create(cls, params: SamplingParams, device: torch.device, end_token_ids: frozenset[int] = frozenset(),
+               prompt_ids: list[int] | tuple[int, ...] = ()) -> SamplerState:
+        """A row's state; `prompt_ids` feed repetition_penalty (the only control that looks at the prompt)."""
         gen = None
         if not params.greedy:
             gen = torch.Generator(device=device)
@@ -43,8 +51,13 @@ class SamplerState:
                 gen.manual_seed(params.seed)
             else:
                 gen.seed()
-        ends = tuple(sorted(end_token_ids)) if params.min_tokens else ()
-        return cls(params=params, generator=gen, end_token_ids=ends)
+        ends = tuple(sorted(end_token_ids | set(params.stop_token_ids))) if params.min_tokens else ()
+        counts = None
+        if params.penalized:
+            seen = prompt_ids if params.repetition_penalty != 1.0 else ()
+            counts = TokenCounts.create(seen, params.max_tokens, device)
+        return cls(params=params, generator=gen, end_token_ids=ends, counts=counts,
+                   bias=bias_tensors(params, device))
 
 
 @dataclass(frozen=True)
@@ -93,9 +106,10 @@ def _top_p(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def _filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k and top-p of each row: logits [R, V] float32 -> new logits [R, V]."""
+    """Temperature, min-p, top-k and top-p of each row (vLLM's order): logits [R, V] float32 -> new logits [R, V]."""
     dev, vocab = logits.device, logits.shape[-1]
     x = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    x = apply_min_p(x, [p.min_p for p in params])
     ks = [p.top_k if p.top_k < vocab else 0 for p in params]
     if any(ks):
         top = torch.topk(x, max(ks), dim=-1).values  # [R, k_max], largest first
@@ -131,35 +145,20 @@ def _rows_of(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return x.index_select(0, torch.tensor(rows, device=x.device))
 
 
-def _forbid_end_tokens(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
-    """logits [B, V] with each row's end tokens at -inf while the row has fewer than min_tokens tokens -> [B, V].
-
-    A copy when some row is masked (the caller keeps the model's own logits for logprobs), else `logits` itself.
-    Only a row's own entries change, so no row's choice depends on its neighbours' settings."""
-    vocab = logits.shape[-1]
-    pairs = [(i, t) for i, s in enumerate(states) if s.generated < s.params.min_tokens
-             for t in s.end_token_ids if t < vocab]
-    if not pairs:
-        return logits
-    rows, cols = zip(*pairs, strict=True)
-    out = logits.clone()
-    out[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
-    return out
-
-
 def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[TokenChoice]:
     """Choose the next token of every row.
 
     logits: [B, V] for the last position of each row, any float dtype; states: one per row (each counts the token
-    chosen here). A row still short of its min_tokens cannot choose its end tokens. Greedy rows are one argmax;
+    chosen here). A row still short of its min_tokens cannot choose its end tokens; logit_bias and penalties
+    change what the row chooses from (`apply_controls`). Greedy rows are one argmax;
     sampled rows are filtered together and each draws one uniform number from its own generator (inverse CDF), so
     a row's token never depends on its neighbours. Logprobs (of the model's own distribution, before the
-    min_tokens mask, as vLLM's default) and top alternatives are computed for the rows that ask, and read back in
-    one transfer.
+    min_tokens mask, bias and penalties, as vLLM's default) and top alternatives are computed for the rows that
+    ask, and read back in one transfer.
     """
     logits = logits.float()
     dev = logits.device
-    allowed = _forbid_end_tokens(logits, states)  # [B, V]: what rows choose from; logprobs stay the model's own
+    allowed = apply_controls(logits, states)  # [B, V]: what rows choose from; logprobs stay the model's own
     for s in states:
         s.generated += 1
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
@@ -171,6 +170,7 @@ def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[Toke
         u = torch.cat([torch.rand(1, generator=states[i].generator, device=dev) for i in sampled])
         chosen[torch.tensor(sampled, device=dev)] = _draw(x, u)
     ids = chosen.tolist()
+    record_tokens(states, ids)
     out = [TokenChoice(token_id=t, logprob=None) for t in ids]
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None]
     if want:
