@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     tenant_max_stored_bytes: int | None = Field(default=10 * 2**30, ge=0)  # prefix versions + files
     tenant_max_concurrent_jobs: int | None = Field(default=4, ge=0)
     tenant_max_examples_per_user: int | None = Field(default=10_000, ge=0)
+    tenant_max_concurrent_batches: int | None = Field(default=4, ge=0)
     # A generation still queued or running this long is ended with a 504 and its engine row freed.
     request_timeout_s: float = Field(default=600.0, gt=0)
     # A streaming client that has not taken one SSE message for this long is disconnected (its rows cancelled).

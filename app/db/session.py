@@ -30,6 +30,7 @@ IdKind = Literal[
     "training_job",
     "job_event",
     "job_checkpoint",
+    "batch",
 ]
 
 # Readable, OpenAI-style id prefixes. The API shows these ids as they are; never change one once rows exist.
@@ -44,6 +45,7 @@ ID_PREFIXES: Final[dict[IdKind, str]] = {
     "training_job": "ftjob-",
     "job_event": "ftevent-",
     "job_checkpoint": "ftckpt-",
+    "batch": "batch_",
 }
 ID_RANDOM_CHARS: Final = 24  # base62: ~143 bits, unguessable and collision-free in practice
 _ALPHABET: Final = string.ascii_letters + string.digits

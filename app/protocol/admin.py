@@ -103,6 +103,8 @@ class TenantLimitValues(BaseModel):
     max_concurrent_jobs: int | None = Field(default=None, ge=0, le=INT32_MAX,
                                             description="training jobs queued or running")
     max_examples_per_user: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    max_concurrent_batches: int | None = Field(default=None, ge=0, le=INT32_MAX,
+                                               description="batches (`/v1/batches`) not yet finished")
 
 
 class TenantLimits(BaseModel):

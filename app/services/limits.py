@@ -35,6 +35,7 @@ class Limits:
     max_stored_bytes: int | None = None  # prefix versions and files together
     max_concurrent_jobs: int | None = None  # training jobs queued or running
     max_examples_per_user: int | None = None
+    max_concurrent_batches: int | None = None  # batches (`/v1/batches`) not yet finished
 
 
 LIMIT_FIELDS = tuple(f.name for f in fields(Limits))

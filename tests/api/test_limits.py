@@ -25,7 +25,7 @@ pytestmark = pytest.mark.both_databases  # the requests reach the database: run 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 COMPLETION = {"model": "fake-base", "prompt": "hi", "max_tokens": 50}
 FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "max_prefixes",
-          "max_stored_bytes", "max_concurrent_jobs", "max_examples_per_user")
+          "max_stored_bytes", "max_concurrent_jobs", "max_examples_per_user", "max_concurrent_batches")
 
 
 async def put_limits(client: httpx.AsyncClient, tenant_id: str, **values: int | None) -> dict[str, Any]:

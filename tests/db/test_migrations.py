@@ -28,6 +28,8 @@ APP_TABLES = {
     "job_events",
     "job_checkpoints",
     "tenant_limits",
+    "batches",
+    "batch_results",
 }
 
 

@@ -15,6 +15,8 @@ from app.db import migrate
 from app.db.models import (
     ApiKey,
     Base,
+    Batch,
+    BatchResult,
     EndUser,
     File,
     JobCheckpoint,
@@ -26,6 +28,7 @@ from app.db.models import (
     TrainingJob,
     UserExample,
     personal_prefix_name,
+    utcnow,
 )
 from app.db.session import ID_PREFIXES, ID_RANDOM_CHARS, make_engine, make_session_factory, new_id
 
@@ -101,6 +104,11 @@ def _populate(s: Session, tenant: Tenant) -> None:
     s.flush()
     s.add(JobEvent(job_id=job.id, level="info", message="done", data={"step": 1}))
     s.add(JobCheckpoint(job_id=job.id, step=1, metrics={"loss": 0.5}, sha256="ef" * 32))
+    batch = Batch(tenant_id=tenant.id, endpoint="/v1/completions", input_file_id=f.id, input_sha256=f.sha256,
+                  completion_window="24h", status="in_progress", total=1, expires_at=utcnow())
+    s.add(batch)
+    s.flush()
+    s.add(BatchResult(batch_id=batch.id, line=1, ok=True, record="{}"))
     s.flush()
 
 
