@@ -1,7 +1,9 @@
 """Files API bodies (`/v1/files`), OpenAI's shapes: the official client parses them as `FileObject`.
 
-Uploads are multipart (`file`, `purpose`), not JSON; only `purpose: "fine-tune"` (JSONL training data) exists
-here, and a file is validated line by line before it is stored, so every stored file is `processed`.
+Uploads are multipart (`file`, `purpose`), not JSON. Purposes: `fine-tune` (JSONL training data, validated line
+by line before it is stored), `batch` (a Batch API input file, JSONL requests: its lines are checked when a batch is
+created from it) and `batch_output` (a batch's output and error files, written by the server, never uploaded).
+Every stored file is `processed`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Literal
 
 from app.protocol.common import OpenAIResponse
 
-FilePurpose = Literal["fine-tune"]
+FilePurpose = Literal["fine-tune", "batch", "batch_output"]
 
 
 class FileObject(OpenAIResponse):

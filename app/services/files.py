@@ -1,9 +1,11 @@
-"""The Files API: a tenant's JSONL training files (purpose `fine-tune`). Keyword-only, tenant-scoped functions.
+"""The Files API: a tenant's JSONL files. Keyword-only, tenant-scoped functions.
 
-An upload is counted while it streams (413 past the limit) and every line is validated (`parse_jsonl`, its line
-number in the 400) before anything is stored. The bytes go to the blob store first (content-addressed, so the
-same file uploaded twice is stored once), then the row commits; a delete commits first, then collects the blob
-when no row of any kind references it any more.
+Purposes: `fine-tune` (training data), `batch` (Batch API requests, checked line by line when a batch is created
+from the file) and `batch_output` (a batch's results, written by its runner: app/batches). An upload is counted
+while it streams (413 past the limit); a training file's every line is validated (`parse_jsonl`, its line number
+in the 400) and a batch file must be UTF-8 text within the line limit, before anything is stored. The bytes go
+to the blob store first (content-addressed, so the same file uploaded twice is stored once), then the row commits;
+a delete commits first, then collects the blob when no row of any kind references it any more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from app.catalog.versions import store_blob_then_commit
-from app.db.models import JOB_TERMINAL_STATUSES, File, TrainingJob
+from app.db.models import BATCH_UNFINISHED_STATUSES, JOB_TERMINAL_STATUSES, Batch, File, TrainingJob
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.jobs.data import parse_jsonl
 from app.jobs.types import TrainingDataError
@@ -32,7 +34,7 @@ from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "batch")  # what a client may upload; `batch_output` files are the server's
 MAX_FILENAME = 255
 
 
@@ -51,11 +53,11 @@ def _filename(raw: str | None) -> str:
 
 def check_purpose(purpose: object) -> str:
     if not isinstance(purpose, str) or not purpose:
-        raise InvalidRequest("missing form field `purpose` (use \"fine-tune\")", param="purpose",
+        raise InvalidRequest("missing form field `purpose` (\"fine-tune\" or \"batch\")", param="purpose",
                              code="missing_purpose")
     if purpose not in PURPOSES:
-        raise InvalidRequest(f"unsupported purpose {purpose[:40]!r}: this server accepts only \"fine-tune\" files",
-                             param="purpose", code="invalid_purpose")
+        raise InvalidRequest(f"unsupported purpose {purpose[:40]!r}: this server accepts \"fine-tune\" and \"batch\" "
+                             "files", param="purpose", code="invalid_purpose")
     return purpose
 
 
@@ -63,7 +65,7 @@ async def read_file_form(request: Request, *, limit: int) -> Upload:
     """Parse `POST /v1/files` (multipart: `file` and `purpose`); the body is counted while it streams and the
     file part may hold at most `limit` bytes (413 beyond)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise InvalidRequest("send multipart/form-data with a `file` and `purpose` (\"fine-tune\")")
+        raise InvalidRequest("send multipart/form-data with a `file` and `purpose` (\"fine-tune\" or \"batch\")")
     limited = Request(request.scope, limited_receive(request.receive, limit))
     async with limited.form(max_files=2, max_fields=8) as form:
         purpose = check_purpose(form.get("purpose"))
@@ -77,19 +79,17 @@ async def read_file_form(request: Request, *, limit: int) -> Upload:
 
 def file_object(row: File) -> FileObject:
     return FileObject(id=row.id, bytes=row.bytes, created_at=int(row.created_at.timestamp()),
-                      filename=row.filename, purpose="fine-tune", status="processed")
+                      filename=row.filename, purpose=row.purpose,  # type: ignore[arg-type]  # one of FilePurpose
+                      status="processed")
 
 
 def create_file(
     *, session: Session, stores: PrefixStores, tenant_id: str, upload: Upload, max_examples: int,
     limits: Limits | None = None,
 ) -> FileObject:
-    """Validate every line, then store the bytes and the row (nothing is stored when anything fails)."""
-    try:
-        lines = len(parse_jsonl(upload.data, max_examples=max_examples))
-    except TrainingDataError as exc:
-        raise InvalidRequest(f"invalid training file {upload.filename!r}: {exc}", param="file",
-                             code="invalid_file") from None
+    """Validate the file, then store the bytes and the row (nothing is stored when anything fails)."""
+    lines = _batch_lines(upload, max_lines=max_examples) if upload.purpose == "batch" else \
+        _training_examples(upload, max_examples=max_examples)
     if limits is not None:
         check_storage(session=session, limits=limits, tenant_id=tenant_id, new_bytes=len(upload.data))
     def commit(sha: str) -> File:
@@ -102,6 +102,28 @@ def create_file(
     row = store_blob_then_commit(session=session, blobs=stores.blobs, data=upload.data, commit=commit)
     log.info("tenant %s stored file %s (%d bytes, %d examples)", tenant_id, row.id, row.bytes, lines)
     return file_object(row)
+
+
+def _training_examples(upload: Upload, *, max_examples: int) -> int:
+    try:
+        return len(parse_jsonl(upload.data, max_examples=max_examples))
+    except TrainingDataError as exc:
+        raise InvalidRequest(f"invalid training file {upload.filename!r}: {exc}", param="file",
+                             code="invalid_file") from None
+
+
+def _batch_lines(upload: Upload, *, max_lines: int) -> int:
+    """A batch input file's non-blank lines; its requests themselves are checked when a batch is created."""
+    try:
+        text = upload.data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"invalid batch file {upload.filename!r}: not UTF-8 text (byte {exc.start})",
+                             param="file", code="invalid_file") from None
+    lines = sum(1 for line in text.splitlines() if line.strip())
+    if lines > max_lines:
+        raise InvalidRequest(f"invalid batch file {upload.filename!r}: {lines} requests, at most {max_lines} "
+                             "are accepted", param="file", code="invalid_file")
+    return lines
 
 
 def get_file_row(session: Session, *, tenant_id: str, file_id: str, param: str = "file_id") -> File:
@@ -163,6 +185,12 @@ def delete_file(*, session: Session, stores: PrefixStores, tenant_id: str, file_
     if user is not None:
         raise Conflict(f"file {row.id} is used by fine-tuning job {user}, which has not finished; cancel the job "
                        "or wait for it", param="file_id", code="file_in_use")
+    batch = session.execute(sa.select(Batch.id).where(
+        Batch.tenant_id == tenant_id, Batch.input_file_id == row.id, Batch.status.in_(BATCH_UNFINISHED_STATUSES),
+    ).limit(1)).scalar_one_or_none()
+    if batch is not None:
+        raise Conflict(f"file {row.id} is the input of batch {batch}, which has not finished; cancel the batch or "
+                       "wait for it", param="file_id", code="file_in_use")
     sha = row.sha256
     session.execute(sa.delete(File).where(File.id == row.id))
     session.commit()

@@ -91,7 +91,7 @@ def test_bad_forms(train_api: Api) -> None:
     data = jsonl([pc(0)])
     r = upload_file(api, key, data, purpose="assistants")
     assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
-    assert "only \"fine-tune\"" in r.json()["error"]["message"]
+    assert "accepts \"fine-tune\" and \"batch\"" in r.json()["error"]["message"]
     r = api.client.post("/v1/files", headers=bearer(key), files={"file": ("a.jsonl", data)})
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_purpose"
     r = api.client.post("/v1/files", headers=bearer(key), data={"purpose": "fine-tune"},

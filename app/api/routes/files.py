@@ -22,8 +22,9 @@ _UPLOAD_DOC: dict[str, Any] = {
             "type": "object", "required": ["file", "purpose"],
             "properties": {
                 "file": {"type": "string", "format": "binary",
-                         "description": "JSONL: one {prompt, completion} or {messages} example per line"},
-                "purpose": {"type": "string", "enum": ["fine-tune"]},
+                         "description": "JSONL. fine-tune: one {prompt, completion} or {messages} example per "
+                                        "line; batch: one {custom_id, method, url, body} request per line"},
+                "purpose": {"type": "string", "enum": ["fine-tune", "batch"]},
             },
         }}},
     }
@@ -33,8 +34,8 @@ _UPLOAD_DOC: dict[str, Any] = {
 @router.post("", openapi_extra=_UPLOAD_DOC)
 async def upload_file(request: Request, principal: ManageDep, session: SessionDep, runtime: RuntimeDep,
                       tenant_limits: LimitsDep) -> FileObject:
-    """Upload a training file; every line is validated (a 400 names the first bad line), nothing is stored
-    on error."""
+    """Upload a training file (every line is validated: a 400 names the first bad line, nothing is stored on
+    error) or a Batch API input file (its lines are checked when a batch is created from it)."""
     assert principal.tenant_id is not None  # ManageDep refuses the admin key
     limit = runtime.settings.max_file_bytes
     check_content_length(request.headers.get("content-length"), limit)
