@@ -11,6 +11,7 @@ from typing import Any
 
 from app.engine.loop import Engine
 from app.engine.protocol import Priority, SamplingParams, TokenEvent
+from app.engine.structured import StructuredCompiler
 from app.engine.types import GenerationRequest
 from prefix_store.ref import PrefixRef
 from prefix_store.resolver import PrefixResolver
@@ -33,6 +34,16 @@ class EngineClient:
         self.resolver = resolver
         self.model_id = model_id
         self.context_length = context_length
+        self._structured: StructuredCompiler | None = None
+
+    @property
+    def structured(self) -> StructuredCompiler:
+        """Compiles and caches structured-output constraints for this tokenizer (made at the first one)."""
+        if self._structured is None:
+            vocab = getattr(self.engine.runner.model.config, "vocab_size", None) or len(self.tokenizer)
+            self._structured = StructuredCompiler(self.tokenizer, vocab_size=int(vocab),
+                                                  eos_token_ids=self.engine.eos_token_ids)
+        return self._structured
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -72,9 +83,13 @@ class EngineClient:
     ) -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine. `priority`: see
         app/engine/protocol.py EngineClientProtocol.generate."""
+        # A constraint is compiled (or found in the cache) before the request is queued, off the engine thread;
+        # an invalid one raises StructuredOutputError here, which the API answers with a 400.
+        grammar = await self.structured.row_grammar(sampling.structured) if sampling.structured else None
         req = GenerationRequest(
             prompt_ids=prompt_ids,
             sampling=sampling,
+            grammar=grammar,
             prefix=self._loader(prefix) if prefix is not None else None,
             priority=priority,
         )

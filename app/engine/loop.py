@@ -242,6 +242,9 @@ class Engine:
                                        prompt_ids=a.request.prompt_ids))
             for a in admitted
         ]
+        for row, a in zip(new_rows, admitted, strict=True):  # structured outputs: compiled before it came in
+            if a.request.grammar is not None:
+                row.sampler.grammar = a.request.grammar.restart()  # from the start (a row prefilled again too)
         try:
             batch = Batch.from_requests(new_rows, geometry=self.geometry, pad_token_id=self.pad_token_id)
             logits = self.runner.forward(batch)

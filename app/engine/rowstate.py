@@ -44,12 +44,16 @@ class ActiveRequest:
         is_eos = (choice.token_id in eos and not params.ignore_eos) or choice.token_id in params.stop_token_ids
         text = "" if is_eos else self.text.add(choice.token_id)
         reason: FinishReason | None = None
-        if is_eos or self.text.stopped:
+        grammar = self.request.grammar  # structured outputs: a complete grammar takes no more tokens
+        if is_eos or self.text.stopped or (grammar is not None and grammar.finished):
             reason = "stop"
         elif self.completion_tokens >= params.max_tokens or at_context_end:
             reason = "length"
         if reason is not None:
             text += self.text.flush()
+        if grammar is not None and grammar.error is not None:  # a matcher that failed: never a silent "stop"
+            self._send(choice.token_id, text, choice, "error", f"structured output: {grammar.error}", "internal")
+            return
         self._send(choice.token_id, text, choice, reason)
 
     def finish(self, reason: FinishReason, error: str | None = None, kind: ErrorKind | None = None) -> None:

@@ -21,6 +21,8 @@ import torch
 
 from app.engine.logits_processors import TokenCounts, apply_controls, apply_min_p, bias_tensors, record_tokens
 from app.engine.protocol import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
+from app.engine.structured import RowGrammar
+from app.engine.structured_mask import advance_grammars, apply_grammars
 
 __all__ = ["MAX_TOP_LOGPROBS", "SamplerState", "SamplingParams", "SamplingParamsError", "TokenChoice",
            "select_tokens"]
@@ -37,6 +39,7 @@ class SamplerState:
     generator: torch.Generator | None = field(default=None)
     end_token_ids: tuple[int, ...] = ()
     generated: int = 0
+    grammar: RowGrammar | None = None  # structured outputs: the row's matcher (app/engine/structured.py)
     counts: TokenCounts | None = None
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -159,6 +162,7 @@ def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[Toke
     logits = logits.float()
     dev = logits.device
     allowed = apply_controls(logits, states)  # [B, V]: what rows choose from; logprobs stay the model's own
+    allowed = apply_grammars(allowed, logits, states)  # a constrained row chooses only what its grammar allows
     for s in states:
         s.generated += 1
     sampled = [i for i, s in enumerate(states) if not s.params.greedy]
@@ -170,6 +174,7 @@ def select_tokens(logits: torch.Tensor, states: list[SamplerState]) -> list[Toke
         u = torch.cat([torch.rand(1, generator=states[i].generator, device=dev) for i in sampled])
         chosen[torch.tensor(sampled, device=dev)] = _draw(x, u)
     ids = chosen.tolist()
+    advance_grammars(states, ids)
     record_tokens(states, ids)
     out = [TokenChoice(token_id=t, logprob=None) for t in ids]
     want = [i for i, s in enumerate(states) if s.params.logprobs is not None]

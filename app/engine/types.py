@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.engine.protocol import (
     EngineError,
@@ -17,6 +18,9 @@ from app.engine.protocol import (
     TokenEvent,
 )
 from prefix_store.types import PrefixKV
+
+if TYPE_CHECKING:
+    from app.engine.structured import RowGrammar
 
 __all__ = ["EngineError", "EngineOverloaded", "ErrorKind", "FinishReason", "GenerationRequest", "PrefixSource",
            "Priority", "RequestTooLarge", "TokenEvent"]
@@ -33,4 +37,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prefix: PrefixSource = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Structured outputs: this request's matcher for `sampling.structured`, compiled before submission (the
+    # engine client does it off the engine thread: app/engine/structured.py).
+    grammar: RowGrammar | None = None
     priority: Priority = "interactive"  # "batch": see EngineClientProtocol.generate

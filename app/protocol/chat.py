@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer
 
 from app.protocol.common import OpenAIRequest, OpenAIResponse, SamplingFields, Usage
+from app.protocol.structured import StructuredFields
 
 MAX_TOP_LOGPROBS = 20
 
@@ -32,7 +33,7 @@ class ChatMessage(OpenAIRequest):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from app.protocol.common import OpenAIResponse, SamplingFields, Usage
+from app.protocol.structured import StructuredFields
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
 
@@ -14,7 +15,7 @@ Prompt = str | list[int] | list[str] | list[list[int]]
 FinishReason = Literal["stop", "length"]
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(SamplingFields, StructuredFields):
     """A completion request. `prompt` is a string or token ids; a list of several prompts is refused."""
 
     prompt: Prompt

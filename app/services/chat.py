@@ -34,6 +34,7 @@ from app.services.inference import (
     sampling_params,
     start_generation,
 )
+from app.services.structured import structured_output
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ async def serve_chat(
     params = sampling_params(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                              seed=req.seed, stop=normalize_stop(req.stop),
                              logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+                             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                             structured=structured_output(req))
     gen = await start_generation(engine, prompt_ids=prompt_ids, params=params, target=target,
                                  disconnected=disconnected)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -22,6 +22,7 @@ from app.services.inference import (
     sampling_params,
     start_generation,
 )
+from app.services.structured import structured_output
 
 
 class CompletionLogprobsBuilder:
@@ -62,7 +63,8 @@ async def serve_completion(
                                    param="max_tokens")
     params = sampling_params(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                              seed=req.seed, stop=normalize_stop(req.stop), logprobs=req.logprobs,
-                             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+                             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                             structured=structured_output(req))
     gen = await start_generation(engine, prompt_ids=prompt_ids, params=params, target=target,
                                  disconnected=disconnected)
     head = Completion(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=[])

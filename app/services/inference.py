@@ -29,6 +29,8 @@ from app.engine.protocol import (
     RequestTooLarge,
     SamplingParams,
     SamplingParamsError,
+    StructuredOutput,
+    StructuredOutputError,
     TokenEvent,
 )
 from app.errors import (
@@ -144,7 +146,7 @@ def completion_budget(prompt_len: int, requested: int | None, target: ModelTarge
 
 def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p: float | None,
                     seed: int | None, stop: tuple[str, ...], logprobs: int | None, ignore_eos: bool = False,
-                    min_tokens: int = 0) -> list[SamplingParams]:
+                    min_tokens: int = 0, structured: StructuredOutput | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; with a seed, choice i uses seed + i (distinct, reproducible).
 
     `max_tokens` is the budget in force (the client's, or what fits the context when it gave none): a min_tokens
@@ -153,7 +155,7 @@ def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p
         return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                                top_p=1.0 if top_p is None else top_p,
                                seed=None if seed is None else seed + i, stop=stop, logprobs=logprobs,
-                               ignore_eos=ignore_eos, min_tokens=min_tokens)
+                               ignore_eos=ignore_eos, min_tokens=min_tokens, structured=structured)
                 for i in range(n)]
     except SamplingParamsError as exc:
         raise InvalidRequest(str(exc), param=str(exc).split(" ", 1)[0]) from None
@@ -161,6 +163,8 @@ def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p
 
 def engine_exception(exc: Exception) -> ServiceError:
     """An exception raised by the engine at submission, as the client's error."""
+    if isinstance(exc, StructuredOutputError):  # a schema, regex or grammar the engine could not compile
+        return InvalidRequest(f"{exc.param}: {exc}", param=exc.param)
     if isinstance(exc, RequestTooLarge):
         return InvalidRequest(str(exc), param="max_tokens", code="context_length_exceeded")
     if isinstance(exc, EngineOverloaded):
