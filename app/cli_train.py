@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,8 @@ def train_local(*, data: Path, validation: Path | None, opts: TrainOptions, sett
     runtime = open_runtime(settings, load_model=False)
     try:
         console.print(f"loading {settings.model} ...")
-        runtime.model = load_base_model(settings, torch_threads=settings.training_torch_threads
-                                        or settings.torch_threads)
+        runtime = replace(runtime, model=load_base_model(settings, torch_threads=settings.training_torch_threads
+                                                         or settings.torch_threads))
         job_id = _create_local_job(runtime, data=data, validation=validation, opts=opts, tenant=tenant,
                                    console=console)
         worker = threading.Thread(target=_execute, args=(runtime, job_id), name="train", daemon=True)

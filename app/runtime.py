@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -18,6 +18,7 @@ from app.catalog.versions import PrefixStores
 from app.config import Settings
 from app.db.migrate import head, upgrade
 from app.db.session import PoolLimits, make_engine, make_session_factory
+from app.engine.protocol import EngineClientProtocol
 from app.engine.threads import run_in_own_thread
 from app.errors import Unavailable
 from app.readiness import Check, StoreChecks, database_checks, describe_url, log_start_up, model_check, open_blobs
@@ -32,7 +33,6 @@ from app.training.jobs import JobContext
 from prefix_store.cache_tier import open_cache_tier
 
 if TYPE_CHECKING:
-    from app.engine.client import EngineClient
     from app.engine.loop import Engine
     from app.engine.model import LoadedModel
     from app.jobs.queue import JobQueue
@@ -47,32 +47,32 @@ log = logging.getLogger(__name__)
 WORKER_POOL = PoolLimits(size=2, overflow=0, timeout_s=30.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
+    """What the running service holds, fixed once `open_runtime` has built it: routes read its parts through
+    app/api/deps.py, and nothing sets a field afterwards (a test that serves a fake engine builds a copy with
+    `dataclasses.replace`)."""
+
     settings: Settings
     db: sa.Engine
     sessions: sessionmaker[Session]
     blobs: BlobStore
     cache: CacheTier
-    model: LoadedModel | None = None
-    engine: Engine | None = None
-    resolver: PrefixResolver | None = None
-    engine_client: EngineClient | None = None
-    admin_key: str | None = None
-    # Hands created training jobs to workers; None: jobs stay `queued` for a worker's sweep to pick up.
-    job_queue: JobQueue | None = None
+    # The request path's database calls (app/services/db_calls.py): as many threads as the pool keeps open.
+    db_calls: DbCalls
+    # Rate and concurrency counters: Redis when configured (shared by every replica), else this process.
+    counters: CounterStore
     # Whether the database schema is at this build's head; None (no gate) in runtimes built by hand in tests.
     schema_gate: SchemaGate | None = None
     store_checks: StoreChecks | None = None
-    # The request path's database calls (app/services/db_calls.py): as many threads as the pool keeps open.
-    db_calls: DbCalls = field(init=False)
-    # Rate and concurrency counters: Redis when configured (shared by every replica), else this process.
-    counters: CounterStore = field(init=False)
-
-    def __post_init__(self) -> None:
-        s = self.settings
-        self.db_calls = DbCalls(self.sessions, threads=s.database_pool_size, wait_s=s.database_pool_timeout_s)
-        self.counters = CounterStore(s.redis_url, slot_ttl_s=s.request_timeout_s + SLOT_TTL_MARGIN_S)
+    admin_key: str | None = None
+    # The serving half: None in a process that loads no model (`load_model=False`: migrations, the CLI).
+    model: LoadedModel | None = None
+    engine: Engine | None = None
+    resolver: PrefixResolver | None = None
+    engine_client: EngineClientProtocol | None = None
+    # Hands created training jobs to workers; None: jobs stay `queued` for a worker's sweep to pick up.
+    job_queue: JobQueue | None = None
 
     def prefix_stores(self) -> PrefixStores:
         """The stores prefix management writes to; invalidation goes through the resolver (device pool + cache
@@ -150,22 +150,26 @@ def open_runtime(settings: Settings, *, load_model: bool = True) -> Runtime:
     db = make_engine(url, pool=PoolLimits(size=settings.database_pool_size,
                                           overflow=settings.database_max_overflow,
                                           timeout_s=settings.database_pool_timeout_s))
+    sessions = make_session_factory(db)
+    blobs = open_blobs(settings)
+    cache = open_cache_tier(settings.redis_url, ttl_s=settings.redis_ttl_s,
+                            max_value_bytes=settings.redis_max_value_bytes)
     runtime = Runtime(
         settings=settings,
         db=db,
-        sessions=make_session_factory(db),
-        blobs=open_blobs(settings),
-        cache=open_cache_tier(
-            settings.redis_url, ttl_s=settings.redis_ttl_s, max_value_bytes=settings.redis_max_value_bytes
-        ),
+        sessions=sessions,
+        blobs=blobs,
+        cache=cache,
+        db_calls=DbCalls(sessions, threads=settings.database_pool_size, wait_s=settings.database_pool_timeout_s),
+        counters=CounterStore(settings.redis_url, slot_ttl_s=settings.request_timeout_s + SLOT_TTL_MARGIN_S),
+        # Otherwise a schema behind this build would answer 500s (missing tables) while /readyz said ready.
+        schema_gate=open_schema_gate(db),
+        store_checks=StoreChecks(settings, blobs),
+        admin_key=_admin_key(settings),
+        **(_serving_parts(settings, sessions=sessions, cache=cache, blobs=blobs) if load_model else {}),
     )
-    # Otherwise a schema behind this build would answer 500s (missing tables) while /readyz said ready.
-    runtime.schema_gate = open_schema_gate(db)
-    runtime.store_checks = StoreChecks(settings, runtime.blobs)
-    runtime.admin_key = _admin_key(settings)
-    if load_model:
-        _start_model(runtime)
-        runtime.job_queue = open_job_queue(runtime)
+    if load_model:  # the in-process worker trains with the loaded model, so the queue comes last
+        runtime = replace(runtime, job_queue=open_job_queue(runtime))
     log_start_up(settings, runtime._database_checks(), runtime.store_checks)
     return runtime
 
@@ -209,34 +213,34 @@ def load_base_model(settings: Settings, *, torch_threads: int | None = None) -> 
     )
 
 
-def _start_model(runtime: Runtime) -> None:
+def _serving_parts(settings: Settings, *, sessions: sessionmaker[Session], cache: CacheTier,
+                   blobs: BlobStore) -> dict[str, Any]:
+    """Load the model and start the engine thread: Runtime's model, resolver, engine and engine_client."""
     # torch: only a process that loads the model imports the engine, the device pool and the resolver
     from app.engine.client import EngineClient
     from app.engine.factory import build_engine, context_length  # the same reason
     from prefix_store.device_pool import DevicePool  # the same reason
     from prefix_store.resolver import PrefixResolver  # the same reason
 
-    s = runtime.settings
+    s = settings
     # Loading and packing run parallel torch ops: on a thread that ends, so no OpenMP pool outlives them.
     loaded = run_in_own_thread(lambda: load_base_model(s, torch_threads=s.torch_threads), name="model-load")
-    runtime.model = loaded
-    runtime.resolver = PrefixResolver(
-        catalog=DbCatalog(runtime.sessions),
+    resolver = PrefixResolver(
+        catalog=DbCatalog(sessions),
         pool=DevicePool(s.device_pool_bytes),
-        cache=runtime.cache,
-        blobs=runtime.blobs,
+        cache=cache,
+        blobs=blobs,
         device=loaded.device,
         dtype=loaded.dtype,
         spec=loaded.spec,
         max_virtual_tokens=s.max_virtual_tokens,
         max_bytes=s.max_upload_bytes,
     )
-    runtime.engine = run_in_own_thread(lambda: build_engine(loaded, settings=s), name="model-load")
-    runtime.engine.start()
-    runtime.engine_client = EngineClient(
-        runtime.engine, loaded.tokenizer, runtime.resolver, loaded.spec.model_id, context_length(loaded)
-    )
+    engine = run_in_own_thread(lambda: build_engine(loaded, settings=s), name="model-load")
+    engine.start()
+    client = EngineClient(engine, loaded.tokenizer, resolver, loaded.spec.model_id, context_length(loaded))
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)
+    return {"model": loaded, "resolver": resolver, "engine": engine, "engine_client": client}
 
 
 def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None,

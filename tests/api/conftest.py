@@ -8,7 +8,7 @@ Generic on purpose (shared by every tests/api module): `app_env` builds the app 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -65,9 +65,7 @@ def app_env(settings: Settings, fake_engine: FakeEngineClient) -> Iterator[AppEn
     db = make_engine(url)
 
     def factory(s: Settings) -> Runtime:
-        runtime = open_runtime(s, load_model=False)
-        runtime.engine_client = fake_engine  # type: ignore[assignment]
-        return runtime
+        return replace(open_runtime(s, load_model=False), engine_client=fake_engine)
 
     app = with_fake_model(create_app(settings, runtime_factory=factory))
     yield AppEnv(app, settings, make_session_factory(db), fake_engine)

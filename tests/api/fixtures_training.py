@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def run_train_api(request: pytest.FixtureRequest, data_dir: Path, **overrides: A
         upgrade(url)
         overrides["database_url"] = url
     for api in make_api(data_dir, job_queue="none", **overrides):
-        api.runtime.job_queue = RecordingQueue()
+        api.client.app.state.runtime = replace(api.runtime, job_queue=RecordingQueue())  # type: ignore[attr-defined]
         yield api
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,9 +148,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, int, EndlessEngine]]:
     settings = Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, stream_send_timeout_s=0.5)
 
     def factory(s: Settings) -> Runtime:
-        runtime = open_runtime(s, load_model=False)
-        runtime.engine_client = fake  # type: ignore[assignment]
-        return runtime
+        return replace(open_runtime(s, load_model=False), engine_client=fake)
 
     config = uvicorn.Config(with_fake_model(create_app(settings, runtime_factory=factory)), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -283,7 +284,7 @@ async def test_error_mid_stream_sends_error_chunk_then_done(tenant: TenantKey, a
             yield TokenEvent(request_id="r", token_id=None, text="", finish_reason="error",
                              error="internal error")
 
-    app_env.app.state.runtime.engine_client = FailsLater()
+    app_env.app.state.runtime = replace(app_env.app.state.runtime, engine_client=FailsLater())
     events = sse_payloads((await complete(client, tenant, stream=True)).text)
     assert events[0]["choices"][0]["text"] == "h"
     assert events[1]["error"]["type"] == "service_unavailable" and events[2] == "[DONE]"

@@ -5,6 +5,7 @@ SSE)/checkpoints show what a worker writes; the official openai client parses ev
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 import openai
@@ -256,7 +257,8 @@ def test_queue_down_leaves_the_job_queued(train_api: Api) -> None:
     queue_of(api).down = True
     r = create_job(api, key, training_file=file_id(api, key))
     assert r.status_code == 200 and r.json()["status"] == "queued" and queue_of(api).enqueued == []
-    api.runtime.job_queue = None  # a process without a queue (job_queue = "none")
+    # a process without a queue (job_queue = "none")
+    api.client.app.state.runtime = replace(api.runtime, job_queue=None)  # type: ignore[attr-defined]
     r = create_job(api, key, training_file=file_id(api, key), suffix="second")
     assert r.status_code == 200 and r.json()["status"] == "queued"
 

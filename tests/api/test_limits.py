@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,9 +179,7 @@ def _app(tmp_path: Path, fake: FakeEngineClient, **overrides: Any) -> Any:
     settings = Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, **overrides)
 
     def factory(s: Settings) -> Runtime:
-        runtime = open_runtime(s, load_model=False)
-        runtime.engine_client = fake  # type: ignore[assignment]
-        return runtime
+        return replace(open_runtime(s, load_model=False), engine_client=fake)
 
     return with_fake_model(create_app(settings, runtime_factory=factory))
 

@@ -11,7 +11,7 @@ sends hundreds of requests a minute). Examples per operation are bounded to keep
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -52,8 +52,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     def factory(s: Settings) -> Runtime:
         runtime = open_runtime(s, load_model=True)
         fake.model_id = runtime.model.spec.model_id if runtime.model else fake.model_id
-        runtime.engine_client = fake  # type: ignore[assignment]
-        return runtime
+        return replace(runtime, engine_client=fake)
 
     app = create_app(settings_, runtime_factory=factory)
     from fastapi.testclient import TestClient

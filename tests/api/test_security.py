@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -110,9 +111,7 @@ async def test_no_keys_prompts_or_contents_in_logs(client: httpx.AsyncClient, ap
 # ---- CORS --------------------------------------------------------------------------------------------------------
 def _app(tmp_path: Path, **overrides: object) -> object:
     def factory(s: Settings) -> Runtime:
-        runtime = open_runtime(s, load_model=False)
-        runtime.engine_client = FakeEngineClient()  # type: ignore[assignment]
-        return runtime
+        return replace(open_runtime(s, load_model=False), engine_client=FakeEngineClient())
 
     settings = Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, **overrides)  # type: ignore[arg-type]
     return with_fake_model(create_app(settings, runtime_factory=factory))
