@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+from app.engine.sources import EMBEDDED_MODEL
 
 
 class SettingsError(Exception):
@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(default=6 * 3600, ge=1)
     # How often workers sweep for stale running jobs and queued jobs that no queue carries.
     job_sweep_interval_s: float = Field(default=15.0, gt=0)
+    # Batch API: requests of batches in flight in one server process (all its batches together; 0: this process
+    # runs no batches, another replica does). Batches use the job heartbeat, staleness and sweep settings above.
+    batch_concurrency: int = Field(default=16, ge=0)
     # Intra-op threads of a `prefixserve worker` / `prefixserve train` process (default: torch's choice).
     training_torch_threads: int | None = Field(default=None, ge=1)
 

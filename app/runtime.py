@@ -236,11 +236,18 @@ def _serving_parts(settings: Settings, *, sessions: sessionmaker[Session], cache
         max_virtual_tokens=s.max_virtual_tokens,
         max_bytes=s.max_upload_bytes,
     )
-    engine = run_in_own_thread(lambda: build_engine(loaded, settings=s), name="model-load")
+    engine = run_in_own_thread(lambda: build_engine(loaded, **engine_options(s)), name="model-load")
     engine.start()
     client = EngineClient(engine, loaded.tokenizer, resolver, loaded.spec.model_id, context_length(loaded))
     log.info("model %s loaded (%s, %s); engine started", loaded.spec.model_id, loaded.device, loaded.dtype)
     return {"model": loaded, "resolver": resolver, "engine": engine, "engine_client": client}
+
+
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """`build_engine`'s keyword arguments from the settings."""
+    return {"packed_linears": settings.cpu_packed_linears, "max_batch_rows": settings.max_batch_rows,
+            "max_batch_tokens": settings.max_batch_tokens, "max_waiting": settings.max_waiting,
+            "request_timeout_s": settings.request_timeout_s}
 
 
 def job_context(runtime: Runtime, *, loaded: LoadedModel | None = None,

@@ -77,14 +77,14 @@ def _engine_child(n_max: int, new_tokens: int, conn: Any) -> None:
     from app.engine.sampling import SamplingParams
     from app.engine.threads import run_in_own_thread
     from app.engine.types import GenerationRequest
-    from app.runtime import load_base_model
+    from app.runtime import engine_options, load_base_model
     from prefix_store.codec import decode_native, encode_native
     from prefix_store.types import PrefixKV
 
     settings = Settings(data_dir=ROOT / "data")  # the shared converted-model cache; nothing else is written
     # As the server does (app/runtime.py): load and build on threads that end, so no OpenMP pool outlives them.
     loaded = run_in_own_thread(lambda: load_base_model(settings, torch_threads=settings.torch_threads))
-    engine = run_in_own_thread(lambda: build_engine(loaded, settings=settings))
+    engine = run_in_own_thread(lambda: build_engine(loaded, **engine_options(settings)))
     engine.start()
     spec = loaded.spec
 

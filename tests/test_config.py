@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from app.config import EMBEDDED_MODEL, SettingsError, load_settings
+from app.config import SettingsError, load_settings
+from app.engine.sources import EMBEDDED_MODEL
 
 
 def test_defaults_are_the_embedded_deployment(tmp_path, monkeypatch) -> None:

@@ -1,4 +1,5 @@
-"""Build the engine for a loaded model with the limits from Settings."""
+"""Build the engine for a loaded model. The composition root (app/runtime.py) turns the settings into the
+limits; the engine knows nothing of them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 
 import torch
 
-from app.config import Settings
 from app.engine.admission import EngineLimits
 from app.engine.detok import Decoder
 from app.engine.loop import Engine
@@ -24,28 +24,17 @@ def context_length(loaded: LoadedModel) -> int:
     return int(n)
 
 
-def build_engine(
-    loaded: LoadedModel, *, settings: Settings | None = None, packed_linears: bool | None = None, **overrides: float
-) -> Engine:
-    """An engine (not started) on `loaded`; limits from `settings`, then keyword overrides.
+def build_engine(loaded: LoadedModel, *, packed_linears: bool = True, **limits: Any) -> Engine:
+    """An engine (not started) on `loaded`; `limits`: EngineLimits fields (max_positions defaults to the
+    model's context length).
 
-    `packed_linears` (default: the setting, else on) packs the model's CPU fp32 linear layers for inference in
-    place (app/engine/packed_linear.py); training through the same model object is unaffected.
+    `packed_linears` packs the model's CPU fp32 linear layers for inference in place
+    (app/engine/packed_linear.py); training through the same model object is unaffected.
     """
-    limits: dict[str, Any] = {"max_positions": context_length(loaded)}
-    if settings is not None:
-        limits |= {
-            "max_batch_rows": settings.max_batch_rows,
-            "max_batch_tokens": settings.max_batch_tokens,
-            "max_waiting": settings.max_waiting,
-            "request_timeout_s": settings.request_timeout_s,
-        }
-    limits |= overrides
+    limits = {"max_positions": context_length(loaded), **limits}
     pad = loaded.tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad token id")
-    if packed_linears is None:
-        packed_linears = settings.cpu_packed_linears if settings is not None else True
     if packed_linears and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
         n = pack_linears(loaded.model)
         log.info("packed %d linear layers for CPU inference (oneDNN)", n)

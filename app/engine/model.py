@@ -20,19 +20,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from app.config import EMBEDDED_MODEL
 from app.engine.byte_tokenizer import CHAT_TEMPLATE
 from app.engine.fingerprint import architecture, compute_fingerprint
 from app.engine.gguf_cache import embedded_gguf_path, ensure_converted
 from app.engine.model_errors import ModelLoadError
 from app.engine.presets import build_random_model
+from app.engine.sources import EMBEDDED_MODEL, EMBEDDED_PREFIX, RANDOM_PREFIX
 from prefix_store.types import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
-RANDOM_PREFIX = "random:"
-EMBEDDED_PREFIX = "embedded:"
 
 # model_type -> family. "llama": RoPE decoders with (grouped-query) KV heads in `past_key_values`, which is
 # all the engine relies on; "gpt2": learned positions, one KV head per query head.

@@ -18,8 +18,9 @@ import torch
 from fastapi.testclient import TestClient
 from peft import PrefixTuningConfig, get_peft_model
 
-from app.config import EMBEDDED_MODEL, Settings
+from app.config import Settings
 from app.engine.model import LoadedModel, load_model
+from app.engine.sources import EMBEDDED_MODEL
 from app.main import create_app
 from tests.api.sse import sse_payloads
 from tests.conftest import shared_models

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import EMBEDDED_MODEL
 from app.engine.model import LoadedModel, load_model
+from app.engine.sources import EMBEDDED_MODEL
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.config import EMBEDDED_MODEL
 from app.engine import gguf_cache
 from app.engine.byte_tokenizer import build_byte_tokenizer
 from app.engine.fingerprint import SAMPLE_SIZE, compute_fingerprint
 from app.engine.model import LoadedModel, load_model
 from app.engine.model_errors import ModelLoadError
 from app.engine.presets import build_random_model, get_preset
+from app.engine.sources import EMBEDDED_MODEL
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [
