@@ -20,6 +20,7 @@ from tests.api.conftest import ADMIN_KEY, TenantKey
 from tests.api.fake_engine import FakeEngineClient, with_fake_model
 from tests.api.fixtures_admin import ADMIN as API_ADMIN
 from tests.api.fixtures_admin import Api, api_fixture, bearer, native_bytes  # noqa: F401
+from tests.engine.helpers import until
 
 pytestmark = pytest.mark.both_databases  # the requests reach the database: run on both
 
@@ -119,22 +120,26 @@ async def test_tokens_per_minute_counts_completion_tokens(client: httpx.AsyncCli
 async def test_max_concurrent_requests(client: httpx.AsyncClient, tenant: TenantKey,
                                        fake_engine: FakeEngineClient) -> None:
     await put_limits(client, tenant.tenant_id, max_concurrent_requests=1)
-    fake_engine.token_delay_s = 0.03  # 12 tokens: ~0.4 s in flight
+    calls = fake_engine.calls
+    fake_engine.hold_after_first = held = asyncio.Event()  # each generation waits after its first token
     first = asyncio.create_task(client.post("/v1/completions", json=COMPLETION, headers=tenant.headers))
-    await asyncio.sleep(0.15)
+    await until(lambda: len(calls) == 1 and calls[0].first_sent, "the first request is generating")
     assert_limited(await client.post("/v1/completions", json=COMPLETION, headers=tenant.headers),
                    "max_concurrent_requests", 1)
     assert (await client.get("/v1/models", headers=tenant.headers)).status_code == 200  # only generations
+    held.set()
     assert (await first).status_code == 200
     # The slot is back. A stream holds it until its last event, not only until the endpoint returns (which
-    # it does after the first token, ~0.03 s in).
+    # it does with the first token).
+    fake_engine.hold_after_first = held = asyncio.Event()
     stream = asyncio.create_task(client.post("/v1/completions", json={**COMPLETION, "stream": True},
                                              headers=tenant.headers))
-    await asyncio.sleep(0.15)
+    await until(lambda: len(calls) == 2 and calls[1].first_sent, "the stream is generating")
     assert_limited(await client.post("/v1/completions", json=COMPLETION, headers=tenant.headers),
                    "max_concurrent_requests", 1)
+    held.set()
     assert "[DONE]" in (await stream).text
-    fake_engine.token_delay_s = 0
+    fake_engine.hold_after_first = None
     assert (await client.post("/v1/completions", json=COMPLETION, headers=tenant.headers)).status_code == 200
 
 
