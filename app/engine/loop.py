@@ -62,6 +62,9 @@ class Engine:
         self._outbox: Outbox = []
         self._stop = threading.Event()
         self._wake = threading.Event()
+        # Set while the thread waits for work with nothing in flight (observable: the next arrival wakes it
+        # and opens the coalescing window).
+        self.idle = threading.Event()
         self._intake = Intake(resolver_threads=self.limits.resolver_threads, wake=self._wake.set)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -144,7 +147,9 @@ class Engine:
                 idle = False
             self._flush_events()
             if idle:
+                self.idle.set()
                 woken = self._wake.wait(0.05 if self._intake.resolving else 1.0)
+                self.idle.clear()
                 self._wake.clear()
                 if woken and self.limits.coalesce_s > 0:
                     self._stop.wait(self.limits.coalesce_s)

@@ -43,7 +43,7 @@ async def test_a_burst_on_an_idle_engine_is_prefilled_together(tiny_llama) -> No
     engine = make_engine(tiny_llama, coalesce_s=0.05)  # wide, so a loaded machine cannot split the burst
     try:
         await collect(engine, GenerationRequest([1, 2], SHORT))
-        await asyncio.sleep(0.2)  # idle again
+        await until(engine.idle.is_set, "the engine waits for work again")
         before = engine.stats.prefills
         # spread over 14 ms, like clients arriving together (a plain gather fits in one GIL switch interval)
         results = await asyncio.gather(
