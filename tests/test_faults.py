@@ -16,6 +16,7 @@ HTTP.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -144,9 +145,9 @@ def test_redis_killed_during_traffic(serve: Any, redis_server: RedisServer, post
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    _wait_for_more(results, 5)  # traffic is flowing
     redis_server.kill()
-    time.sleep(1.5)
+    _wait_for_more(results, 10)  # and keeps flowing with Redis dead (each is checked below)
     assert c.text("pooled") == pooled
     assert c.complete("stored").status_code == 200  # first use: from the object store, no cache tier
     assert c.upload("during", prefix_bytes[2]).status_code == 201  # uploads need no Redis either
@@ -158,12 +159,15 @@ def test_redis_killed_during_traffic(serve: Any, redis_server: RedisServer, post
 
     # Redis returns (empty): the cache tier is written again without a restart of the server.
     redis_server.start()
-    time.sleep(1.2)  # past the cache tier's retry interval (1 s)
-    assert c.upload("after", prefix_bytes[3]).status_code == 201
+    # A prefix's first load writes it to the cache tier again once the tier's retry interval (1 s) has passed
+    # since Redis last failed: a new prefix each time, until one is written.
     deadline = time.monotonic() + 10
-    while not cache.keys(f"{KEY_PREFIX}:*"):
+    for i in itertools.count():
+        assert c.upload(f"after-{i}", prefix_bytes[3]).status_code == 201
+        assert c.complete(f"after-{i}").status_code == 200
+        if cache.keys(f"{KEY_PREFIX}:*"):
+            break
         assert time.monotonic() < deadline, "the cache tier was not used again after Redis came back"
-        c.complete("after")
         time.sleep(0.2)
     assert c.text("pooled") == pooled
 
@@ -242,6 +246,14 @@ def test_object_store_down(serve: Any, s3_server: S3Server, redis_server: RedisS
         assert c.complete("lost").status_code == 200
     finally:
         proxy.down()
+
+
+def _wait_for_more(results: list[int], n: int) -> None:
+    """Until `n` more requests than now have been answered."""
+    target, deadline = len(results) + n, time.monotonic() + TIMEOUT_S
+    while len(results) < target:
+        assert time.monotonic() < deadline, f"only {len(results)} of {target} answered"
+        time.sleep(0.01)
 
 
 def _prefix_id(c: Client, name: str) -> str:
