@@ -9,7 +9,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.api.routes import admin, chat, completions, files, fine_tuning, health, models, prefixes, users
+from app.api.routes import (
+    admin,
+    batches,
+    chat,
+    completions,
+    files,
+    fine_tuning,
+    health,
+    models,
+    prefixes,
+    users,
+)
+from app.batches.runner import BatchRunner
 from app.config import Settings, load_settings
 from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
@@ -35,9 +47,14 @@ def create_app(
         app.state.runtime = runtime
         if metrics is not None and runtime.resolver is not None:
             runtime.resolver.load_observer = metrics.observe_prefix_load
+        runner = _start_batch_runner(app, runtime)
         try:
             yield
         finally:
+            if runner is not None:
+                # Before the engine stops: requests in flight are cancelled, finished ones recorded, batches
+                # handed back for another replica (or this server's next start) to resume.
+                await runner.stop()
             if runtime.job_queue is not None:
                 # On this loop: the arq pool was opened on it; the in-process worker hands its job back.
                 await runtime.job_queue.close()
@@ -63,9 +80,26 @@ def create_app(
     if metrics is not None:
         _add_metrics_route(app, metrics)
     app.include_router(health.router)
-    for module in (completions, chat, models, prefixes, files, fine_tuning, users, admin):
+    for module in (completions, chat, models, prefixes, files, batches, fine_tuning, users, admin):
         app.include_router(module.router, responses=ERROR_RESPONSES)
     return app
+
+
+def _start_batch_runner(app: FastAPI, runtime: Runtime) -> BatchRunner | None:
+    """The Batch API's runner (app/batches), on this event loop, where a process serves the model; the routes
+    wake it through `app.state.wake_batches` when they create or cancel a batch."""
+    if runtime.engine_client is None or runtime.settings.batch_concurrency == 0:
+        return None
+    gate = runtime.schema_gate
+    runner = BatchRunner(
+        settings=runtime.settings, db_calls=runtime.db_calls, blobs=runtime.blobs, engine=runtime.engine_client,
+        counters=runtime.counters,
+        fingerprint=lambda: runtime.model.spec.fingerprint if runtime.model is not None else None,
+        schema_ready=None if gate is None else lambda: gate.check().ok)
+    runner.start()
+    app.state.batch_runner = runner
+    app.state.wake_batches = runner.wake
+    return runner
 
 
 def _add_metrics_route(app: FastAPI, metrics: Metrics) -> None:

@@ -40,6 +40,7 @@ class Call:
     cancelled: bool = False
     finished: bool = False
     first_sent: bool = False  # its first token is out (with `hold_after_first`)
+    priority: str = "interactive"
 
 
 @dataclass
@@ -80,9 +81,9 @@ class FakeEngineClient:
 
     async def generate(
         self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
-        request_id: str | None = None,
+        request_id: str | None = None, priority: str = "interactive",
     ) -> AsyncIterator[TokenEvent]:
-        call = Call(prompt_ids, sampling, prefix, request_id or "")
+        call = Call(prompt_ids, sampling, prefix, request_id or "", priority=priority)
         self.calls.append(call)
         if self.raise_on_submit is not None:
             raise self.raise_on_submit

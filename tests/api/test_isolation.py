@@ -197,6 +197,8 @@ def test_lists_and_users_are_per_tenant(owned: tuple[Api, str, str, dict[str, st
 COVERED_ELSEWHERE = {
     ("GET", "/v1/models/{}"): "tests/api/test_models.py::test_retrieve (another tenant's prefix is a 404)",
     ("POST", "/v1/users/{}/examples"): "test_lists_and_users_are_per_tenant (B's `ann` is B's own user)",
+    ("GET", "/v1/batches/{}"): "test_batches.py::test_another_tenants_batch_and_files_answer_like_missing_ones",
+    ("POST", "/v1/batches/{}/cancel"): "test_batches.py::test_another_tenants_batch_and_files_answer_like_missing_ones",
 }
 
 
