@@ -36,13 +36,14 @@ def test_a_thread_that_cannot_start_fails_the_future(monkeypatch) -> None:  # ty
 def test_gate_bounds_concurrency() -> None:
     gate = threading.BoundedSemaphore(2)
     running, peak, lock = 0, 0, threading.Lock()
+    pair = threading.Barrier(2, timeout=30)  # two run at once: each waits for the other
 
     def work() -> int:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
-        time.sleep(0.05)
+        pair.wait()
         with lock:
             running -= 1
         return 1
@@ -59,7 +60,9 @@ def test_a_cancelled_start_never_runs() -> None:
     fut = start_in_own_thread(ran.set, name="w", gate=gate)
     assert fut.cancel()
     gate.release()
-    time.sleep(0.1)
+    for thread in threading.enumerate():  # the started thread takes the slot, sees the cancel, and ends
+        if thread.name == "w":
+            thread.join(30)
     assert not ran.is_set()
 
 
@@ -68,5 +71,7 @@ def test_no_openmp_pool_outlives_the_thread() -> None:
     """Parallel torch ops on a thread start OpenMP workers; they go away with the thread."""
     before = len(os.listdir("/proc/self/task"))
     run_in_own_thread(lambda: (torch.randn(30, 3, 256, 64) * 2).sum())
-    time.sleep(0.05)
-    assert len(os.listdir("/proc/self/task")) <= before
+    deadline = time.monotonic() + 30  # the workers exit just after the thread: wait for that, generously
+    while len(os.listdir("/proc/self/task")) > before:
+        assert time.monotonic() < deadline, "OpenMP workers outlived their thread"
+        time.sleep(0.01)
