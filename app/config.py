@@ -87,9 +87,6 @@ class Settings(BaseSettings):
     # Batch API: requests of batches in flight in one server process (all its batches together; 0: this process
     # runs no batches, another replica does). Batches use the job heartbeat, staleness and sweep settings above.
     batch_concurrency: int = Field(default=16, ge=0)
-    # Batch API: requests of batches in flight in one server process (all its batches together; 0: this process
-    # runs no batches, another replica does). Batches use the job heartbeat, staleness and sweep settings above.
-    batch_concurrency: int = Field(default=16, ge=0)
     # Intra-op threads of a `prefixserve worker` / `prefixserve train` process (default: torch's choice).
     training_torch_threads: int | None = Field(default=None, ge=1)
 
