@@ -137,7 +137,10 @@ def install_handlers(app: FastAPI) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return JSONResponse(error_body(msg, "invalid_request_error", param, "invalid_value"), status_code=400)
+        code = "invalid_value"
+        if first.get("type") == "extra_forbidden" and param:  # a field the body does not declare
+            msg, code = f"`{param}` is not supported", "unsupported_parameter"
+        return JSONResponse(error_body(msg, "invalid_request_error", param, code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -61,6 +61,10 @@ class EngineClient:
         text: str = self.tokenizer.decode([token_id])
         return text
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(token_ids))
+        return text
+
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)

@@ -186,6 +186,10 @@ class EngineClientProtocol(Protocol):
 
     def token_text(self, token_id: int) -> str: ...
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of a token sequence (special tokens kept), e.g. a token-id prompt echoed back."""
+        ...
+
     def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
                  request_id: str | None = None, priority: Priority = "interactive") -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine. `prefix`: the

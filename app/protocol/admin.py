@@ -11,7 +11,9 @@ Scope = Literal["inference", "manage"]
 
 
 class TenantCreate(BaseModel):
-    """`POST /admin/tenants` body."""
+    """`POST /admin/tenants` body. Unknown fields are refused (a 400 naming the field), as on every request body."""
+
+    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
 
@@ -41,6 +43,8 @@ class TenantList(BaseModel):
 
 class KeyCreate(BaseModel):
     """`POST /admin/tenants/{id}/keys` body."""
+
+    model_config = ConfigDict(extra="forbid")
 
     scopes: list[Scope] = Field(min_length=1)
 

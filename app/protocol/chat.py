@@ -24,21 +24,29 @@ class ChatMessage(OpenAIRequest):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, description="The participant's name, handed to the chat template "
+                                                       "(as vLLM does; templates that know no names leave it out).")
 
     def template_dict(self) -> dict[str, str]:
         """The message as the tokenizer's chat template expects it."""
         content = self.content
         text = "".join(p.text for p in content) if isinstance(content, list) else content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return out | ({"name": self.name} if self.name is not None else {})
 
 
 class ChatCompletionRequest(SamplingFields, StructuredFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The conversation, rendered with the model's chat template.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Deprecated name of max_completion_tokens.")
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Most tokens to generate per choice (default: as many as fit the context).")
+    logprobs: bool = Field(default=False, description="Return each generated token's logprob (the model's own "
+                                                      "distribution).")
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = Field(
+        default=None, description=f"With logprobs: also this many likeliest alternatives per token "
+                                  f"(0 to {MAX_TOP_LOGPROBS}).")
 
     @field_validator("top_logprobs")
     @classmethod

@@ -21,7 +21,7 @@ from app.protocol.chat import (
     TokenLogprob,
     TopLogprob,
 )
-from app.protocol.common import Usage, normalize_stop
+from app.protocol.common import Usage
 from app.services.access import Access
 from app.services.db_calls import DbCalls
 from app.services.inference import (
@@ -31,9 +31,9 @@ from app.services.inference import (
     completion_budget,
     error_payload,
     request_target,
-    sampling_params,
     start_generation,
 )
+from app.services.sampling_options import sampling_params
 from app.services.structured import structured_output
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,11 @@ async def serve_chat(
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = completion_budget(len(prompt_ids), req.completion_limit, target, engine.context_length,
                                    param=param)
-    params = sampling_params(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                             seed=req.seed, stop=normalize_stop(req.stop),
-                             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                             ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+    params = sampling_params(req, candidates=req.n, max_tokens=max_tokens,
+                             logprobs=(req.top_logprobs or 0) if req.logprobs else None, vocab_size=engine.vocab_size,
                              structured=structured_output(req))
-    gen = await start_generation(engine, prompt_ids=prompt_ids, params=params, target=target,
-                                 disconnected=disconnected)
+    gen = await start_generation(engine, requests=[(prompt_ids, p) for p in params], prompt_tokens=len(prompt_ids),
+                                 target=target, disconnected=disconnected)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if req.stream:
         gen.stop_watching()
@@ -103,26 +101,27 @@ async def serve_chat(
 
 async def _stream(req: ChatCompletionRequest, gen: Generation, head: ChatCompletionChunk,
                   engine: EngineClientProtocol, prompt_tokens: int) -> AsyncIterator[str]:
-    """Chunk payloads: each choice's role first, then content deltas, its finish; usage if asked; [DONE]."""
+    """Chunk payloads: each choice's role first, then content deltas, its finish; usage if asked (and in every
+    chunk with continuous_usage_stats: that choice's so far); [DONE]."""
     exclude = None if req.include_usage else {"usage"}
+    generated = [0] * gen.n  # tokens of each choice so far
 
     def chunk(choice: ChunkChoice) -> str:
-        return head.model_copy(update={"choices": [choice]}).model_dump_json(exclude=exclude)
+        usage = Usage.of(prompt_tokens, generated[choice.index]) if req.continuous_usage else None
+        return head.model_copy(update={"choices": [choice], "usage": usage}).model_dump_json(exclude=exclude)
 
-    completion_tokens = 0
     try:
         for i in range(gen.n):
             yield chunk(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
         async for index, ev in gen.events():
+            generated[index] = ev.completion_tokens
             if not (ev.text or ev.final or req.logprobs):
                 continue
-            if ev.final:
-                completion_tokens += ev.completion_tokens
             yield chunk(ChunkChoice(index=index, delta=Delta(content=ev.text or None),
                                     logprobs=chat_logprobs(engine, [ev]) if req.logprobs else None,
                                     finish_reason=ev.finish_reason))  # type: ignore[arg-type]
         if req.include_usage:
-            usage = Usage.of(prompt_tokens, completion_tokens)
+            usage = Usage.of(prompt_tokens, sum(generated))
             yield head.model_copy(update={"usage": usage}).model_dump_json()
     except ServiceError as exc:
         yield error_payload(exc)

@@ -1,8 +1,8 @@
-"""Serving core shared by completions and chat: resolve `model`, build sampling, run n engine requests.
+"""Serving core shared by completions and chat: resolve `model`, check prompts and budgets, run engine requests.
 
 The engine is reached through app/engine/protocol.py, torch-free, so the web layer imports it at the top.
 
-`Generation` runs a request's n choices as n engine requests and merges their events. It is started with
+`Generation` runs a request's choices (prompts x n) as engine requests and merges their events. It is started with
 `start()`, which waits for the first event of every choice: admission errors (too large, overloaded) and
 prefix-load failures therefore become plain HTTP errors before any stream begins. Closing it, or the client
 disconnecting, cancels every engine request still running.
@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -28,8 +28,6 @@ from app.engine.protocol import (
     EngineOverloaded,
     RequestTooLarge,
     SamplingParams,
-    SamplingParamsError,
-    StructuredOutput,
     StructuredOutputError,
     TokenEvent,
 )
@@ -142,23 +140,6 @@ def completion_budget(prompt_len: int, requested: int | None, target: ModelTarge
             f"This model's maximum context length is {context_length} tokens; the request has "
             f"{prompt_len} prompt tokens{prefix}{asked}.", param=param, code="context_length_exceeded")
     return requested if requested is not None else room
-
-
-def sampling_params(*, n: int, max_tokens: int, temperature: float | None, top_p: float | None,
-                    seed: int | None, stop: tuple[str, ...], logprobs: int | None, ignore_eos: bool = False,
-                    min_tokens: int = 0, structured: StructuredOutput | None = None) -> list[SamplingParams]:
-    """One SamplingParams per choice; with a seed, choice i uses seed + i (distinct, reproducible).
-
-    `max_tokens` is the budget in force (the client's, or what fits the context when it gave none): a min_tokens
-    above it is a 400 naming `min_tokens`, as vLLM checks it against the same budget."""
-    try:
-        return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                               top_p=1.0 if top_p is None else top_p,
-                               seed=None if seed is None else seed + i, stop=stop, logprobs=logprobs,
-                               ignore_eos=ignore_eos, min_tokens=min_tokens, structured=structured)
-                for i in range(n)]
-    except SamplingParamsError as exc:
-        raise InvalidRequest(str(exc), param=str(exc).split(" ", 1)[0]) from None
 
 
 def engine_exception(exc: Exception) -> ServiceError:
@@ -274,14 +255,15 @@ class Generation:
         self.stop_watching()
 
 
-async def start_generation(engine: EngineClientProtocol, *, prompt_ids: list[int], params: list[SamplingParams],
-                           target: ModelTarget, disconnected: Callable[[], Awaitable[None]] | None = None
-                           ) -> Generation:
-    """Submit one engine request per choice and wait until each has started (see `Generation.start`)."""
+async def start_generation(engine: EngineClientProtocol, *, requests: Sequence[tuple[list[int], SamplingParams]],
+                           prompt_tokens: int, target: ModelTarget,
+                           disconnected: Callable[[], Awaitable[None]] | None = None) -> Generation:
+    """Submit one engine request per (prompt ids, sampling) pair, the choice of its index, and wait until each
+    has started (see `Generation.start`). `prompt_tokens`: the request's prompt tokens, each prompt counted once."""
     base = uuid.uuid4().hex
-    note_prompt(len(prompt_ids))
-    streams = [engine.generate(prompt_ids=prompt_ids, sampling=p, prefix=target.ref,
-                               request_id=f"{base}-{i}") for i, p in enumerate(params)]
+    note_prompt(prompt_tokens)
+    streams = [engine.generate(prompt_ids=ids, sampling=p, prefix=target.ref, request_id=f"{base}-{i}")
+               for i, (ids, p) in enumerate(requests)]
     gen = Generation(streams, disconnected)
     try:
         await gen.start()

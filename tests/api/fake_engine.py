@@ -9,7 +9,7 @@ engine does (the stop string itself is not returned). Every call and every cance
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,8 @@ class FakeEngineClient:
     error_event: str | None = None  # the first event is a final error event with this message
     error_kind: str | None = None  # ... and this ErrorKind
     hold_after_first: asyncio.Event | None = None  # every request waits for it after its first token
+    # Each token's logprob (when logprobs are asked) given the request's sampling; -0.5 when not set.
+    logprob_of: Callable[[SamplingParams], float] | None = None
     calls: list[Call] = field(default_factory=list)
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -70,6 +72,9 @@ class FakeEngineClient:
 
     def token_text(self, token_id: int) -> str:
         return "" if token_id == EOS else chr(token_id)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(self.token_text(t) for t in token_ids)
 
     def script(self, prefix: PrefixRef | None, sampling: SamplingParams) -> str:
         text = "hello world" if prefix is None else f"<{prefix.name}@{prefix.version}>"
@@ -107,7 +112,8 @@ class FakeEngineClient:
                     piece = piece[: len(piece) - (len(text) - text.index(hit))]
                 k = sampling.logprobs
                 yield TokenEvent(
-                    token_id=tid, text=piece, logprob=None if k is None else -0.5,
+                    token_id=tid, text=piece,
+                    logprob=None if k is None else self.logprob_of(sampling) if self.logprob_of else -0.5,
                     top_logprobs=tuple((tid + j, -0.5 - j) for j in range(k or 0)),
                     finish_reason=reason, completion_tokens=n, **common,
                 )

@@ -25,7 +25,7 @@ async def chat(client: httpx.AsyncClient, tenant: TenantKey, **body: Any) -> htt
 
 async def test_non_streaming(client: httpx.AsyncClient, tenant: TenantKey,
                              fake_engine: FakeEngineClient) -> None:
-    r = await chat(client, tenant, user="u1", tools=[], response_format={"type": "text"})
+    r = await chat(client, tenant, user="u1")
     assert r.status_code == 200, r.text
     body = r.json()
     assert list(body) == ["id", "object", "created", "model", "system_fingerprint", "choices", "usage"]

@@ -38,7 +38,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> dict[str,
 @both_databases
 async def test_non_streaming_shape_and_usage(client: httpx.AsyncClient, tenant: TenantKey,
                                              fake_engine: FakeEngineClient) -> None:
-    r = await complete(client, tenant, max_tokens=50, user="u-1", frobnicate=True)  # unknown field ignored
+    r = await complete(client, tenant, max_tokens=50, user="u-1", metadata={"k": "v"}, store=False)
     assert r.status_code == 200, r.text
     body = r.json()
     assert list(body) == ["id", "object", "created", "model", "system_fingerprint", "choices", "usage"]
@@ -74,7 +74,7 @@ async def test_stop_list(client: httpx.AsyncClient, tenant: TenantKey, fake_engi
     assert fake_engine.calls[0].sampling.stop == ("zz", "w")
 
 
-@pytest.mark.parametrize("prompt", ["hi", ["hi"], [104, 105], [[104, 105]]])
+@pytest.mark.parametrize("prompt", ["hi", ["hi"], [104, 105], [[104, 105]]])  # one prompt, in every form
 async def test_prompt_forms(client: httpx.AsyncClient, tenant: TenantKey, fake_engine: FakeEngineClient,
                             prompt: Any) -> None:
     r = await complete(client, tenant, prompt=prompt)
@@ -210,10 +210,11 @@ async def test_prefix_made_for_another_base_model_is_refused_up_front(
 
 @pytest.mark.parametrize(("field", "value"), [
     ("max_tokens", 0), ("max_tokens", "5"), ("max_tokens", 1.5), ("temperature", 2.5), ("temperature", -1),
-    ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 9), ("seed", "x"), ("seed", True),
+    ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 65), ("seed", "x"), ("seed", True),
     ("stop", ["a", "b", "c", "d", "e"]), ("stop", ""), ("stop", 5), ("logprobs", 6), ("logprobs", -1),
-    ("stream", "yes"), ("prompt", ["a", "b"]), ("prompt", []), ("prompt", 5), ("user", 5), ("model", 3),
-    ("stream_options", {"include_usage": "yes"}),
+    ("stream", "yes"), ("prompt", [[]]), ("prompt", []), ("prompt", 5), ("prompt", ["a", 1]), ("user", 5),
+    ("model", 3), ("stream_options", {"include_usage": "yes"}), ("stream_options", {"frobnicate": True}),
+    ("store", True), ("metadata", {"k": 1}), ("echo", "yes"), ("best_of", 0), ("best_of", 65),
 ])
 async def test_invalid_fields(client: httpx.AsyncClient, tenant: TenantKey, field: str, value: Any) -> None:
     r = await complete(client, tenant, **{field: value})

@@ -109,7 +109,7 @@ BAD_REQUESTS: list[tuple[dict[str, Any], int, str | None, str]] = [
     ({"hyperparameters": {"learning_rate_multiplier": -1}}, 400, "hyperparameters.learning_rate_multiplier",
      "greater than 0"),
     ({"hyperparameters": {"learning_rate": 0.1, "learning_rate_multiplier": 2}}, 400, "hyperparameters", "not both"),
-    ({"hyperparameters": {"n_epoch": 3}}, 400, "hyperparameters.n_epoch", "Extra inputs"),
+    ({"hyperparameters": {"n_epoch": 3}}, 400, "hyperparameters.n_epoch", "is not supported"),
     ({"hyperparameters": {"warmup_ratio": 1.5}}, 400, "hyperparameters.warmup_ratio", "less than 1"),
     ({"num_virtual_tokens": 0}, 400, "num_virtual_tokens", "greater than or equal to 1"),
     ({"num_virtual_tokens": 300}, 400, "num_virtual_tokens", "limit of 256"),
