@@ -12,6 +12,7 @@ from typing import Any
 from app.engine.loop import Engine
 from app.engine.protocol import Priority, SamplingParams, TokenEvent
 from app.engine.structured import StructuredCompiler
+from app.engine.tool_template import hermes_messages, knows_tools, native_messages
 from app.engine.types import GenerationRequest
 from prefix_store.ref import PrefixRef
 from prefix_store.resolver import PrefixResolver
@@ -50,9 +51,16 @@ class EngineClient:
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The model's chat template, ending with the assistant turn's opening."""
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The model's chat template, ending with the assistant turn's opening. Tools and tool calls go to a
+        template that knows them as HF expects them, to one that does not in the Hermes format (tool_template)."""
+        extra: dict[str, Any] = {}
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            if knows_tools(getattr(self.tokenizer, "chat_template", None)):
+                messages, extra = native_messages(messages), {"tools": tools} if tools else {}
+            else:
+                messages = hermes_messages(messages, tools)
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in recent transformers
             out = out["input_ids"]
         return [int(t) for t in out]

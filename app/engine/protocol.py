@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from prefix_store.ref import PrefixRef
 
@@ -182,7 +182,10 @@ class EngineClientProtocol(Protocol):
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation through the model's chat template, with `tools` (OpenAI's shape) and the messages'
+        tool calls and results rendered as the template can (app/engine/tool_template.py)."""
+        ...
 
     def token_text(self, token_id: int) -> str: ...
 

@@ -8,10 +8,11 @@ from pydantic import Field, SerializerFunctionWrapHandler, ValidationInfo, field
 
 from app.protocol.common import OpenAIRequest, OpenAIResponse, SamplingFields, Usage
 from app.protocol.structured import StructuredFields
+from app.protocol.tools import DeltaToolCall, ToolCall, ToolCallIn, ToolFields
 
 MAX_TOP_LOGPROBS = 20
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class TextPart(OpenAIRequest):
@@ -22,8 +23,10 @@ class TextPart(OpenAIRequest):
 class ChatMessage(OpenAIRequest):
     """One message. `developer` is treated as `system` (chat templates do not know it)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls, sent back in the conversation
+    tool_call_id: str | None = None  # a tool message: the call it answers
     name: str | None = Field(default=None, description="The participant's name, handed to the chat template "
                                                        "(as vLLM does; templates that know no names leave it out).")
 
@@ -34,8 +37,18 @@ class ChatMessage(OpenAIRequest):
         out = {"role": "system" if self.role == "developer" else self.role, "content": text}
         return out | ({"name": self.name} if self.name is not None else {})
 
+    def template_message(self) -> dict[str, Any]:
+        """`template_dict` with the tool calls and the answered call's id (app/engine/tool_template.py renders
+        them for the chat template)."""
+        out: dict[str, Any] = dict(self.template_dict())
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
-class ChatCompletionRequest(SamplingFields, StructuredFields):
+
+class ChatCompletionRequest(SamplingFields, StructuredFields, ToolFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="The conversation, rendered with the model's chat template.")
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(
@@ -81,6 +94,12 @@ class ChoiceLogprobs(OpenAIResponse):
 class AssistantMessage(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCall] | None = None  # left out when the turn made no calls
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return data if data.get("tool_calls") is not None else {k: v for k, v in data.items() if k != "tool_calls"}
 
 
 class ChatChoice(OpenAIResponse):
@@ -105,6 +124,7 @@ class Delta(OpenAIResponse):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -64,10 +64,12 @@ class FakeEngineClient:
             return [ord(c) % self.vocab_size for c in prompt]
         return [int(t) for t in prompt]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if any(m["role"] == "assistant" and "{%" in m["content"] for m in messages):
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        if any(m["role"] == "assistant" and "{%" in (m["content"] or "") for m in messages):
             raise ValueError("template error")  # a template refusing the conversation
         text = "".join(f"{m['role']}:{m['content']}\n" for m in messages) + "assistant:"
+        if tools:
+            text = "tools:" + ",".join(t["function"]["name"] for t in tools) + "\n" + text
         return self.encode_prompt(text)
 
     def token_text(self, token_id: int) -> str:
