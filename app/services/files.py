@@ -29,7 +29,7 @@ from app.services.limits import Limits, check_storage
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
-from app.services.uploads import limited_receive, read_part
+from app.services.uploads import limited_receive, read_part, refuse_unknown_fields
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ async def read_file_form(request: Request, *, limit: int) -> Upload:
         if len(parts) != 1 or not isinstance(parts[0], UploadFile):
             raise InvalidRequest("send exactly one `file` part (a JSONL file, with a filename)", param="file",
                                  code="missing_file")
+        refuse_unknown_fields(form, {"file", "purpose"})
         data = await read_part(parts[0], limit=limit)
         return Upload(purpose, _filename(parts[0].filename), data)
 

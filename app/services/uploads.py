@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
@@ -164,6 +164,14 @@ def _decode_peft_pair(
                        max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
 
 
+def refuse_unknown_fields(form: FormData, known: set[str]) -> None:
+    """A form field the endpoint does not take is a 400 naming it, as an undeclared JSON field is (app/errors.py):
+    never silently dropped."""
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        raise InvalidRequest(f"`{unknown[0]}` is not supported", param=unknown[0], code="unsupported_parameter")
+
+
 async def read_prefix_form(request: Request, *, limit: int) -> tuple[str, list[tuple[str, bytes]]]:
     """Parse `POST /v1/prefixes`: field `name`, and `file` once or `files` twice. The body is counted while
     it streams (413 past limit + overhead) and the file parts together may hold at most `limit` bytes."""
@@ -186,6 +194,7 @@ async def read_prefix_form(request: Request, *, limit: int) -> tuple[str, list[t
             which = "`file` once" if single else "`files` exactly twice"
             raise InvalidRequest(f"send {which}, found {len(parts)} parts",
                                  param="file" if single else "files")
+        refuse_unknown_fields(form, {"name", "file", "files"})
         files: list[tuple[str, bytes]] = []
         total = 0
         for part in parts:

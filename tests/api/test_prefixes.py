@@ -207,6 +207,9 @@ def test_bad_forms_and_names(api: Api) -> None:
     wrong = [("files", ("config.json", b"{}")), ("files", ("adapter_model.bin", b"\x80"))]
     assert "never loaded" in _form(api, key, {"name": "p"}, wrong)["message"]
     assert "empty" in _form(api, key, {"name": "p"}, [("file", ("p.safetensors", b""))])["message"]
+    extra = _form(api, key, {"name": "p", "description": "x"}, [("file", ("p.safetensors", good))])
+    assert extra == {"message": "`description` is not supported", "type": "invalid_request_error",
+                     "param": "description", "code": "unsupported_parameter"}
     for name, fragment in [("Bad Name", "invalid prefix name"), ("user:bob", "reserved"),
                            ("a" * 65, "1-64"), ("-x", "starting with"), ("a@1", "invalid prefix name")]:
         err = _form(api, key, {"name": name}, [("file", ("p.safetensors", good))])

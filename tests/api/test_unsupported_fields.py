@@ -84,3 +84,12 @@ async def test_the_openai_client_sends_only_what_is_set(app_env: AppEnv, client:
     assert [c.index for c in done.choices] == [0, 1, 2, 3]
     with pytest.raises(openai.BadRequestError, match="suffix"):
         await oa.completions.create(model="fake-base", prompt="a", suffix="!")
+
+
+async def test_multipart_form_fields(client: httpx.AsyncClient, tenant: TenantKey) -> None:
+    """An upload (a multipart form) refuses a field it does not take the same way, and stores nothing (the prefix
+    upload's form: tests/api/test_prefixes.py test_bad_forms_and_names)."""
+    r = await client.post("/v1/files", headers=tenant.headers, data={"purpose": "fine-tune", "expires_after": "1"},
+                          files={"file": ("a.jsonl", b'{"prompt": "a", "completion": "b"}\n')})
+    assert_unsupported(r, "expires_after")
+    assert (await client.get("/v1/files", headers=tenant.headers)).json()["data"] == []
