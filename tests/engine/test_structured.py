@@ -51,9 +51,11 @@ async def run(client: EngineClient, sampling: SamplingParams,
 
 
 async def test_every_output_validates_against_its_schema(client: EngineClient) -> None:
-    """The corpus, greedy and seeded, compact and with the default whitespace: all in one batch."""
+    """The corpus, compact (greedy and seeded) and with the default whitespace (seeded: greedy, the random model
+    fills every gap with whitespace, which only costs time): all in one batch."""
+    variants = (("", 0.0, None), ("", 1.0, 7), (None, 1.0, 7))
     cases = [(name, dataclasses.replace(GREEDY, structured=schema_of(schema, ws), temperature=temp, seed=seed))
-             for name, schema in SCHEMAS.items() for ws in ("", None) for temp, seed in ((0.0, None), (1.0, 7))]
+             for name, schema in SCHEMAS.items() for ws, temp, seed in variants]
     results = await asyncio.gather(*[run(client, params) for _, params in cases])
     for (name, params), (_, text, final) in zip(cases, results, strict=True):
         assert final.finish_reason == "stop", (name, params, text)
