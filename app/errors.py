@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -103,6 +105,18 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def invalid_fields(errors: Sequence[Any]) -> InvalidRequest:
+    """The 400 for a request that failed validation (pydantic's errors): its first error, naming the field. Also
+    what a Batch API request with a bad body gets (app/services/batch_lines.py), so both answer alike."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if first.get("type") == "extra_forbidden" and param:  # a field the body does not declare
+        return InvalidRequest(f"`{param}` is not supported", param=param, code="unsupported_parameter")
+    return InvalidRequest(msg, param=param, code="invalid_value")
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map every error to the OpenAI error shape; anything unexpected is a logged 500 without internals."""
 
@@ -132,15 +146,8 @@ def install_handlers(app: FastAPI) -> None:
         return await _service(request, database_busy())
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-        param = ".".join(loc) or None
-        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        code = "invalid_value"
-        if first.get("type") == "extra_forbidden" and param:  # a field the body does not declare
-            msg, code = f"`{param}` is not supported", "unsupported_parameter"
-        return JSONResponse(error_body(msg, "invalid_request_error", param, code), status_code=400)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _service(request, invalid_fields(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

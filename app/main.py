@@ -47,7 +47,7 @@ def create_app(
         app.state.runtime = runtime
         if metrics is not None and runtime.resolver is not None:
             runtime.resolver.load_observer = metrics.observe_prefix_load
-        runner = _start_batch_runner(app, runtime)
+        runner = await _start_batch_runner(app, runtime)
         try:
             yield
         finally:
@@ -85,7 +85,7 @@ def create_app(
     return app
 
 
-def _start_batch_runner(app: FastAPI, runtime: Runtime) -> BatchRunner | None:
+async def _start_batch_runner(app: FastAPI, runtime: Runtime) -> BatchRunner | None:
     """The Batch API's runner (app/batches), on this event loop, where a process serves the model; the routes
     wake it through `app.state.wake_batches` when they create or cancel a batch."""
     if runtime.engine_client is None or runtime.settings.batch_concurrency == 0:
@@ -96,7 +96,7 @@ def _start_batch_runner(app: FastAPI, runtime: Runtime) -> BatchRunner | None:
         counters=runtime.counters,
         fingerprint=lambda: runtime.model.spec.fingerprint if runtime.model is not None else None,
         schema_ready=None if gate is None else lambda: gate.check().ok)
-    runner.start()
+    await runner.start()
     app.state.batch_runner = runner
     app.state.wake_batches = runner.wake
     return runner

@@ -62,8 +62,10 @@ class BatchRunner:
         self._stopping = False
 
     # ---- what the rest of the process calls -----------------------------------------------------------------
-    def start(self) -> None:
-        """On the serving event loop (the app's lifespan)."""
+    async def start(self) -> None:
+        """On the serving event loop (the app's lifespan): a first look for batches (those a stopped or dead
+        server left), before the app serves, then the loop in the background."""
+        await self._look()
         self._task = asyncio.create_task(self._main(), name="batch-runner")
 
     def wake(self) -> None:
@@ -105,13 +107,16 @@ class BatchRunner:
     # ---- the loop ----------------------------------------------------------------------------------------------
     async def _main(self) -> None:
         while not self._stopping:
-            try:
-                await self._claim()
-            except Exception as exc:  # the database is down or busy: look again at the next wake or poll
-                log.warning("batch runner: could not look for batches (%s: %s)", type(exc).__name__, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             self._wake.clear()
+            await self._look()
+
+    async def _look(self) -> None:
+        try:
+            await self._claim()
+        except Exception as exc:  # the database is down or busy: look again at the next wake or poll
+            log.warning("batch runner: could not look for batches (%s: %s)", type(exc).__name__, exc)
 
     async def _claim(self) -> None:
         free = MAX_BATCHES - len(self._runs)

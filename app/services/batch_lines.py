@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ValidationError
 
 from app.engine.protocol import EngineClientProtocol, TokenEvent
-from app.errors import InvalidRequest, RateLimited, ServiceError, Unavailable, error_body
+from app.errors import InvalidRequest, RateLimited, ServiceError, Unavailable, error_body, invalid_fields
 from app.protocol.chat import ChatCompletionRequest
 from app.protocol.completions import CompletionRequest
 from app.services.access import Access
@@ -63,17 +63,6 @@ class BatchPriorityEngine:
         return self._engine.generate(**{**kwargs, "priority": "batch"})
 
 
-def invalid_body(errors: Sequence[Any]) -> InvalidRequest:
-    """The 400 the endpoint gives a body that fails validation (app/errors.py, the RequestValidationError handler):
-    its first error, naming the field."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    if first.get("type") == "extra_forbidden" and param:  # a field the body does not declare
-        return InvalidRequest(f"`{param}` is not supported", param=param, code="unsupported_parameter")
-    return InvalidRequest(msg, param=param, code="invalid_value")
-
-
 def _transient(exc: ServiceError) -> bool:
     """A 503 (database, prefix store or engine unavailable) or the engine's full queue: retrying cures it."""
     return isinstance(exc, Unavailable) or (isinstance(exc, RateLimited) and exc.code == "overloaded")
@@ -87,7 +76,7 @@ async def _answer(line: BatchLine, *, endpoint: str, access: Access, db_calls: D
     try:
         req = model.model_validate(line.body)
     except ValidationError as exc:
-        raise invalid_body(exc.errors()) from None
+        raise invalid_fields(exc.errors()) from None
     if req.stream:
         raise InvalidRequest("stream: a batch's requests are answered whole, not streamed", param="stream")
     kwargs: dict[str, Any] = {"access": access, "db_calls": db_calls, "engine": BatchPriorityEngine(engine),

@@ -112,19 +112,21 @@ async def test_each_request_is_answered_as_its_endpoint_answers_it(
     bodies = {"base": {"model": "fake-base", "prompt": "hi", "max_tokens": 5},
               "bot": {"model": "bot", "prompt": "hi", "seed": 3},
               "bad": {"model": "fake-base", "prompt": "hi", "max_tokens": 0},
-              "missing": {"model": "nope", "prompt": "hi"}}
+              "missing": {"model": "nope", "prompt": "hi"},
+              "unknown-field": {"model": "fake-base", "prompt": "hi", "bogus": 1}}
     file_id = await upload(api, tenant, [line(k, v) for k, v in bodies.items()])
     created = await create(api, tenant, file_id, metadata={"job": "nightly"})
-    assert created["status"] == "in_progress" and created["request_counts"]["total"] == 4
+    assert created["status"] == "in_progress" and created["request_counts"]["total"] == 5
     assert created["metadata"] == {"job": "nightly"} and created["expires_at"] - created["created_at"] == 86400
     batch = await until(api, tenant, created["id"], finished, "the batch finishing")
-    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 5, "completed": 2, "failed": 3}
     assert batch["completed_at"] is not None and batch["finalizing_at"] is not None
     assert app_env.engine.calls and all(c.priority == "batch" for c in app_env.engine.calls)
 
     out = await content(api, tenant, batch["output_file_id"])
     errors = await content(api, tenant, batch["error_file_id"])
-    assert [o["custom_id"] for o in out] == ["base", "bot"] and [e["custom_id"] for e in errors] == ["bad", "missing"]
+    assert [o["custom_id"] for o in out] == ["base", "bot"]
+    assert [e["custom_id"] for e in errors] == ["bad", "missing", "unknown-field"]
     usage = {"input_tokens": 0, "output_tokens": 0}
     for record in out + errors:
         assert record["id"].startswith("batch_req_") and record["error"] is None
