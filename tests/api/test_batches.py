@@ -17,8 +17,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from app.batches.run import Pace
 from app.config import Settings
 from app.db.models import Batch, BatchResult, File, utcnow
+from app.engine.protocol import EngineOverloaded
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
 from tests.api.fake_engine import FAKE_FINGERPRINT, Call, FakeEngineClient
 
@@ -28,9 +30,16 @@ COMPLETIONS = "/v1/completions"
 
 
 class HangingEngine(FakeEngineClient):
-    """The fake engine, except that a request whose prompt holds "hang" waits until it is cancelled."""
+    """The fake engine, except that a request whose prompt holds "hang" waits until it is cancelled, and the first
+    `overloaded` requests find the engine's queue full."""
+
+    overloaded = 0
 
     async def generate(self, **kw: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        if self.overloaded > 0:
+            self.overloaded -= 1
+            self.calls.append(Call(kw["prompt_ids"], kw["sampling"], None, "", priority=kw["priority"]))
+            raise EngineOverloaded("1024 requests are already waiting")
         if "hang" in "".join(chr(t) for t in kw["prompt_ids"]):
             call = Call(kw["prompt_ids"], kw["sampling"], kw.get("prefix"), kw.get("request_id") or "",
                         priority=kw.get("priority", "interactive"))
@@ -282,3 +291,32 @@ async def test_generated_tokens_count_against_the_tenants_tokens_per_minute(
     assert batch["usage"]["output_tokens"] > 5
     r = await api.post(COMPLETIONS, headers=tenant.headers, json={"model": "fake-base", "prompt": "x"})
     assert r.status_code == 429 and "tokens_per_minute limit of 5" in r.json()["error"]["message"]
+
+
+async def test_a_request_the_engine_cannot_take_now_is_tried_again(
+        api: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey) -> None:
+    engine = app_env.engine
+    app_env.app.state.batch_runner.pace = Pace(retry_base_s=0.0, heartbeat_s=0.05, max_attempts=3)
+    engine.overloaded = 2  # type: ignore[attr-defined]  # two tries find the queue full, the third is answered
+    batch = await create(api, tenant, await upload(api, tenant, [line("a", {"model": "fake-base", "prompt": "x"})]))
+    batch = await until(api, tenant, batch["id"], finished, "the batch finishing")
+    assert batch["request_counts"] == {"total": 1, "completed": 1, "failed": 0} and len(engine.calls) == 3
+    engine.overloaded = 3  # type: ignore[attr-defined]  # every try: the last failure is the request's answer
+    batch = await create(api, tenant, await upload(api, tenant, [line("b", {"model": "fake-base", "prompt": "x"})]))
+    batch = await until(api, tenant, batch["id"], finished, "the batch finishing")
+    (error,) = await content(api, tenant, batch["error_file_id"])
+    assert error["response"]["status_code"] == 429 and error["response"]["body"]["error"]["code"] == "overloaded"
+
+
+async def test_a_stopping_server_records_what_finished_and_hands_its_batch_back(
+        api: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey) -> None:
+    file_id = await upload(api, tenant, [line("done", {"model": "fake-base", "prompt": "a"}),
+                                         line("stuck", {"model": "fake-base", "prompt": "hang"})])
+    batch = await create(api, tenant, file_id)
+    await until(api, tenant, batch["id"], lambda b: b["request_counts"]["completed"] == 1, "the first answer")
+    await app_env.app.state.batch_runner.stop()
+    with app_env.sessions() as s:
+        row = s.get_one(Batch, batch["id"])
+        assert (row.status, row.lease_token, row.completed) == ("in_progress", None, 1)  # claimable at once
+        assert s.scalars(sa.select(BatchResult.line).where(BatchResult.batch_id == row.id)).all() == [1]
+    assert [c.cancelled for c in app_env.engine.calls if c.prompt_ids == [ord(c) for c in "hang"]] == [True]
