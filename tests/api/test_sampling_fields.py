@@ -54,9 +54,10 @@ async def test_defaults_are_off(client: httpx.AsyncClient, tenant: TenantKey, fa
     ("stop_token_ids", [-1]), ("stop_token_ids", [256]), ("stop_token_ids", "3"), ("stop_token_ids", [1.5]),
 ])
 async def test_bad_values_are_a_400_naming_the_field(client: httpx.AsyncClient, tenant: TenantKey,
-                                                     fake_engine: FakeEngineClient, endpoint: str, field: str,
-                                                     value: Any) -> None:
-    r = await post(client, tenant, endpoint, max_tokens=8, **{field: value})
+                                                     fake_engine: FakeEngineClient, field: str, value: Any) -> None:
+    """Checked on completions; chat shares the fields' model (SamplingFields) and their service-side checks, as
+    test_vocabulary_checks_say_the_range shows on both."""
+    r = await post(client, tenant, "completions", max_tokens=8, **{field: value})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].split(".")[0] == field, r.text
     assert fake_engine.calls == []
