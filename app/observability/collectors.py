@@ -54,6 +54,8 @@ class EngineCollector(Collector):
         steps = CounterMetricFamily("prefixserve_engine_decode_steps", "Decode steps run.")
         prefills = CounterMetricFamily("prefixserve_engine_prefills", "Prefill forwards run.")
         tokens = CounterMetricFamily("prefixserve_engine_generated_tokens", "Tokens sampled by the engine.")
+        preempted = CounterMetricFamily("prefixserve_engine_preempted_rows",
+                                        "Batch-priority rows that gave their place up to an interactive request.")
         if engine is not None:
             s = engine.stats  # plain ints written by the engine thread; a torn read is one step stale at worst
             batch.add_metric([], s.running_rows)
@@ -62,7 +64,8 @@ class EngineCollector(Collector):
             steps.add_metric([], s.steps)
             prefills.add_metric([], s.prefills)
             tokens.add_metric([], s.generated_tokens)
-        yield from (batch, waiting, max_rows, steps, prefills, tokens)
+            preempted.add_metric([], s.preempted)
+        yield from (batch, waiting, max_rows, steps, prefills, tokens, preempted)
 
 
 class PrefixTierCollector(Collector):

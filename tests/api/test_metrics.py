@@ -167,3 +167,4 @@ def test_engine_and_prefix_tier_metrics_on_a_real_model(real_app: Callable[[], T
     assert value(m, "prefixserve_engine_batch_size") == 0  # idle now
     assert value(m, "prefixserve_engine_waiting_requests") == 0
     assert value(m, "prefixserve_engine_max_batch_rows") == 64
+    assert value(m, "prefixserve_engine_preempted_rows_total") == 0  # no batch-priority rows ran
