@@ -15,9 +15,9 @@ import pytest
 
 from app.engine.client import EngineClient
 from app.engine.factory import context_length
-from app.engine.protocol import SamplingParams, StructuredOutput, StructuredOutputError
+from app.engine.protocol import Priority, SamplingParams, StructuredOutput, StructuredOutputError
 from app.engine.types import TokenEvent
-from tests.engine.helpers import StepProbe, make_engine
+from tests.engine.helpers import StepProbe, make_engine, until
 from tests.engine.structured_corpus import SCHEMAS
 
 PROMPT = "Answer in JSON:"
@@ -38,10 +38,10 @@ async def client(tiny_llama) -> AsyncIterator[EngineClient]:  # type: ignore[no-
         engine.stop()
 
 
-async def run(client: EngineClient, sampling: SamplingParams,
-              prompt: str = PROMPT) -> tuple[list[int], str, TokenEvent]:
+async def run(client: EngineClient, sampling: SamplingParams, prompt: str = PROMPT,
+              priority: Priority = "interactive") -> tuple[list[int], str, TokenEvent]:
     tokens, text, final = [], "", None
-    async for ev in client.generate(prompt_ids=client.encode_prompt(prompt), sampling=sampling):
+    async for ev in client.generate(prompt_ids=client.encode_prompt(prompt), sampling=sampling, priority=priority):
         if ev.token_id is not None:
             tokens.append(ev.token_id)
         text += ev.text
@@ -136,3 +136,28 @@ async def test_compiled_grammars_are_cached_lru(client: EngineClient) -> None:
     assert compiler.compiled == 3
     await compiler.row_grammar(b)
     assert compiler.compiled == 4
+
+
+async def test_a_preempted_constrained_row_restarts_its_grammar(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    """A batch row taken out of the batch by an interactive request is prefilled again from its start: its
+    grammar starts again too (else the rerun would end early, its grammar already part-way through)."""
+    engine = make_engine(tiny_llama, max_batch_rows=2)
+    client = EngineClient(engine, tiny_llama.tokenizer, None, "tiny", context_length(tiny_llama))
+    exactly_20 = [SamplingParams(max_tokens=30, temperature=0.9, seed=seed,
+                                 structured=StructuredOutput("regex", "[a-c]{20}")) for seed in (1, 2)]
+    probe = StepProbe(engine)
+    probe.hold()
+    try:
+        batch = [asyncio.create_task(run(client, p, priority="batch")) for p in exactly_20]
+        await until(lambda: probe.decoding.is_set() and len(probe.decodes[-1]) == 2, "both batch rows decoding")
+        interactive = asyncio.create_task(run(client, SamplingParams(max_tokens=3, temperature=0.0)))
+        await until(lambda: engine.stats.waiting == 1, "the interactive request queued")
+        probe.release()
+        await interactive
+        assert engine.stats.preempted == 1
+        for params, (tokens, text, final) in zip(exactly_20, await asyncio.gather(*batch), strict=True):
+            assert re.fullmatch("[a-c]{20}", text) and final.finish_reason == "stop", text
+            assert tokens == (await run(client, params))[0]  # as alone
+    finally:
+        probe.release()
+        engine.stop()
