@@ -129,6 +129,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "xml"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "at least 1"),
+    ({"structured_outputs": {"regex": "a", "backend": "x"}}, "structured_outputs.backend", "not supported"),
 ]
 
 
