@@ -60,6 +60,24 @@ class TokenCounts:
         self.output[slot] += 1
 
 
+@dataclass(frozen=True)
+class LogitBias:
+    """A row's logit_bias on its device: ids [K] long (distinct), values [K] float32."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    max_id: int
+
+    @classmethod
+    def create(cls, params: SamplingParams, device: torch.device) -> LogitBias | None:
+        """None without a logit_bias."""
+        if not params.logit_bias:
+            return None
+        ids, values = zip(*params.logit_bias, strict=True)
+        return cls(torch.tensor(ids, dtype=torch.long, device=device),
+                   torch.tensor(values, dtype=torch.float32, device=device), max(ids))
+
+
 class RowControls(Protocol):
     """What the controls read of a row's sampler state (app/engine/sampling.py SamplerState)."""
 
@@ -67,21 +85,20 @@ class RowControls(Protocol):
     generated: int  # tokens chosen before this step
     end_token_ids: tuple[int, ...]  # what min_tokens forbids
     counts: TokenCounts | None  # when a penalty is on
-    bias: tuple[torch.Tensor, torch.Tensor] | None  # logit_bias as ids [K], values [K] on the device
+    bias: LogitBias | None
 
 
-def bias_tensors(params: SamplingParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A row's logit_bias as (ids [K] long, values [K] float32) on `device`; None without one."""
-    if not params.logit_bias:
-        return None
-    ids, values = zip(*params.logit_bias, strict=True)
-    return (torch.tensor(ids, dtype=torch.long, device=device),
-            torch.tensor(values, dtype=torch.float32, device=device))
-
-
-def _row_index(rows: list[int], sizes: list[int], device: torch.device) -> torch.Tensor:
-    """[N]: each entry's row, for `sizes[j]` entries of row `rows[j]`."""
-    return torch.repeat_interleave(torch.tensor(rows, device=device), torch.tensor(sizes, device=device))
+def _entries(x: torch.Tensor, rows: list[int], ids: list[torch.Tensor], per_row: list[list[float]]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of x [B, V] spread over some rows: `ids[j]` [n_j] are row rows[j]'s columns. Returns their flat
+    positions in x.view(-1) [N] (N = sum n_j) and, for each, its row's `per_row[j]` values [N, C]: a handful of
+    ops whatever the row count (one gather from a small per-row table), none over the vocabulary."""
+    dev = x.device
+    sizes = torch.tensor([t.shape[0] for t in ids], device=dev)
+    table = torch.tensor([[float(r * x.shape[-1]), *vals] for r, vals in zip(rows, per_row, strict=True)],
+                         dtype=torch.float64, device=dev)  # [R, 1 + C]: the row's offset (exact in float64)
+    e = table[torch.repeat_interleave(sizes)]  # [N, 1 + C]: each entry's row
+    return e[:, 0].long() + torch.cat(ids), e[:, 1:].to(x.dtype)
 
 
 def _end_token_entries(states: Sequence[RowControls], vocab: int) -> list[tuple[int, int]]:
@@ -91,35 +108,35 @@ def _end_token_entries(states: Sequence[RowControls], vocab: int) -> list[tuple[
 
 
 def _add_bias(x: torch.Tensor, states: Sequence[RowControls]) -> None:
-    """x [B, V] += each biased row's logit_bias, in place (ids outside the vocabulary are skipped)."""
+    """x [B, V] (contiguous) += each biased row's logit_bias, in place; ids past the logits are skipped."""
     rows = [i for i, s in enumerate(states) if s.bias is not None]
-    ids = torch.cat([b[0] for i in rows if (b := states[i].bias) is not None])  # [N]
-    values = torch.cat([b[1] for i in rows if (b := states[i].bias) is not None])  # [N]
-    r = _row_index(rows, [int(b[0].shape[0]) for i in rows if (b := states[i].bias) is not None], x.device)
-    inside = ids < x.shape[-1]
-    r, ids, values = r[inside], ids[inside], values[inside]
-    x[r, ids] = x[r, ids] + values  # ids are distinct within a row: no entry is written twice
+    biases = [b for i in rows if (b := states[i].bias) is not None]
+    flat, _ = _entries(x, rows, [b.ids for b in biases], [[] for _ in rows])
+    values = torch.cat([b.values for b in biases])  # [N]
+    if max(b.max_id for b in biases) >= x.shape[-1]:
+        inside = torch.cat([b.ids for b in biases]) < x.shape[-1]
+        flat, values = flat[inside], values[inside]
+    x.view(-1).index_add_(0, flat, values)  # ids are distinct within a row: each entry gets one addition
 
 
 def _penalize(x: torch.Tensor, states: Sequence[RowControls]) -> None:
-    """Each penalized row's penalties on x [B, V], in place, on the tokens it has seen only:
+    """Each penalized row's penalties on x [B, V] (contiguous), in place, on the tokens it has seen only:
     repetition (prompt and output tokens: positive logits divided by it, the others multiplied), then
     frequency (times the token's output count) and presence (once if it was generated) subtracted."""
     rows = [i for i, s in enumerate(states) if s.counts is not None]
     counts = [c for i in rows if (c := states[i].counts) is not None]
-    sizes = [c.size for c in counts]
-    ids = torch.cat([c.ids[: c.size] for c in counts])  # [N]
+    per_row = [[states[i].params.repetition_penalty, states[i].params.frequency_penalty,
+                states[i].params.presence_penalty] for i in rows]
+    flat, p = _entries(x, rows, [c.ids[: c.size] for c in counts], per_row)  # [N], [N, 3]
     output = torch.cat([c.output[: c.size] for c in counts])  # [N]
-    r = _row_index(rows, sizes, x.device)
-    per_row = torch.tensor([[states[i].params.repetition_penalty, states[i].params.frequency_penalty,
-                             states[i].params.presence_penalty] for i in rows], device=x.device)  # [R, 3]
-    rep, freq, pres = per_row[_row_index(list(range(len(rows))), sizes, x.device)].unbind(1)  # [N] each
     if max(c.max_id for c in counts) >= x.shape[-1]:  # a prompt id past the logits (tokenizer > model)
-        inside = ids < x.shape[-1]
-        r, ids, output, rep, freq, pres = (t[inside] for t in (r, ids, output, rep, freq, pres))
-    v = x[r, ids]
+        inside = torch.cat([c.ids[: c.size] for c in counts]) < x.shape[-1]
+        flat, p, output = flat[inside], p[inside], output[inside]
+    rep, freq, pres = p.unbind(1)
+    flat_x = x.view(-1)
+    v = flat_x[flat]
     v = torch.where(v > 0, v / rep, v * rep)
-    x[r, ids] = v - freq * output - pres * (output > 0).to(v.dtype)
+    flat_x[flat] = v - freq * output - pres * (output > 0).to(v.dtype)
 
 
 def apply_controls(logits: torch.Tensor, states: Sequence[RowControls]) -> torch.Tensor:
@@ -132,7 +149,7 @@ def apply_controls(logits: torch.Tensor, states: Sequence[RowControls]) -> torch
     penalized = any(s.counts is not None for s in states)
     if not (masked or biased or penalized):
         return logits
-    x = logits.clone()
+    x = logits.clone(memory_format=torch.contiguous_format)  # flat views below
     if masked:
         rows, cols = zip(*masked, strict=True)
         x[torch.tensor(rows, device=x.device), torch.tensor(cols, device=x.device)] = float("-inf")
@@ -159,8 +176,10 @@ def apply_min_p(x: torch.Tensor, min_p: list[float]) -> torch.Tensor:
     rows = [i for i, m in enumerate(min_p) if m > 0.0]
     if not rows:
         return x
+    log_min_p = torch.tensor([[math.log(min_p[i])] for i in rows], device=x.device)  # [r, 1]
+    if len(rows) == x.shape[0]:  # in place: three passes over the logits, no copies
+        return x.masked_fill_(x < x.amax(dim=-1, keepdim=True) + log_min_p, float("-inf"))
     idx = torch.tensor(rows, device=x.device)
     sub = x.index_select(0, idx)  # [r, V]
-    floor = sub.amax(dim=-1, keepdim=True) + torch.tensor([[math.log(min_p[i])] for i in rows], device=x.device)
-    x[idx] = sub.masked_fill(sub < floor, float("-inf"))
+    x.index_copy_(0, idx, sub.masked_fill_(sub < sub.amax(dim=-1, keepdim=True) + log_min_p, float("-inf")))
     return x

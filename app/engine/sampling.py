@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from app.engine.logits_processors import TokenCounts, apply_controls, apply_min_p, bias_tensors, record_tokens
+from app.engine.logits_processors import LogitBias, TokenCounts, apply_controls, apply_min_p, record_tokens
 from app.engine.protocol import MAX_TOP_LOGPROBS, SamplingParams, SamplingParamsError
 from app.engine.structured import RowGrammar
 from app.engine.structured_mask import advance_grammars, apply_grammars
@@ -41,7 +41,7 @@ class SamplerState:
     generated: int = 0
     grammar: RowGrammar | None = None  # structured outputs: the row's matcher (app/engine/structured.py)
     counts: TokenCounts | None = None
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    bias: LogitBias | None = None
 
     @classmethod
     def create(cls, params: SamplingParams, device: torch.device, end_token_ids: frozenset[int] = frozenset(),
@@ -60,7 +60,7 @@ class SamplerState:
             seen = prompt_ids if params.repetition_penalty != 1.0 else ()
             counts = TokenCounts.create(seen, params.max_tokens, device)
         return cls(params=params, generator=gen, end_token_ids=ends, counts=counts,
-                   bias=bias_tensors(params, device))
+                   bias=LogitBias.create(params, device))
 
 
 @dataclass(frozen=True)

@@ -82,9 +82,9 @@ def test_repetition_penalty_reaches_prompt_tokens_only_when_on() -> None:
     assert select_tokens(logits, [freq])[0].token_id == 4  # generated once: 2.0 - 2 - 2 < 1.5
 
 
-def test_min_p_keeps_what_the_probability_definition_keeps() -> None:
+@pytest.mark.parametrize("min_ps", [[0.0, 0.01, 0.1, 0.5, 1.0], [0.02, 0.01, 0.1, 0.5, 1.0]])  # some rows / all
+def test_min_p_keeps_what_the_probability_definition_keeps(min_ps: list[float]) -> None:
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(4)) * 3
-    min_ps = [0.0, 0.01, 0.1, 0.5, 1.0]
     temperature = 0.7
     x = _filtered_logits(logits, [SamplingParams(temperature=temperature, min_p=m) for m in min_ps])
     for i, m in enumerate(min_ps):
