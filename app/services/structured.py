@@ -18,7 +18,8 @@ ANY_OBJECT = '{"type":"object"}'
 
 
 def _schema_text(schema: Any, param: str) -> str:
-    """A JSON schema (an object or a boolean, or its JSON text) as canonical JSON: sorted keys, no spaces."""
+    """A JSON schema (an object or a boolean, or its JSON text) as compact JSON. Its key order is kept: the
+    grammar generates required properties in the order the schema lists them (as OpenAI's structured outputs)."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -26,7 +27,7 @@ def _schema_text(schema: Any, param: str) -> str:
             raise InvalidRequest(f"{param} must be a JSON schema; its text is not JSON: {exc}", param=param) from None
     if not isinstance(schema, dict | bool):
         raise InvalidRequest(f"{param} must be a JSON schema (an object), got {type(schema).__name__}", param=param)
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
 
 
 def _whitespace(disable: bool, pattern: str | None, param: str) -> str | None:

@@ -1,11 +1,11 @@
 """One streamed chat choice under tools: each engine event's text as content and tool-call deltas, OpenAI's way.
 
-- `auto`: content streams as it comes (a tail that may open a `<tool_call>` tag waits for the next piece, and
-  trailing whitespace waits for more text, so the whitespace around calls is not sent); each call goes out whole
-  in one delta (index, id, type, name and arguments) once its block closes.
+- `auto` and `required` (both `<tool_call>` blocks): content streams as it comes (a tail that may open a
+  `<tool_call>` tag waits for the next piece, and trailing whitespace waits for more text, so the whitespace
+  around calls is not sent); each call goes out whole in one delta (index, id, type, name and arguments) once
+  its block closes.
 - named: the call's first delta carries id, type and name with empty arguments; the arguments then stream
   piece by piece.
-- `required`: the calls (a JSON list) go out when the choice ends, one delta per call.
 
 The choice ends with "tool_calls" when it made calls. Torch-free.
 """
@@ -13,7 +13,7 @@ The choice ends with "tool_calls" when it made calls. Torch-free.
 from __future__ import annotations
 
 from app.protocol.tools import DeltaFunctionCall, DeltaToolCall
-from app.services.tools import ChatTools, HermesParser, ParsedCall, forced_calls, new_call
+from app.services.tools import ChatTools, HermesParser, ParsedCall, new_call
 
 
 def _delta(index: int, call: ParsedCall) -> DeltaToolCall:
@@ -29,22 +29,11 @@ class ToolStream:
         self.calls = 0
         self._parser = HermesParser(tools.parallel)
         self._space = ""  # whitespace held until text follows it
-        self._text = ""  # a `required` choice's output so far
 
     def step(self, text: str, final: bool, finish_reason: str | None
              ) -> tuple[str | None, list[DeltaToolCall], str | None]:
-        mode = self.tools.mode
-        if mode == "named":
+        if self.tools.mode == "named":
             return self._named(text, finish_reason)
-        if mode == "required":
-            self._text += text
-            if not final:
-                return None, [], None
-            calls = forced_calls(self.tools, self._text) if finish_reason == "stop" else []
-            if not calls:  # cut short: what it wrote, as text
-                return self._text or None, [], finish_reason
-            self.calls = len(calls)
-            return None, [_delta(i, c) for i, c in enumerate(calls)], "tool_calls"
         content, calls = self._parser.feed(text)
         if final:
             content += self._parser.close()

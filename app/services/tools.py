@@ -5,9 +5,10 @@ turned into OpenAI's `tool_calls`.
 - `auto` (the default with tools): the tools go through the model's chat template (app/engine/tool_template.py)
   and the model writes what it wants; `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks in its
   output (the Hermes format of SmolLM2's, Qwen2.5's and Hermes' fine-tunes) become tool calls, the rest content.
-- `required`: the output is constrained (a JSON schema the grammar engine enforces, as vLLM does) to a JSON list
-  of one or more calls `{"name": <a tool's name>, "arguments": <its parameters schema>}` (one with
-  `parallel_tool_calls: false`).
+- `required`: the output is constrained (a grammar the grammar engine enforces) to one or more of those blocks,
+  each `{"name": <a tool's name>, "arguments": <its parameters schema>}` (one with `parallel_tool_calls: false`).
+  The format the prompt showed, so the model can end its turn after a call: with vLLM's JSON list of calls the
+  embedded SmolLM2 repeated its first call until max_tokens (greedy), with these blocks it stopped after its calls.
 - a named function: the output is constrained to that function's arguments (its parameters schema).
 
 A turn with calls ends with `finish_reason: "tool_calls"`. Torch-free.
@@ -56,7 +57,7 @@ class ChatTools:
 
 
 def _schema_text(schema: dict[str, Any]) -> str:
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)  # key order kept: `name` comes first
 
 
 def chat_tools(req: ToolFields) -> ChatTools:
@@ -82,13 +83,14 @@ def chat_tools(req: ToolFields) -> ChatTools:
                                  param="tool_choice")
         return ChatTools(rendered, "named", parallel, name,
                          StructuredOutput("json_schema", _schema_text(params[name]), CALL_WHITESPACE, param="tools"))
-    calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
-        {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-         "properties": {"name": {"const": n}, "arguments": p}} for n, p in params.items()]}}
-    if not parallel:
-        calls["maxItems"] = 1
-    return ChatTools(rendered, "required", parallel, None,
-                     StructuredOutput("json_schema", _schema_text(calls), CALL_WHITESPACE, param="tools"))
+    call = {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                       "properties": {"name": {"const": n}, "arguments": p}} for n, p in params.items()],
+            "x-guidance": {"whitespace_pattern": CALL_WHITESPACE}}
+    more = ' ("\\n" call)*' if parallel else ""  # Lark: further calls, one per line
+    grammar = (f"start: call{more}\n"
+               f'call: "{TOOL_CALL_START}\\n" body "\\n{TOOL_CALL_END}"\n'
+               f"body: %json {_schema_text(call)}")  # llguidance's Lark takes an inline JSON schema
+    return ChatTools(rendered, "required", parallel, None, StructuredOutput("grammar", grammar, param="tools"))
 
 
 def one_constraint(tools: ChatTools, other: StructuredOutput | None) -> StructuredOutput | None:
@@ -107,17 +109,14 @@ def _call_of(obj: Any) -> tuple[str, str] | None:
     return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def forced_calls(tools: ChatTools, text: str) -> list[ParsedCall]:
-    """The calls of a `required` or named turn (its output followed their grammar); [] if it was cut short."""
+def named_call(tools: ChatTools, text: str) -> list[ParsedCall]:
+    """The call of a named turn (its output is the arguments, as streamed: the text itself); [] if cut short."""
+    assert tools.named is not None
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         return []
-    if tools.mode == "named":  # the output is the arguments (as streamed: the text itself)
-        assert tools.named is not None
-        return [new_call(tools.named, text.strip())] if isinstance(value, dict) else []
-    calls = [c for item in (value if isinstance(value, list) else []) if (c := _call_of(item)) is not None]
-    return [new_call(name, args) for name, args in calls]
+    return [new_call(tools.named, text.strip())] if isinstance(value, dict) else []
 
 
 class HermesParser:
@@ -177,8 +176,8 @@ class HermesParser:
 def turn_of(tools: ChatTools, text: str, finish_reason: str | None) -> tuple[str | None, list[ParsedCall], str | None]:
     """A whole turn's (content, calls, finish_reason): calls end it with "tool_calls"; content around them is
     trimmed and None when empty."""
-    if tools.mode in ("required", "named"):
-        calls = forced_calls(tools, text) if finish_reason == "stop" else []
+    if tools.mode == "named":
+        calls = named_call(tools, text) if finish_reason == "stop" else []
         return (None, calls, "tool_calls") if calls else (text, [], finish_reason)
     parser = HermesParser(tools.parallel)
     content, calls = parser.feed(text)

@@ -69,6 +69,11 @@ async def test_json_schema_fields(client: httpx.AsyncClient, tenant: TenantKey, 
         text, reason = text_of(await post(client, tenant, endpoint, **fields))
         assert reason == "stop", (fields, text)
         jsonschema.validate(json.loads(text), SCHEMA)
+    # Required properties come in the schema's order (name before age): the schema's key order is kept.
+    ordered = SCHEMAS["required_fields"]
+    text, _ = text_of(await post(client, tenant, endpoint, structured_outputs={"json": ordered,
+                                                                                "disable_any_whitespace": True}))
+    assert list(json.loads(text)) == ["name", "age"], text
 
 
 async def test_json_object_regex_choice_grammar(client: httpx.AsyncClient, tenant: TenantKey) -> None:

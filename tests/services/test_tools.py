@@ -32,10 +32,15 @@ def test_modes_and_their_constraints() -> None:
     assert (none.mode, none.template_tools, none.constraint) == ("none", None, None)
     required = chat_tools(request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False))
     assert required.constraint is not None and required.constraint.param == "tools"
-    schema = json.loads(required.constraint.spec)
-    assert (schema["minItems"], schema["maxItems"]) == (1, 1)
-    assert [o["properties"]["name"]["const"] for o in schema["items"]["anyOf"]] == ["get_weather", "get_time"]
-    assert schema["items"]["anyOf"][1]["properties"]["arguments"] == {"type": "object"}  # no parameters: any
+    assert required.constraint.kind == "grammar"
+    start, call, body = required.constraint.spec.split("\n")
+    assert (start, call) == ("start: call", r'call: "<tool_call>\n" body "\n</tool_call>"')  # exactly one call
+    schema = json.loads(body.removeprefix("body: %json "))
+    assert [o["properties"]["name"]["const"] for o in schema["anyOf"]] == ["get_weather", "get_time"]
+    assert list(schema["anyOf"][0]["properties"]) == ["name", "arguments"]  # in the order models write them
+    assert schema["anyOf"][1]["properties"]["arguments"] == {"type": "object"}  # no parameters: any
+    several = chat_tools(request(tools=[WEATHER], tool_choice="required")).constraint
+    assert several is not None and several.spec.startswith('start: call ("\\n" call)*\n')
     named = chat_tools(request(tools=[WEATHER, TIME],
                                tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     assert (named.mode, named.named) == ("named", "get_weather")
@@ -106,8 +111,8 @@ def test_stream_deltas() -> None:
     assert first[1][1].function.arguments + last[1][0].function.arguments == '{"city": "Oslo"}'
     assert last[2] == "tool_calls"
     required = ToolStream(chat_tools(request(tools=[WEATHER], tool_choice="required")))
-    assert required.step('[{"name": "get_weather", ', False, None) == (None, [], None)
-    _, calls, reason = required.step('"arguments": {"city": "Rome"}}]', True, "stop")
+    assert required.step('<tool_call>\n{"name": "get_weather", ', False, None) == (None, [], None)
+    _, calls, reason = required.step('"arguments": {"city": "Rome"}}\n</tool_call>', True, "stop")
     assert (calls[0].function.name, json.loads(calls[0].function.arguments or ""), reason) == \
         ("get_weather", {"city": "Rome"}, "tool_calls")
 
