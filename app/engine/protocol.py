@@ -50,10 +50,10 @@ class StructuredOutput:
 
     kind / spec: "json_schema" (the schema as compact JSON, its key order kept: required properties are generated
     in the order the schema lists them), "regex" (the whole output matches it), "grammar" (Lark or GBNF/EBNF) or
-    "choice" (a JSON list of strings: the output is exactly one of them). whitespace (json_schema only): None = the default (at
-    most 20 whitespace characters between two JSON tokens), "" = none at all, else a regex for it. param: the
-    request field that asked for it, which an invalid spec's 400 names (not part of equality: equal constraints
-    share one compiled grammar).
+    "choice" (a JSON list of strings: the output is exactly one of them). whitespace (json_schema only): None =
+    the default (at most 20 whitespace characters between two JSON tokens), "" = none at all, else a regex for
+    it. param: the request field that asked for it, which an invalid spec's 400 names (not part of equality:
+    equal constraints share one compiled grammar).
     """
 
     kind: StructuredKind
