@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     redis_ttl_s: int = Field(default=24 * 3600, ge=1)
     redis_max_value_bytes: int = Field(default=16 * 2**20, ge=1)
     max_virtual_tokens: int = Field(default=256, ge=1)
+    # A stack of prefixes in one request (`support-bot+user:ann`): the most parts, and the most virtual tokens
+    # of all its parts together (each part is within max_virtual_tokens already).
+    max_stack_prefixes: int = Field(default=4, ge=1)
+    max_stack_virtual_tokens: int = Field(default=512, ge=1)
     max_upload_bytes: int = Field(default=64 * 2**20, ge=1)
     # Training files (`POST /v1/files`): the largest accepted, and the most examples (lines) one may hold.
     max_file_bytes: int = Field(default=64 * 2**20, ge=1)

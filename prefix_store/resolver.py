@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -30,6 +30,7 @@ from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable, sh
 from prefix_store.cache_tier import CacheTier, PrefixKey
 from prefix_store.device_pool import DevicePool
 from prefix_store.ref import PrefixRef
+from prefix_store.stack import concat_prefixes
 from prefix_store.types import ModelSpec, PrefixKV
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,12 @@ class PrefixResolver:
         self._count("device_misses")
         kv, source = self._load_once(ref)
         return ResolvedPrefix(ref, kv, source)
+
+    def load_stack(self, refs: Sequence[PrefixRef]) -> PrefixKV:
+        """A stack of prefix versions as one PrefixKV [L, H_kv, P1 + P2 + ..., D] (prefix_store/stack.py): each
+        part through `load` (device pool, single flight), concatenated per request. Not cached per stack: the
+        copy costs microseconds next to a prefill, and a cached stack would hold every part's bytes twice."""
+        return concat_prefixes([self.load(ref).kv for ref in refs])
 
     def invalidate(self, tenant_id: str, prefix_id: str) -> None:
         """After a delete/replacement has committed: free it here and tell every other replica."""

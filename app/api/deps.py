@@ -9,16 +9,16 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.catalog.refs import InvalidRef, split_ref
 from app.engine.protocol import EngineClientProtocol
-from app.errors import Forbidden, Unauthorized, Unavailable
+from app.errors import Forbidden, ServiceError, Unauthorized, Unavailable
 from app.observability.context import current as request_record
 from app.observability.context import note_tenant
 from app.services import limits
-from app.services.access import Access, ModelQuery, admin_access, authorize
+from app.services.access import Access, StackQuery, admin_access, authorize
 from app.services.auth import Principal
 from app.services.limit_store import CounterStore
 from app.services.limits import Limits
+from app.services.stacks import StackLimits, named_stack
 
 if TYPE_CHECKING:
     from app.runtime import Runtime
@@ -58,7 +58,7 @@ def bearer_key(request: Request) -> str:
     return key.strip()
 
 
-async def _authorize(request: Request, runtime: Runtime, model: ModelQuery | None = None) -> Access:
+async def _authorize(request: Request, runtime: Runtime, model: StackQuery | None = None) -> Access:
     """The caller's access, from one query in a short session on a database thread (see DbCalls). A database
     outage is the global handler's 503 (app/errors.py install_handlers); no free thread or connection, a 503
     `database_busy`."""
@@ -139,22 +139,25 @@ ManageDep = Annotated[Principal, Depends(require_tenant("manage"))]
 AdminDep = Annotated[Principal, Depends(require_admin)]
 
 
-async def _named_model(request: Request, base_model_id: str | None) -> ModelQuery | None:
-    """The prefix version the JSON body's `model` names, to look up with the key; None for the base model or
-    when the body has no usable `model` (the route's own validation answers that). FastAPI has parsed the body
-    before the dependencies run and Starlette keeps it, so this reads no bytes from the client."""
+async def _named_model(request: Request, base_model_id: str | None, limits: StackLimits) -> StackQuery | None:
+    """The prefix versions the JSON body's `model` (or `prefixes`) names, a stack's parts included, to look up
+    with the key; None for the base model or when the body names nothing usable (the route's own validation and
+    the serving core answer that). FastAPI has parsed the body before the dependencies run and Starlette keeps
+    it, so this reads no bytes from the client."""
     try:
         body = await request.json()
     except ValueError:
         return None
     model = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(model, str) or model == base_model_id:
+    prefixes = body.get("prefixes") if isinstance(body, dict) else None
+    if not isinstance(model, str) or base_model_id is None:
+        return None
+    if prefixes is not None and not (isinstance(prefixes, list) and all(isinstance(p, str) for p in prefixes)):
         return None
     try:
-        name, version = split_ref(model)
-    except InvalidRef:
+        return named_stack(model, prefixes, base_model_id=base_model_id, limits=limits).parts or None
+    except ServiceError:
         return None
-    return ModelQuery(name, version)
 
 
 async def generation_access(request: Request) -> AsyncIterator[Access]:
@@ -163,7 +166,8 @@ async def generation_access(request: Request) -> AsyncIterator[Access]:
     included); then its completion tokens are counted. Holds no thread and no connection meanwhile."""
     runtime = runtime_of(request)
     client = runtime.engine_client
-    query = await _named_model(request, client.model_id if client is not None else None)
+    query = await _named_model(request, client.model_id if client is not None else None,
+                               StackLimits.of(runtime.settings))
     access = await _authorize(request, runtime, query)
     tenant_id, tenant_limits = _tenant_of(access, "inference")
 

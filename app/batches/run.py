@@ -34,6 +34,7 @@ from app.services.batch_lines import LineOutcome, Transient, run_line
 from app.services.db_calls import DbCalls
 from app.services.limit_store import CounterStore
 from app.services.limits import Limits
+from app.services.stacks import StackLimits
 from prefix_store.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class BatchRun:
     # ---- the requests --------------------------------------------------------------------------------------
     async def _run_lines(self, pending: list[BatchLine], tenant_limits: Limits) -> None:
         access = Access(Principal(tenant_id=self.claim.tenant_id, scopes=frozenset({"inference"})),
-                        limits=tenant_limits)
+                        limits=tenant_limits, stacking=StackLimits.of(self.runner.settings))
         beats = asyncio.create_task(self._heartbeats())
         in_flight: set[asyncio.Task[None]] = set()
         try:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from app.engine.loop import Engine
-from app.engine.protocol import Priority, SamplingParams, TokenEvent
+from app.engine.protocol import PrefixSelection, Priority, SamplingParams, TokenEvent
 from app.engine.structured import StructuredCompiler
 from app.engine.tool_template import hermes_messages, knows_tools, native_messages
 from app.engine.types import GenerationRequest
@@ -77,11 +77,14 @@ class EngineClient:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def _loader(self, ref: PrefixRef) -> Callable[[], PrefixKV]:
-        """Loads `ref` on the engine's loader thread (a cold load never stalls a step)."""
+    def _loader(self, ref: PrefixRef | tuple[PrefixRef, ...]) -> Callable[[], PrefixKV]:
+        """Loads `ref` (or a stack: its parts, concatenated) on the engine's loader thread (a cold load never
+        stalls a step)."""
         resolver = self.resolver
         if resolver is None:
             raise RuntimeError("no prefix resolver configured")
+        if isinstance(ref, tuple):
+            return lambda: resolver.load_stack(ref)
         return lambda: resolver.load(ref).kv
 
     async def generate(
@@ -89,7 +92,7 @@ class EngineClient:
         *,
         prompt_ids: list[int],
         sampling: SamplingParams,
-        prefix: PrefixRef | None = None,
+        prefix: PrefixSelection = None,
         request_id: str | None = None,
         priority: Priority = "interactive",
     ) -> AsyncIterator[TokenEvent]:

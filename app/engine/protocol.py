@@ -15,6 +15,10 @@ from typing import Any, Final, Literal, Protocol
 
 from prefix_store.ref import PrefixRef
 
+# What a request puts in front of its prompt: nothing, one prefix version, or a stack of them, first part first
+# (their keys and values concatenated along the sequence; docs/prefix-format.md, "Stacking").
+PrefixSelection = PrefixRef | tuple[PrefixRef, ...] | None
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 # Why a request ended in "error": the API maps these to statuses without reading messages.
 ErrorKind = Literal["prefix_unavailable", "too_large", "timeout", "internal"]
@@ -193,10 +197,11 @@ class EngineClientProtocol(Protocol):
         """The text of a token sequence (special tokens kept), e.g. a token-id prompt echoed back."""
         ...
 
-    def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
+    def generate(self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixSelection = None,
                  request_id: str | None = None, priority: Priority = "interactive") -> AsyncIterator[TokenEvent]:
         """Stream token events; stopping the iteration early cancels the request in the engine. `prefix`: the
-        version the caller read from the catalog; the engine loads exactly that content. `priority` "batch":
+        version (or the stack of versions) the caller read from the catalog; the engine loads exactly that
+        content. `priority` "batch":
         admitted only where no interactive request waits, restarted from its first token when an interactive
         one needs its row, so its events arrive together once it has finished; it has no request timeout."""
         ...

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer
 
 from app.protocol.common import OpenAIRequest, OpenAIResponse, SamplingFields, Usage
+from app.protocol.stacking import StackFields
 from app.protocol.structured import StructuredFields
 from app.protocol.tools import DeltaToolCall, ToolCall, ToolCallIn, ToolFields
 
@@ -48,7 +49,7 @@ class ChatMessage(OpenAIRequest):
         return out
 
 
-class ChatCompletionRequest(SamplingFields, StructuredFields, ToolFields):
+class ChatCompletionRequest(SamplingFields, StructuredFields, ToolFields, StackFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(
         description="The conversation, rendered with the model's chat template.")
     max_tokens: Annotated[int, Field(ge=1)] | None = Field(

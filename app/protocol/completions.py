@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from app.protocol.common import MAX_CHOICES, OpenAIResponse, SamplingFields, Usage
+from app.protocol.stacking import StackFields
 from app.protocol.structured import StructuredFields
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
@@ -15,7 +16,7 @@ Prompt = str | list[int] | list[str] | list[list[int]]
 FinishReason = Literal["stop", "length"]
 
 
-class CompletionRequest(SamplingFields, StructuredFields):
+class CompletionRequest(SamplingFields, StructuredFields, StackFields):
     """A completion request: one prompt (a string, or token ids) or several (a list of strings, or of token-id
     lists), each answered with n choices: choice `index` = prompt index * n + j, as OpenAI numbers them."""
 

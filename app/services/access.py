@@ -2,7 +2,8 @@
 
 Every request authenticates, every tenant request reads its limits, and every inference request resolves its
 `model`. Done as three queries that was three database round trips per request on the hot path; here they are
-one statement (the key joined to the tenant's limits row and, when asked, to the named prefix version), read
+one statement (the key joined to the tenant's limits row and, when asked, to the named prefix version, or to
+each version of a stack of prefixes, with the base each was trained on top of), read
 fresh on every request so a revoked key, a deleted prefix or a new version takes effect on every replica as
 soon as it commits. No torch here: the web layer imports this module.
 """
@@ -12,38 +13,36 @@ from __future__ import annotations
 import hmac
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Final, Literal
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
 from app.config import Settings
-from app.db.models import ApiKey, Prefix, PrefixVersion, TenantLimits, utcnow
+from app.db.models import ApiKey, Prefix, PrefixVersion, TenantLimits, TrainingJob, utcnow
 from app.services.auth import Principal, hash_key
 from app.services.limits import LIMIT_FIELDS, Limits, over_defaults
-from prefix_store.ref import PrefixRef
+from app.services.stacks import ModelQuery, StackLimits, StackQuery
+from prefix_store.ref import ON_TOP_OF_KEY, PrefixRef, bases_from_json
+
+__all__ = ["Access", "ModelQuery", "StackQuery", "admin_access", "authorize"]
 
 TOUCH_EVERY_S: Final = 60.0  # a key's last_used_at is written at most this often (per process)
 
 
 @dataclass(frozen=True)
-class ModelQuery:
-    """The prefix version to look up with the key: `name` at `version` (None: the newest)."""
-
-    name: str
-    version: int | None
-
-
-@dataclass(frozen=True)
 class Access:
-    """The caller, its effective limits (None for the admin key) and, when asked, the version it named
-    (None when the tenant has no such prefix or version: another tenant's is never found)."""
+    """The caller, its effective limits (None for the admin key) and, when asked, the versions its `model` named:
+    `looked_up` the parts asked for, `found` one entry per part, None where the tenant has no such prefix or
+    version (another tenant's is never found). `stacking`: the limits on a stack of prefixes."""
 
     principal: Principal
     limits: Limits | None
-    looked_up: ModelQuery | None = None  # what `found` answers
-    found: PrefixRef | None = None
+    looked_up: StackQuery | None = None  # what `found` answers
+    found: tuple[PrefixRef | None, ...] = ()
+    stacking: StackLimits = field(default_factory=StackLimits)
 
 
 class _Touched:
@@ -68,45 +67,61 @@ class _Touched:
 _touched = _Touched()
 
 
-def _build(model: Literal["none", "version", "newest"]) -> sa.Select[Any]:
-    """The statement, with bind parameters `key_hash`, `name` and `version`: built once per shape at import
-    (building it per request showed in the server's profile)."""
+Shape = tuple[bool, ...]
+"""Per part of the named stack: True for a pinned version (`name@3`), False for the newest (`name`)."""
+
+
+@cache
+def _build(shape: Shape) -> sa.Select[Any]:
+    """The statement, with bind parameters `key_hash` and, for part i, `name_i` and (pinned) `version_i`: built
+    once per shape (building it per request showed in the server's profile). Each part is outer-joined on
+    unique keys ((tenant, name), then (prefix, version), then the job by its id), so the statement returns one
+    row whatever is missing; the job's options hold the base a trained version was made on top of."""
     cols: list[Any] = [ApiKey.id, ApiKey.tenant_id, ApiKey.scopes, ApiKey.last_used_at]
     cols += [getattr(TenantLimits, f).label(f"limit_{f}") for f in LIMIT_FIELDS]
     stmt = (sa.select(*cols).select_from(ApiKey)
             .outerjoin(TenantLimits, TenantLimits.tenant_id == ApiKey.tenant_id)
             .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None)))
-    if model == "none":
-        return stmt
-    newest = aliased(PrefixVersion)
-    version: Any = sa.bindparam("version") if model == "version" else (
-        sa.select(sa.func.max(newest.version)).where(newest.prefix_id == Prefix.id).scalar_subquery())
-    return (stmt.add_columns(Prefix.id.label("prefix_id"), Prefix.created_at.label("prefix_created_at"),
-                             PrefixVersion.version, PrefixVersion.sha256, PrefixVersion.num_virtual_tokens,
-                             PrefixVersion.base_model_fingerprint, PrefixVersion.created_at.label("v_created_at"))
-            .outerjoin(Prefix, sa.and_(Prefix.tenant_id == ApiKey.tenant_id, Prefix.name == sa.bindparam("name")))
-            .outerjoin(PrefixVersion, sa.and_(PrefixVersion.prefix_id == Prefix.id,
-                                              PrefixVersion.version == version)))
+    for i, pinned in enumerate(shape):
+        prefix, ver, job, newest = aliased(Prefix), aliased(PrefixVersion), aliased(TrainingJob), aliased(PrefixVersion)
+        version: Any = sa.bindparam(f"version_{i}") if pinned else (
+            sa.select(sa.func.max(newest.version)).where(newest.prefix_id == prefix.id).scalar_subquery())
+        stmt = (stmt.add_columns(prefix.id.label(f"prefix_id_{i}"), prefix.created_at.label(f"prefix_created_at_{i}"),
+                                 ver.version.label(f"version_{i}"), ver.sha256.label(f"sha256_{i}"),
+                                 ver.num_virtual_tokens.label(f"num_virtual_tokens_{i}"),
+                                 ver.base_model_fingerprint.label(f"fingerprint_{i}"),
+                                 ver.created_at.label(f"v_created_at_{i}"), job.options.label(f"job_options_{i}"))
+                .outerjoin(prefix, sa.and_(prefix.tenant_id == ApiKey.tenant_id,
+                                           prefix.name == sa.bindparam(f"name_{i}")))
+                .outerjoin(ver, sa.and_(ver.prefix_id == prefix.id, ver.version == version))
+                .outerjoin(job, job.id == ver.training_job_id))
+    return stmt
 
 
-_STATEMENTS: Final = {shape: _build(shape) for shape in ("none", "version", "newest")}
+for _shape in ((), (False,), (True,)):  # the common shapes, built at import
+    _build(_shape)
 
 
-def _statement(key_hash: str, model: ModelQuery | None) -> tuple[sa.Select[Any], dict[str, Any]]:
-    if model is None:
-        return _STATEMENTS["none"], {"key_hash": key_hash}
-    if model.version is None:
-        return _STATEMENTS["newest"], {"key_hash": key_hash, "name": model.name}
-    return _STATEMENTS["version"], {"key_hash": key_hash, "name": model.name, "version": model.version}
+def _statement(key_hash: str, model: StackQuery | None) -> tuple[sa.Select[Any], dict[str, Any]]:
+    params: dict[str, Any] = {"key_hash": key_hash}
+    for i, part in enumerate(model or ()):
+        params[f"name_{i}"] = part.name
+        if part.version is not None:
+            params[f"version_{i}"] = part.version
+    return _build(tuple(part.version is not None for part in model or ())), params
 
 
-def _found(row: Any, name: str) -> PrefixRef | None:
-    if row.version is None:
+def _found(row: Any, i: int, name: str) -> PrefixRef | None:
+    if getattr(row, f"version_{i}") is None:
         return None
-    return PrefixRef(tenant_id=row.tenant_id, prefix_id=row.prefix_id, name=name, version=int(row.version),
-                     sha256=row.sha256, num_virtual_tokens=int(row.num_virtual_tokens),
-                     base_model_fingerprint=row.base_model_fingerprint, created_at=row.v_created_at,
-                     prefix_created_at=row.prefix_created_at)
+    options = getattr(row, f"job_options_{i}")
+    return PrefixRef(tenant_id=row.tenant_id, prefix_id=getattr(row, f"prefix_id_{i}"), name=name,
+                     version=int(getattr(row, f"version_{i}")), sha256=getattr(row, f"sha256_{i}"),
+                     num_virtual_tokens=int(getattr(row, f"num_virtual_tokens_{i}")),
+                     base_model_fingerprint=getattr(row, f"fingerprint_{i}"),
+                     created_at=getattr(row, f"v_created_at_{i}"),
+                     prefix_created_at=getattr(row, f"prefix_created_at_{i}"),
+                     on_top_of=bases_from_json((options or {}).get(ON_TOP_OF_KEY)))
 
 
 def admin_access(raw_key: str, admin_key: str | None) -> Access | None:
@@ -117,11 +132,13 @@ def admin_access(raw_key: str, admin_key: str | None) -> Access | None:
 
 
 def authorize(session: Session, *, raw_key: str, admin_key: str | None, settings: Settings,
-              model: ModelQuery | None = None) -> Access | None:
-    """The access a bearer key gives, or None for an unknown or revoked key.
+              model: StackQuery | None = None) -> Access | None:
+    """The access a bearer key gives, or None for an unknown or revoked key; with `model`, the version each part
+    of the named stack (one part for a single prefix) resolves to.
 
-    A tenant key is found by its hash (the hash of a guess reveals nothing about stored keys). One statement;
-    a second (an UPDATE) at most once a minute per key and process, to keep last_used_at.
+    A tenant key is found by its hash (the hash of a guess reveals nothing about stored keys). One statement,
+    whatever the number of parts; a second (an UPDATE) at most once a minute per key and process, to keep
+    last_used_at.
     """
     admin = admin_access(raw_key, admin_key)
     if admin is not None:
@@ -135,5 +152,6 @@ def authorize(session: Session, *, raw_key: str, admin_key: str | None, settings
         session.commit()
     principal = Principal(tenant_id=row.tenant_id, scopes=frozenset(row.scopes.split(",")), key_id=row.id)
     own = {f: getattr(row, f"limit_{f}") for f in LIMIT_FIELDS}
-    return Access(principal, limits=over_defaults(own, settings), looked_up=model,
-                  found=_found(row, model.name) if model is not None else None)
+    found = tuple(_found(row, i, part.name) for i, part in enumerate(model or ()))
+    return Access(principal, limits=over_defaults(own, settings), looked_up=model, found=found,
+                  stacking=StackLimits.of(settings))

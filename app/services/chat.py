@@ -75,7 +75,8 @@ async def serve_chat(
 ) -> ChatCompletion | AsyncIterator[str]:
     """Run a chat completion. Errors before generation raise ServiceError; a stream returns payloads."""
     target = await request_target(access, db_calls=db_calls, model=req.model, base_model_id=engine.model_id,
-                                  fingerprint=fingerprint)
+                                  fingerprint=fingerprint, prefixes=req.prefixes,
+                                  allow_base_mismatch=req.allow_base_mismatch)
     tools = chat_tools(req)
     prompt_ids = encode_messages(req, engine, tools.template_tools)
     check_prompt(prompt_ids, engine, param="messages")

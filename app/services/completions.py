@@ -96,7 +96,8 @@ async def serve_completion(
     """Run a completion: every prompt x n choices (choice index = prompt index * n + j). Errors before generation
     starts raise ServiceError; streaming returns payloads."""
     target = await request_target(access, db_calls=db_calls, model=req.model, base_model_id=engine.model_id,
-                                  fingerprint=fingerprint)
+                                  fingerprint=fingerprint, prefixes=req.prefixes,
+                                  allow_base_mismatch=req.allow_base_mismatch)
     plan = _plan(req, engine, target)
     gen = await start_generation(engine, requests=plan.requests, prompt_tokens=plan.prompt_tokens, target=target,
                                  disconnected=disconnected)

@@ -22,11 +22,11 @@ from app.jobs.lease import updated
 from app.jobs.queue import QueueUnavailable
 from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobError
-from app.services.inference import model_not_found
 from app.services.limits import Limits, check_new_job
 from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.prefixes import validate_name
+from app.services.stacks import model_not_found
 from app.services.training_setup import (
     TrainingContext,
     build_config,

@@ -22,19 +22,18 @@ from typing import cast
 from sqlalchemy.orm import Session
 from starlette.types import Receive
 
-from app.catalog.refs import InvalidRef, find_version, split_ref
+from app.catalog.refs import InvalidRef, find_versions, split_ref
 from app.engine.protocol import (
     EngineClientProtocol,
     EngineOverloaded,
+    PrefixSelection,
     RequestTooLarge,
     SamplingParams,
     StructuredOutputError,
     TokenEvent,
 )
 from app.errors import (
-    Conflict,
     InvalidRequest,
-    NotFound,
     RateLimited,
     RequestTimeout,
     ServiceError,
@@ -42,8 +41,9 @@ from app.errors import (
     error_body,
 )
 from app.observability.context import note_event, note_model, note_prompt
-from app.services.access import Access, ModelQuery
+from app.services.access import Access
 from app.services.db_calls import DbCalls
+from app.services.stacks import StackLimits, check_stack, model_not_found, named_stack
 from prefix_store.ref import PrefixRef
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,26 @@ EVENT_BUFFER = 256  # merged events of one API request waiting for its consumer
 
 @dataclass(frozen=True)
 class ModelTarget:
-    """What answers a request: `model` as the client named it, and the base model (ref None) or the concrete
-    prefix version it resolved to (the engine serves exactly that, even if a newer one lands meanwhile)."""
+    """What answers a request: `model` as the client named it, and the base model (no prefix) or the concrete
+    prefix versions it resolved to, first part first (app/services/stacks.py; one for a single prefix). The
+    engine serves exactly those, even if a newer version lands meanwhile."""
 
     model: str
-    ref: PrefixRef | None = None
+    stack: tuple[PrefixRef, ...] = ()
+
+    @property
+    def ref(self) -> PrefixRef | None:
+        """The prefix of a single-prefix target; None for the base model and for a stack of several."""
+        return self.stack[0] if len(self.stack) == 1 else None
+
+    @property
+    def prefix(self) -> PrefixSelection:
+        """What the engine puts in front of the prompt: nothing, the one version, or the stack."""
+        return None if not self.stack else self.stack[0] if len(self.stack) == 1 else self.stack
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.ref.num_virtual_tokens if self.ref is not None else 0
-
-
-def model_not_found(model: str) -> NotFound:
-    """The one answer for a missing model and another tenant's: same status, same body."""
-    return NotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                    param="model", code="model_not_found")
+        return sum(ref.num_virtual_tokens for ref in self.stack)
 
 
 def parse_model_name(model: str) -> tuple[str, int | None]:
@@ -79,43 +84,39 @@ def parse_model_name(model: str) -> tuple[str, int | None]:
         raise model_not_found(model) from None
 
 
-def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str,
-                  fingerprint: str) -> ModelTarget:
-    """The target `model` names for this tenant, looked up in the database (see `target_of`)."""
-    if model == base_model_id:
+def resolve_model(session: Session, *, tenant_id: str, model: str, base_model_id: str, fingerprint: str,
+                  prefixes: list[str] | None = None, allow_base_mismatch: bool = False,
+                  limits: StackLimits | None = None) -> ModelTarget:
+    """The target `model` (or `prefixes`) names for this tenant, every part looked up in one statement: the 404
+    when a part does not exist, the 409 when a version was made for another base model than the one served
+    (`fingerprint`) or over another base prefix version; see app/services/stacks.py."""
+    limits = limits or StackLimits()
+    named = named_stack(model, prefixes, base_model_id=base_model_id, limits=limits)
+    if not named.parts:
         return ModelTarget(model)
-    name, version = parse_model_name(model)
-    found = find_version(session, tenant_id=tenant_id, name=name, version=version)
-    return target_of(model, found, base_model_id=base_model_id, fingerprint=fingerprint)
+    found = find_versions(session, tenant_id=tenant_id, parts=[(p.name, p.version) for p in named.parts])
+    return ModelTarget(model, check_stack(named, found, base_model_id=base_model_id, fingerprint=fingerprint,
+                                          limits=limits, allow_base_mismatch=allow_base_mismatch))
 
 
-def target_of(model: str, found: PrefixRef | None, *, base_model_id: str, fingerprint: str) -> ModelTarget:
-    """The target for the version the catalog found: the 404 when it does not exist, the 409 when the version
-    was made for another base model than the one served (`fingerprint`)."""
-    if found is None:
-        raise model_not_found(model)
-    if found.base_model_fingerprint != fingerprint:
-        # Caught here, not at load time (a 503 that retrying never fixes): e.g. the operator changed the model.
-        raise Conflict(f"prefix version {found.name}@{found.version} was made for the base model with fingerprint "
-                       f"{found.base_model_fingerprint!r}; this server runs {base_model_id!r} (fingerprint "
-                       f"{fingerprint!r})", param="model", code="model_mismatch")
-    return ModelTarget(model, found)
-
-
-async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_model_id: str,
-                         fingerprint: str) -> ModelTarget:
-    """What answers the request. The version was normally read by the query that checked the API key (one
-    round trip for both); it is looked up on its own only when that query did not ask for `model`."""
-    note_model(model)
+async def request_target(access: Access, *, db_calls: DbCalls, model: str, base_model_id: str, fingerprint: str,
+                         prefixes: list[str] | None = None, allow_base_mismatch: bool = False) -> ModelTarget:
+    """What answers the request (`model`, or the stack in `prefixes`). The versions were normally read by the
+    query that checked the API key (one round trip for all); they are looked up on their own (one statement)
+    only when that query did not ask for them."""
+    note_model(model if prefixes is None else "+".join(prefixes))
     tenant_id = access.principal.tenant_id
     assert tenant_id is not None  # generation routes refuse the admin key
-    if model == base_model_id:
+    named = named_stack(model, prefixes, base_model_id=base_model_id, limits=access.stacking)
+    if not named.parts:
         return ModelTarget(model)
-    name, version = parse_model_name(model)
-    if access.looked_up == ModelQuery(name, version):
-        return target_of(model, access.found, base_model_id=base_model_id, fingerprint=fingerprint)
-    return await db_calls.run(lambda session: resolve_model(
-        session, tenant_id=tenant_id, model=model, base_model_id=base_model_id, fingerprint=fingerprint))
+    if access.looked_up == named.parts:
+        found = access.found
+    else:
+        found = await db_calls.run(lambda session: find_versions(
+            session, tenant_id=tenant_id, parts=[(p.name, p.version) for p in named.parts]))
+    return ModelTarget(model, check_stack(named, found, base_model_id=base_model_id, fingerprint=fingerprint,
+                                          limits=access.stacking, allow_base_mismatch=allow_base_mismatch))
 
 
 def check_prompt(prompt_ids: list[int], engine: EngineClientProtocol, *, param: str) -> None:
@@ -262,7 +263,7 @@ async def start_generation(engine: EngineClientProtocol, *, requests: Sequence[t
     has started (see `Generation.start`). `prompt_tokens`: the request's prompt tokens, each prompt counted once."""
     base = uuid.uuid4().hex
     note_prompt(prompt_tokens)
-    streams = [engine.generate(prompt_ids=ids, sampling=p, prefix=target.ref, request_id=f"{base}-{i}")
+    streams = [engine.generate(prompt_ids=ids, sampling=p, prefix=target.prefix, request_id=f"{base}-{i}")
                for i, (ids, p) in enumerate(requests)]
     gen = Generation(streams, disconnected)
     try:

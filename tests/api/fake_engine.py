@@ -2,8 +2,9 @@
 
 Tokens are characters (id = code point, vocabulary 256). Each request answers a fixed script that names what
 served it, so tests can see which prefix and version a `model` resolved to: the base model says `hello world`,
-a prefix says `<name@version>`; a seed, when given, is appended as `#seed`. Stop strings end the text as the
-engine does (the stop string itself is not returned). Every call and every cancellation is recorded.
+a prefix says `<name@version>`, a stack `<a@1+b@2>`; a seed, when given, is appended as `#seed`. Stop strings
+end the text as the engine does (the stop string itself is not returned). Every call and every cancellation is
+recorded.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def with_fake_model(app: FastAPI) -> FastAPI:
 class Call:
     prompt_ids: list[int]
     sampling: SamplingParams
-    prefix: PrefixRef | None
+    prefix: PrefixRef | tuple[PrefixRef, ...] | None
     request_id: str
     cancelled: bool = False
     finished: bool = False
@@ -78,8 +79,9 @@ class FakeEngineClient:
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(self.token_text(t) for t in token_ids)
 
-    def script(self, prefix: PrefixRef | None, sampling: SamplingParams) -> str:
-        text = "hello world" if prefix is None else f"<{prefix.name}@{prefix.version}>"
+    def script(self, prefix: PrefixRef | tuple[PrefixRef, ...] | None, sampling: SamplingParams) -> str:
+        parts = () if prefix is None else prefix if isinstance(prefix, tuple) else (prefix,)
+        text = "hello world" if not parts else "<" + "+".join(f"{p.name}@{p.version}" for p in parts) + ">"
         return text + (f"#{sampling.seed}" if sampling.seed is not None else "")
 
     @property
@@ -87,8 +89,9 @@ class FakeEngineClient:
         return [c for c in self.calls if c.cancelled]
 
     async def generate(
-        self, *, prompt_ids: list[int], sampling: SamplingParams, prefix: PrefixRef | None = None,
-        request_id: str | None = None, priority: str = "interactive",
+        self, *, prompt_ids: list[int], sampling: SamplingParams,
+        prefix: PrefixRef | tuple[PrefixRef, ...] | None = None, request_id: str | None = None,
+        priority: str = "interactive",
     ) -> AsyncIterator[TokenEvent]:
         call = Call(prompt_ids, sampling, prefix, request_id or "", priority=priority)
         self.calls.append(call)
