@@ -122,7 +122,8 @@ start() {
       -s3.port.iceberg 0 -s3.port.lance 0 \
       -master.volumeSizeLimitMB 64 -volume.max 100 -volume.preStopSeconds 0 -master.telemetry=false
   local s3_url="http://127.0.0.1:$s3"
-  wait_s3 "$s3_url" || { tail -n 40 "$DIR/seaweedfs.log" >&2; die "SeaweedFS did not come up"; }
+  # SeaweedFS comes up while the database is migrated and the servers load their model (each server is ready
+  # only once the object store takes a write, so nothing is served before it does).
 
   local ports=${CLUSTER_API_PORTS:-$(free_ports 2)}
   read -r p1 p2 <<<"$ports"
@@ -149,15 +150,19 @@ EOF
 
   "$BIN/prefixserve" migrate >>"$DIR/migrate.log" 2>&1 || { cat "$DIR/migrate.log" >&2; die "migrate failed"; }
 
-  # API 1 first: with the embedded model it converts the GGUF once into the shared data dir.
   PREFIXSERVE_JOB_QUEUE=${CLUSTER_JOB_QUEUE:-arq} spawn api-1 "$BIN/prefixserve" serve --host 127.0.0.1 --port "$p1"
-  wait_http api-1 "http://127.0.0.1:$p1/readyz"
+  if [[ "$PREFIXSERVE_MODEL" == embedded:* ]]; then
+    # API 1 alone first: it converts the GGUF once into the shared data dir, which API 2 then reads.
+    wait_http api-1 "http://127.0.0.1:$p1/readyz"
+  fi
   PREFIXSERVE_JOB_QUEUE=${CLUSTER_JOB_QUEUE:-arq} spawn api-2 "$BIN/prefixserve" serve --host 127.0.0.1 --port "$p2"
   if "$BIN/prefixserve" worker --help >/dev/null 2>&1; then
     spawn worker "$BIN/prefixserve" worker
   else
     log "this prefixserve has no worker command yet: no training worker started"
   fi
+  wait_s3 "$s3_url" || { tail -n 40 "$DIR/seaweedfs.log" >&2; die "SeaweedFS did not come up"; }
+  wait_http api-1 "http://127.0.0.1:$p1/readyz"
   wait_http api-2 "http://127.0.0.1:$p2/readyz"
   if [ -f "$DIR/worker.pid" ]; then
     sleep 1
@@ -168,20 +173,29 @@ EOF
   log "settings and admin key: $DIR/cluster.env; logs: $DIR/*.log; stop: scripts/cluster.sh stop"
 }
 
-stop_one() {  # TERM the process group, KILL what is left after a grace period
+term() {  # TERM a process group (its pid file stays until `reap`)
+  local name=$1 pid
+  [ -f "$DIR/$name.pid" ] || return 0
+  pid=$(cat "$DIR/$name.pid")
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+}
+
+reap() {  # wait up to a grace period for a TERMed process to exit, then KILL what is left of its group
   local name=$1 grace=$2 pid
   [ -f "$DIR/$name.pid" ] || return 0
   pid=$(cat "$DIR/$name.pid")
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
+  for _ in $(seq 1 $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$DIR/$name.pid"
 }
 
+stop_one() { term "$1"; reap "$1" "$2"; }
+
 stop() {
-  for name in worker api-2 api-1; do stop_one "$name" 15; done
+  # All at once: each server finishes its requests and hands its job back in its own grace period.
+  for name in worker api-2 api-1; do term "$name"; done
+  for name in worker api-2 api-1; do reap "$name" 15; done
   stop_one seaweedfs 0  # graceful weed shutdown takes ~15 s and the cluster's data is throw-away
   if [ -f "$DIR/database" ]; then
     db_admin "DROP DATABASE IF EXISTS \"$(cat "$DIR/database")\" WITH (FORCE)" || log "could not drop the database"
