@@ -5,8 +5,9 @@ answered request goes to a buffer; a heartbeat task writes the buffer (fenced on
 when it holds `chunk` results and at least every `heartbeat_s`, and reads back the batch's status: a cancel
 (`cancelling`), the end of its completion window, or a lost claim halts the run at once (requests in flight are
 cancelled in the engine). A request that fails for a passing reason (app/services/batch_lines.py `Transient`)
-is tried again after a back-off, up to `max_attempts` times; the tenant's tokens_per_minute pauses new requests
-while the minute's tokens are spent, and the tokens each request generates are counted there.
+is tried again after a back-off, up to `max_attempts` times; the tenant's tokens_per_minute pauses its batch's new
+requests (before they take one of the runner's slots) while the minute's tokens are spent, and the tokens each
+request generates are counted there.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class BatchRun:
         self._buffer: list[LineOutcome] = []
         self._recorded: set[int] = set()
         self._fingerprint = ""  # the served base model's, read when the run starts
+        self._beats_done = False
 
     def halt(self, why: Halt) -> None:
         if self._why is None:
@@ -158,7 +160,7 @@ class BatchRun:
         in_flight: set[asyncio.Task[None]] = set()
         try:
             for line in pending:
-                if not await self._turn():
+                if not await self._slot(access):
                     break
                 task = asyncio.create_task(self._one(line, access))
                 in_flight.add(task)
@@ -173,10 +175,27 @@ class BatchRun:
             for task in list(in_flight):
                 task.cancel()  # their engine requests are cancelled with them
             await asyncio.gather(*in_flight, return_exceptions=True)
-            beats.cancel()
+            self._beats_done = True  # not cancelled: see _heartbeats
+            self.poke()
             await asyncio.gather(beats, return_exceptions=True)
         if self._why != "lost":
             await self._write()
+
+    async def _slot(self, access: Access) -> bool:
+        """One of the runner's slots for the batch's next request, taken while the tenant has tokens left this
+        minute (waiting for tokens holds no slot: a tenant whose tokens are spent holds up none of another's
+        batches); False when the run halts first."""
+        while not self._halt.is_set():
+            wait = await self._tokens_spent(access)
+            if wait is not None:
+                await self._pause(wait)
+                continue
+            if not await self._turn():
+                return False
+            if await self._tokens_spent(access) is None:  # still true after the wait for the slot
+                return True
+            self.runner.slots.release()
+        return False
 
     async def _turn(self) -> bool:
         """Wait for one of the runner's request slots; False (no slot taken) when the run halts first."""
@@ -193,7 +212,6 @@ class BatchRun:
     async def _one(self, line: BatchLine, access: Access) -> None:
         pace, runner = self.runner.pace, self.runner
         for attempt in range(pace.max_attempts):
-            await self._tokens_allowed(access)
             if self._halt.is_set():
                 return
             try:
@@ -215,16 +233,16 @@ class BatchRun:
         await self.runner.count(lambda st: limits.record_tokens(
             store=st, tenant_id=self.claim.tenant_id, limits=access.limits or Limits(), tokens=tokens))
 
-    async def _tokens_allowed(self, access: Access) -> None:
-        """Wait while the tenant's tokens_per_minute is spent (its interactive requests are refused meanwhile)."""
+    async def _tokens_spent(self, access: Access) -> float | None:
+        """Seconds until the tenant's tokens_per_minute has room again (its interactive requests are refused
+        meanwhile); None when it has room now."""
         tenant_limits = access.limits or Limits()
-        while not self._halt.is_set():
-            try:
-                await self.runner.count(lambda st: limits.check_token_rate(
-                    store=st, tenant_id=self.claim.tenant_id, limits=tenant_limits))
-                return
-            except RateLimited as exc:
-                await self._pause(float((exc.headers or {}).get("Retry-After", "1")))
+        try:
+            await self.runner.count(lambda st: limits.check_token_rate(
+                store=st, tenant_id=self.claim.tenant_id, limits=tenant_limits))
+        except RateLimited as exc:
+            return float((exc.headers or {}).get("Retry-After", "1"))
+        return None
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, cut short when the run halts."""
@@ -233,10 +251,14 @@ class BatchRun:
 
     # ---- recording -----------------------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
-        while True:
+        """Write the buffer at every heartbeat (or when poked) until `_beats_done`. Never cancelled: a write whose
+        caller is cancelled still commits on its database thread, and its results would then be written twice."""
+        while not self._beats_done:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), self.runner.pace.heartbeat_s)
             self._poke.clear()
+            if self._beats_done:
+                return
             try:
                 await self._write()
             except Exception as exc:  # the database is down: keep the results, try again at the next beat

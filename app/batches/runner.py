@@ -83,8 +83,8 @@ class BatchRunner:
         """Stop claiming; each running batch cancels its requests in flight, records what finished and is handed
         back (any runner may claim it at once)."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
+        self._wake.set()
+        if self._task is not None:  # not cancelled: a claim cancelled mid-call would still commit, unreleased
             await asyncio.gather(self._task, return_exceptions=True)
         runs = list(self._runs.values())
         for run, _ in runs:
@@ -110,7 +110,8 @@ class BatchRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             self._wake.clear()
-            await self._look()
+            if not self._stopping:
+                await self._look()
 
     async def _look(self) -> None:
         try:

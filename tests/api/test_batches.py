@@ -54,9 +54,10 @@ class HangingEngine(FakeEngineClient):
 
 @pytest.fixture
 def settings(tmp_path: Path, api_database_url: str | None) -> Settings:
-    # Progress is recorded every 50 ms (the heartbeat), so tests see finished requests without waiting long.
+    # Progress is recorded every 50 ms (the heartbeat), so tests see finished requests without waiting long; the
+    # tests poll the batches, so no requests_per_minute.
     return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, database_url=api_database_url,
-                    job_heartbeat_s=0.05)
+                    job_heartbeat_s=0.05, tenant_requests_per_minute=None)
 
 
 @pytest.fixture
@@ -283,14 +284,24 @@ async def test_a_dead_runners_batch_is_resumed_without_running_recorded_requests
 
 
 async def test_generated_tokens_count_against_the_tenants_tokens_per_minute(
-        api: httpx.AsyncClient, tenant: TenantKey) -> None:
+        api: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey) -> None:
+    app_env.app.state.batch_runner.slots = asyncio.Semaphore(1)  # one request at a time
     await api.put(f"/admin/tenants/{tenant.tenant_id}/limits", json={"tokens_per_minute": 5},
                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-    batch = await create(api, tenant, await upload(api, tenant, [line("a", {"model": "fake-base", "prompt": "x"})]))
-    batch = await until(api, tenant, batch["id"], finished, "the batch finishing")
+    lines = [line(c, {"model": "fake-base", "prompt": "x"}) for c in ("first", "second")]
+    batch = await create(api, tenant, await upload(api, tenant, lines))
+    batch = await until(api, tenant, batch["id"], lambda b: b["request_counts"]["completed"] == 1, "one answer")
     assert batch["usage"]["output_tokens"] > 5
+    # The first answer spent the minute's tokens: the tenant's interactive requests are refused, and the batch's
+    # next request waits for the next minute without reaching the engine...
     r = await api.post(COMPLETIONS, headers=tenant.headers, json={"model": "fake-base", "prompt": "x"})
     assert r.status_code == 429 and "tokens_per_minute limit of 5" in r.json()["error"]["message"]
+    assert len(app_env.engine.calls) == 1
+    # ...and a cancel ends the wait at once.
+    await api.post(f"/v1/batches/{batch['id']}/cancel", headers=tenant.headers)
+    batch = await until(api, tenant, batch["id"], finished, "the batch cancelled")
+    assert batch["status"] == "cancelled" and batch["request_counts"]["completed"] == 1
+    assert len(app_env.engine.calls) == 1
 
 
 async def test_a_request_the_engine_cannot_take_now_is_tried_again(
