@@ -27,6 +27,7 @@ from app.services.auth import generate_key
 from app.services.db_calls import DbCalls
 from app.services.limit_store import CounterStore
 from app.services.limits import SLOT_TTL_MARGIN_S
+from app.services.stacks import StackLimits
 from app.services.training_setup import TrainingContext
 from app.training.inprocess import InProcessJobQueue
 from app.training.jobs import JobContext
@@ -94,7 +95,8 @@ class Runtime:
         return TrainingContext(
             blobs=self.blobs, tokenizer=loaded.tokenizer, context_length=context_length(loaded),
             base_model_id=loaded.spec.model_id, fingerprint=loaded.spec.fingerprint,
-            max_virtual_tokens=self.settings.max_virtual_tokens, max_file_examples=self.settings.max_file_examples)
+            max_virtual_tokens=self.settings.max_virtual_tokens, max_file_examples=self.settings.max_file_examples,
+            stacking=StackLimits.of(self.settings))
 
     def database_ok(self) -> bool:
         try:

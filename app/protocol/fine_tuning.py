@@ -74,6 +74,9 @@ class TrainingOptions(OpenAIRequest):
         "or from random values; ignored with warm_start")
     warm_start: str | None = Field(
         default=None, description="start from one of your prefixes: `name` (its newest version) or `name@version`")
+    on_top_of: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="train the prefix behind one of your prefixes (or a stack, `a@1+b`), frozen, as "
+        "the stack `<on_top_of>+<this prefix>` is served; a name without a version is pinned to its newest now")
     validation_split: Annotated[float, Field(ge=0, le=0.5, allow_inf_nan=False)] | None = Field(
         default=None, description="fraction of the training examples held out for validation (no validation_file)")
     early_stopping_patience: Annotated[int, Field(ge=0, le=MAX_STEPS)] | None = Field(
@@ -131,7 +134,7 @@ class JobError(OpenAIResponse):
 class FineTuningJob(OpenAIResponse):
     """OpenAI's job object. `fine_tuned_model` is the `model` to send in requests once the job succeeded
     (`<suffix>@<version>`, `user:<id>@<version>` for a personal prefix). Ours: `suffix` (the prefix name),
-    `user` (the end user of a personalization job), `prefix_options`."""
+    `user` (the end user of a personalization job), `prefix_options`, `on_top_of` (the base it trains behind)."""
 
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -155,6 +158,8 @@ class FineTuningJob(OpenAIResponse):
     suffix: str
     user: str | None = None
     prefix_options: dict[str, Any]
+    on_top_of: str | None = Field(
+        default=None, description="the pinned versions the prefix is trained on top of (`support-bot@3`), if any")
 
 
 class FineTuningJobList(OpenAIResponse):

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app.db.models import EndUser, File, JobEvent, PrefixVersion, TrainingJob, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound, ServiceError, Unavailable
 from app.jobs.data import parse_jsonl_numbered
-from app.jobs.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job
+from app.jobs.job_config import OPTION_FIELDS, WARM_START_KEY, config_from_job, on_top_of_label
 from app.jobs.lease import updated
 from app.jobs.queue import QueueUnavailable
 from app.jobs.types import TrainConfig, TrainingDataError
@@ -27,6 +27,7 @@ from app.services.object_ids import is_id
 from app.services.pagination import after_cursor, fetch_page
 from app.services.prefixes import validate_name
 from app.services.stacks import model_not_found
+from app.services.training_base import behind_base, check_stack_room, resolve_base
 from app.services.training_setup import (
     TrainingContext,
     build_config,
@@ -92,7 +93,10 @@ def create_job(
         raise model_not_found(req.model)
     name = _suffix(req.suffix)
     warm = resolve_warm_start(session, ctx, tenant_id=tenant_id, ref=req.warm_start) if req.warm_start else None
-    config, display = build_config(req, req.effective_hyperparameters, ctx=ctx, warm=warm)
+    base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
+    room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
+    config, display = build_config(req, req.effective_hyperparameters, ctx=room, warm=warm)
+    check_stack_room(ctx, base, config)
     if req.validation_file is not None and config.validation_split > 0:
         raise InvalidRequest("give validation_file or validation_split, not both", param="validation_split")
     train = _training_file(session, tenant_id=tenant_id, file_id=req.training_file, param="training_file")
@@ -104,13 +108,16 @@ def create_job(
     job = create_job_row(
         session, TrainingJob(tenant_id=tenant_id, model=ctx.base_model_id, training_file_id=train.id,
                              validation_file_id=val.id if val else None, prefix_name=name),
-        config, warm=warm, display=display, extra_options={"metadata": req.metadata} if req.metadata else None)
+        config, warm=warm, display=display,
+        extra_options={**({"metadata": req.metadata} if req.metadata else {}), **(base.options() if base else {})})
 
     def validate() -> str:
-        n, tokens = _check_file(ctx, train, config, "training_file")
+        n, tokens = _check_file(room, train, config, "training_file")
         summary = f"Validated {n} training examples ({tokens} tokens)"
+        if base is not None:
+            summary += f" on top of {base.label}"
         if val is not None:
-            n_val, _ = _check_file(ctx, val, config, "validation_file")
+            n_val, _ = _check_file(room, val, config, "validation_file")
             summary += f" and {n_val} validation examples"
         return summary
 
@@ -177,6 +184,7 @@ def _to_object(job: TrainingJob, version: int | None, user: str | None) -> FineT
         method={"type": "supervised", "supervised": {"hyperparameters": shown}},
         suffix=job.prefix_name, user=user,
         prefix_options={k: v for k, v in job.options.items() if k in OPTION_FIELDS - {"seed"} or k == WARM_START_KEY},
+        on_top_of=on_top_of_label(job),
     )
 
 

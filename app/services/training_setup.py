@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -26,6 +26,7 @@ from app.jobs.lease import updated
 from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import MAX_SEED, Hyperparameters, TrainingOptions
 from app.services.prefixes import parse_ref
+from app.services.stacks import StackLimits
 
 if TYPE_CHECKING:
     from prefix_store.blobs import BlobStore
@@ -44,6 +45,7 @@ class TrainingContext:
     fingerprint: str
     max_virtual_tokens: int
     max_file_examples: int
+    stacking: StackLimits = field(default_factory=StackLimits)  # what `on_top_of` and the new prefix may come to
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, LastJ
 from app.services.fine_tuning import job_object, request_cancel
 from app.services.limits import Limits, check_new_examples, check_new_job
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
+from app.services.training_base import behind_base, check_stack_room, resolve_base
 from app.services.training_setup import (
     TrainingContext,
     WarmStart,
@@ -186,19 +187,24 @@ def personalize(
         raise InvalidRequest(f"user {user_id!r} has no examples: POST some to /v1/users/{user_id}/examples first",
                              param="user_id", code="no_examples")
     warm = _warm_start(session, ctx, tenant_id, user, req)
-    config, display = build_config(req, req.hyperparameters, ctx=ctx, warm=warm)
+    base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
+    room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
+    config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm)
+    check_stack_room(ctx, base, config)
     name = personal_prefix_name(user_id)
     check_name_free(session, tenant_id=tenant_id, name=name)
     if limits is not None:
         check_new_job(session=session, limits=limits, tenant_id=tenant_id)
     job = create_job_row(session, TrainingJob(tenant_id=tenant_id, model=ctx.base_model_id, end_user_id=user.id,
-                                              prefix_name=name), config, warm=warm, display=display)
+                                              prefix_name=name), config, warm=warm, display=display,
+                         extra_options=base.options() if base else None)
     records = list(enumerate(rows, start=1))  # numbered as the worker numbers them: oldest first, from 1
 
     def validate() -> str:
-        tokens = check_examples(records, ctx, config, param="user_id",
+        tokens = check_examples(records, room, config, param="user_id",
                                 describe=lambda exc: f"user example {exc.line}: {exc.reason}")
-        return f"Validated {len(records)} examples of user {user_id} ({tokens} tokens)"
+        on_top = f" on top of {base.label}" if base is not None else ""
+        return f"Validated {len(records)} examples of user {user_id} ({tokens} tokens){on_top}"
 
     return job_object(session, finish_validation(session, job, validate))
 

@@ -6,6 +6,10 @@ columns). Along the KV axis row i is `[prefix (P) | tokens_i | pad]`; the served
 the prefix occupies positions 0..P-1 and real token j sits at position P+j, so a prefix trained here gives the
 same logits in the engine (left-padded, explicit position_ids) and in HF PEFT (no padding).
 
+On top of a frozen base (a prefix or a stack of them, docs/prefix-format.md "Stacking"): the base's keys and
+values go in front of the trained prefix's, `[base (Pb) | prefix (P) | tokens_i | pad]`, and the batch is
+collated for Pb + P virtual tokens, exactly as the stack `base+new` is served; only the prefix takes gradients.
+
 Speed (docs/training.md): the decoder body produces hidden states [B, S, hidden]; the LM head (the biggest matmul
 of a small model, hidden x vocab) runs only on the N hidden states that predict a target token.
 """
@@ -21,6 +25,7 @@ from transformers.cache_utils import DynamicCache
 
 from app.engine.runner import cache_kwarg_name
 from app.jobs.types import TokenizedExample
+from prefix_store.types import PrefixKV
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,16 @@ def collate(
         labels=dev(labels),
         real_tokens=sum(len(ex.input_ids) for ex in examples),
     )
+
+
+def behind(base: PrefixKV | None, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the model attends to: the frozen base's keys/values [L, H_kv, Pb, D] in front of the trained
+    prefix's [L, H_kv, P, D] -> [L, H_kv, Pb + P, D] (as the served stack concatenates them); no base: the
+    prefix alone. The base is detached: no gradient ever reaches it."""
+    if base is None:
+        return keys, values
+    return (torch.cat([base.keys.detach().to(keys.dtype), keys], dim=2),
+            torch.cat([base.values.detach().to(values.dtype), values], dim=2))
 
 
 def prefix_cache(keys: torch.Tensor, values: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:

@@ -1,11 +1,12 @@
 """What a training job trains on: its examples (files or an end user's stored examples) and its warm start.
 
 Every problem is raised as `JobFailed` with the error the job will carry: bad data names the file (or user
-example) and the line, a missing warm-start prefix names the reference.
+example) and the line, a missing warm-start prefix or base (`on_top_of`) names the reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.catalog.refs import DbCatalog, InvalidRef, split_ref
 from app.db.models import File, JobCheckpoint, TrainingJob, UserExample
 from app.jobs.data import parse_jsonl_numbered, tokenize_examples
-from app.jobs.job_config import warm_start_of
+from app.jobs.job_config import bases_of, warm_start_of
 from app.jobs.lease import JobError
 from app.jobs.types import TokenizedExample, TrainingDataError
 from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
@@ -141,6 +142,40 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
                                  "warm_start")) from None
     log.info("job %s warm-starts from %s (version %d)", job.id, name, found.version)
     return kv
+
+
+def load_base(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
+              max_virtual_tokens: int, max_bytes: int) -> PrefixKV | None:
+    """The frozen base the job trains on top of (`options.on_top_of`, pinned versions), its parts concatenated
+    as they are served: keys/values [L, H_kv, Pb, D] on the model's device, in its dtype. None without one."""
+    bases = bases_of(job)
+    if not bases:
+        return None
+    # torch: prefix_store's codec and stack import it, and app/training's job modules stay torch-free at import
+    from prefix_store.codec import decode_native
+    from prefix_store.stack import concat_prefixes
+    from prefix_store.types import PrefixError
+
+    catalog, parts = DbCatalog(sessions), []
+    for base in bases:
+        found = catalog.lookup(job.tenant_id, base.name, base.version)
+        if found is None or found.prefix_id != base.prefix_id:  # deleted (or deleted and made again) meanwhile
+            raise JobFailed(JobError("base_prefix_not_found", f"the base prefix {base.label!r} does not exist (it "
+                                     "was deleted after the job was created)", "on_top_of"))
+        try:
+            kv = decode_native(blobs.get(found.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
+                               max_bytes=max_bytes)
+        except (BlobNotFound, BlobStoreUnavailable) as exc:
+            log.error("job %s: cannot read base blob %s: %r", job.id, found.sha256, exc)
+            raise JobFailed(JobError("storage_unavailable", f"the base prefix {base.label!r} cannot be read right "
+                                     "now", "on_top_of")) from None
+        except PrefixError as exc:
+            raise JobFailed(JobError("invalid_base_prefix", f"the base prefix {base.label!r} does not fit the "
+                                     f"model: {exc}", "on_top_of")) from None
+        parts.append(dataclasses.replace(kv, keys=kv.keys.to(loaded.device, loaded.dtype),
+                                         values=kv.values.to(loaded.device, loaded.dtype)))
+    log.info("job %s trains on top of %s", job.id, "+".join(b.label for b in bases))
+    return concat_prefixes(parts)
 
 
 @dataclass(frozen=True)

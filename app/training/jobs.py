@@ -26,7 +26,7 @@ from app.catalog.versions import publish_version
 from app.config import Settings
 from app.db.models import PERSONAL_PREFIX_PREFIX, PrefixVersion, TrainingJob
 from app.errors import ServiceError
-from app.jobs.job_config import config_from_job
+from app.jobs.job_config import config_from_job, on_top_of_label
 from app.jobs.lease import JobError, JobLease, JobLost, claim
 from app.jobs.types import (
     TokenizedExample,
@@ -37,7 +37,14 @@ from app.jobs.types import (
     TrainingDiverged,
     TrainResult,
 )
-from app.training.job_inputs import JobData, JobFailed, load_job_data, load_resume_point, load_warm_start
+from app.training.job_inputs import (
+    JobData,
+    JobFailed,
+    load_base,
+    load_job_data,
+    load_resume_point,
+    load_warm_start,
+)
 from app.training.progress import Heartbeat, JobReporter, StopCause, storable
 from prefix_store.blobs import BlobStore
 
@@ -61,11 +68,11 @@ TrainFunction = Callable[..., TrainResult]  # app.training.trainer.train_prefix'
 def _default_train(
     loaded: LoadedModel, train: Sequence[TokenizedExample], val: Sequence[TokenizedExample] | None,
     config: TrainConfig, *, init: PrefixKV | None = None, callbacks: TrainCallbacks | None = None,
-    resume: TrainState | None = None,
+    resume: TrainState | None = None, base: PrefixKV | None = None,
 ) -> TrainResult:
     from app.training.trainer import train_prefix  # torch: app/training's job modules stay torch-free at import
 
-    return train_prefix(loaded, train, val, config, init=init, callbacks=callbacks, resume=resume)
+    return train_prefix(loaded, train, val, config, init=init, callbacks=callbacks, resume=resume, base=base)
 
 
 @dataclass(frozen=True)
@@ -143,15 +150,20 @@ def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: Training
     s = ctx.settings
     if _personal(job) and job.end_user_id is None:
         raise JobFailed(JobError("end_user_deleted", "the end user was deleted"))
-    data = load_job_data(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded,
-                         max_tokens=context_length(ctx.loaded) - config.num_virtual_tokens)
     limits = {"max_virtual_tokens": s.max_virtual_tokens, "max_bytes": s.max_upload_bytes}
+    # The frozen base (`on_top_of`) the prefix is trained behind, as the stack base+prefix is served.
+    base = load_base(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
+    base_tokens = base.num_virtual_tokens if base is not None else 0
+    data = load_job_data(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded,
+                         max_tokens=context_length(ctx.loaded) - config.num_virtual_tokens - base_tokens)
     init = load_warm_start(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
     total = config.total_steps(len(data.train))
     lease.event(f"training on {len(data.train)} examples ({len(data.val)} validation), {total} steps",
                 data={"examples": len(data.train), "validation_examples": len(data.val)})
     resume = load_resume_point(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
     offset, extra = 0, dict[str, Any]()
+    if base is not None:
+        extra["base"] = base
     if resume is not None:
         if resume.state is not None and _resumable(resume.state, config, data):
             # The same run from the checkpoint's step on: same optimizer moments, schedule, data order, init.
@@ -194,6 +206,9 @@ def _publish(lease: JobLease, ctx: JobContext, job: TrainingJob, result: TrainRe
 
     spec = ctx.loaded.spec
     kv = storable(result.prefix, spec)
+    base = on_top_of_label(job)
+    if base is not None:  # the version's own record of what it was trained behind (the catalog reads the job's)
+        kv = dataclasses.replace(kv, metadata={**kv.metadata, "on_top_of": base})
     summary = {"steps": result.steps, "trained_tokens": result.trained_tokens, "seconds": round(seconds, 3),
                "stop_reason": result.stop_reason, "final_train_loss": result.final_train_loss,
                "best_val_loss": result.best_val_loss}

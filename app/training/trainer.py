@@ -6,7 +6,9 @@
   - the model object is shared with the serving engine's thread: it is never put in train mode or modified, and
     grad mode is switched on here, thread-locally (the engine thread runs under inference_mode);
   - same seed + same data -> bit-identical prefix (private generators for init and data order), also across an
-    interruption: a run resumed from a checkpoint's TrainState (app/training/train_state.py) continues exactly.
+    interruption: a run resumed from a checkpoint's TrainState (app/training/train_state.py) continues exactly;
+  - on top of a frozen `base` (a prefix or a stack, [L, H_kv, Pb, D]) the prefix is trained with the base in
+    front of it, at the positions the stack `base+new` is served at (app/training/forward.py `behind`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from app.jobs.types import (
 )
 from app.training.batches import batch_stream, eval_batches, split_validation
 from app.training.checks import check_config, check_examples
-from app.training.forward import PrefixForward, TrainBatch, collate
+from app.training.forward import PrefixForward, TrainBatch, behind, collate
 from app.training.init_kv import real_token_kv
 from app.training.prefix_params import PrefixParameters
 from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
@@ -78,8 +80,12 @@ class _Run:
         callbacks: TrainCallbacks,
         key: str,
         resume: TrainState | None,
+        base: PrefixKV | None = None,
     ) -> None:
         self.loaded, self.config, self.callbacks, self.key = loaded, config, callbacks, key
+        self.base = base
+        # The batch's virtual tokens: the frozen base's and the trained prefix's (positions start after both).
+        self.virtual_tokens = config.num_virtual_tokens + (base.num_virtual_tokens if base is not None else 0)
         self.total = config.total_steps(len(train))
         self.prefix = PrefixParameters(
             loaded.spec,
@@ -107,7 +113,7 @@ class _Run:
     def _collate(self, examples: Sequence[TokenizedExample]) -> TrainBatch:
         return collate(
             examples,
-            num_virtual_tokens=self.config.num_virtual_tokens,
+            num_virtual_tokens=self.virtual_tokens,
             pad_token_id=int(self.loaded.tokenizer.pad_token_id),
             device=self.loaded.device,
         )
@@ -144,7 +150,7 @@ class _Run:
         """One optimizer step; returns (the learning rate it used, real tokens per second)."""
         started = time.perf_counter()
         batch = self._collate(next(self.batches))
-        keys, values = self.prefix.kv()
+        keys, values = behind(self.base, *self.prefix.kv())
         loss = self.forward.loss_sum(keys, values, batch) / max(1, batch.num_targets)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the training loss is {loss.item()} at step {step}; lower the learning rate")
@@ -165,7 +171,7 @@ class _Run:
     @torch.no_grad()
     def _evaluate(self) -> float:
         """Mean target loss over the whole validation set."""
-        keys, values = self.prefix.kv()
+        keys, values = behind(self.base, *self.prefix.kv())
         total, count = 0.0, 0
         for batch in self.val:
             if self.callbacks.should_stop():
@@ -237,8 +243,11 @@ def train_prefix(
     init: PrefixKV | None = None,
     callbacks: TrainCallbacks | None = None,
     resume: TrainState | None = None,
+    base: PrefixKV | None = None,
 ) -> TrainResult:
     """Train a prefix for `loaded`'s frozen model on `train`; returns the exported PrefixKV [L, H_kv, P, D] and facts.
+    With `base` (keys/values [L, H_kv, Pb, D] on the model's device), the prefix is trained behind it, frozen:
+    served as the stack base+prefix, it gives the logits trained here.
 
     With a validation set (`val`, or `config.validation_split` of `train` held out with the seed), it is evaluated
     every `eval_every` steps and at the end; the best prefix is returned and early stopping may end the run.
@@ -254,8 +263,9 @@ def train_prefix(
     if not train_set:
         raise TrainingDataError("there are no training examples")
     check_config(config, config.total_steps(len(train_set)))
-    check_examples(train_set, loaded, config.num_virtual_tokens, "training")
-    check_examples(val_set, loaded, config.num_virtual_tokens, "validation")
+    virtual = config.num_virtual_tokens + (base.num_virtual_tokens if base is not None else 0)
+    check_examples(train_set, loaded, virtual, "training")
+    check_examples(val_set, loaded, virtual, "validation")
     logger.info(
         "training a %d-token prefix (%s) on %d examples (%d validation) for %d steps",
         config.num_virtual_tokens,
@@ -269,4 +279,4 @@ def train_prefix(
     if init is None and config.prefix_init == "real_tokens":
         init = real_token_kv(loaded, train_set[0].input_ids, config.num_virtual_tokens)
     with torch.inference_mode(False), torch.enable_grad():
-        return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume).run()
+        return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume, base).run()
