@@ -14,7 +14,7 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import cache
+from functools import lru_cache
 from typing import Any, Final
 
 import sqlalchemy as sa
@@ -71,7 +71,7 @@ Shape = tuple[bool, ...]
 """Per part of the named stack: True for a pinned version (`name@3`), False for the newest (`name`)."""
 
 
-@cache
+@lru_cache(maxsize=256)  # bounded: a client chooses the shape (2 + 4 + 8 + 16 of them with the default 4 parts)
 def _build(shape: Shape) -> sa.Select[Any]:
     """The statement, with bind parameters `key_hash` and, for part i, `name_i` and (pinned) `version_i`: built
     once per shape (building it per request showed in the server's profile). Each part is outer-joined on
