@@ -30,10 +30,15 @@ COMPLETIONS = "/v1/completions"
 
 
 class HangingEngine(FakeEngineClient):
-    """The fake engine, except that a request whose prompt holds "hang" waits until it is cancelled, and the first
-    `overloaded` requests find the engine's queue full."""
+    """The fake engine, except that a request whose prompt holds "hang" waits until it is cancelled, the first
+    `overloaded` requests find the engine's queue full, and tokenizing the prompt "boom" fails (a bug)."""
 
     overloaded = 0
+
+    def encode_prompt(self, prompt: Any) -> list[int]:
+        if prompt == "boom":
+            raise AssertionError("a bug while tokenizing")  # not an error any layer maps to an answer
+        return super().encode_prompt(prompt)
 
     async def generate(self, **kw: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         if self.overloaded > 0:
@@ -331,3 +336,15 @@ async def test_a_stopping_server_records_what_finished_and_hands_its_batch_back(
         assert (row.status, row.lease_token, row.completed) == ("in_progress", None, 1)  # claimable at once
         assert s.scalars(sa.select(BatchResult.line).where(BatchResult.batch_id == row.id)).all() == [1]
     assert [c.cancelled for c in app_env.engine.calls if c.prompt_ids == [ord(c) for c in "hang"]] == [True]
+
+
+async def test_a_request_that_fails_unexpectedly_is_a_500_in_the_error_file(
+        api: httpx.AsyncClient, tenant: TenantKey) -> None:
+    lines = [line("bug", {"model": "fake-base", "prompt": "boom"}), line("fine", {"model": "fake-base", "prompt": "x"})]
+    batch = await create(api, tenant, await upload(api, tenant, lines))
+    batch = await until(api, tenant, batch["id"], finished, "the batch finishing")
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    (error,) = await content(api, tenant, batch["error_file_id"])
+    assert error["response"]["status_code"] == 500
+    assert error["response"]["body"]["error"] == {"message": "internal server error", "type": "server_error",
+                                                  "param": None, "code": None}
