@@ -17,6 +17,7 @@ from app.services.inference import resolve_model
 from app.services.stacks import StackLimits, split_stack
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
 from tests.api.fake_engine import FAKE_FINGERPRINT
+from tests.api.test_batches import content, create, finished, line, until, upload
 from tests.api.test_hot_path import counted_statements, runtime_of_env
 
 pytestmark = pytest.mark.both_databases  # the stack's parts are read in one statement: on both dialects
@@ -26,9 +27,11 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def settings(tmp_path: Path, api_database_url: str | None) -> Settings:
-    # 3 parts at most, 12 virtual tokens together (the fixtures' versions have 4 each)
+    # 3 parts at most, 12 virtual tokens together (the fixtures' versions have 4 each); batches record progress
+    # every 50 ms, and the test polls the batch (no requests_per_minute)
     return Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, database_url=api_database_url,
-                    max_stack_prefixes=3, max_stack_virtual_tokens=12)
+                    max_stack_prefixes=3, max_stack_virtual_tokens=12, job_heartbeat_s=0.05,
+                    tenant_requests_per_minute=None)
 
 
 def end_user(env: AppEnv, tenant_id: str, external_id: str) -> str:
@@ -201,3 +204,22 @@ async def test_resolving_without_the_access_query(app_env: AppEnv, tenant: Tenan
                                base_model_id="fake-base", fingerprint=FAKE_FINGERPRINT, limits=StackLimits())
     assert [(r.name, r.version) for r in target.stack] == [("support-bot", 1), ("user:bo+b", 1)]
     assert target.num_virtual_tokens == 8 and target.ref is None and target.prefix == target.stack
+
+
+async def test_a_stack_in_a_batch(client: httpx.AsyncClient, app_env: AppEnv, tenant: TenantKey,
+                                  stack_env: dict[str, str]) -> None:
+    """The Batch API's requests are resolved without the access query (one lookup of every part) and within the
+    server's stack limits."""
+    app_env.app.state.batch_runner.fingerprint = lambda: FAKE_FINGERPRINT
+    bodies = {"stack": {"model": "support-bot@1+user:ann", "prompt": "x", "max_tokens": 64},
+              "listed": {"model": "fake-base", "prefixes": ["user:bo+b", "tone"], "prompt": "x", "max_tokens": 64},
+              "missing": {"model": "tone+nope", "prompt": "x"}, "too-many": {"model": "tone+tone+tone+tone",
+                                                                             "prompt": "x"}}
+    batch = await create(client, tenant, await upload(client, tenant, [line(k, v) for k, v in bodies.items()]))
+    batch = await until(client, tenant, batch["id"], finished, "the batch finishing")
+    out = {o["custom_id"]: o["response"]["body"] for o in await content(client, tenant, batch["output_file_id"])}
+    assert out["stack"]["choices"][0]["text"] == "<support-bot@1+user:ann@1>"
+    assert out["listed"]["choices"][0]["text"] == "<user:bo+b@1+tone@1>"
+    errors = {e["custom_id"]: e["response"]["body"] for e in await content(client, tenant, batch["error_file_id"])}
+    assert errors["missing"]["error"]["code"] == "model_not_found"
+    assert errors["too-many"]["error"]["code"] == "too_many_prefixes"  # the server's limit of 3, not the default 4
