@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     # CPU, float32 only: serve with oneDNN-prepacked linear weights (app/engine/packed_linear.py; about 1.5x
     # faster decode steps on the machines we measured, one more copy of the linear weights in memory).
     cpu_packed_linears: bool = True
+    # Serving weights: "fp32" the model as loaded; "int4" / "int8" a weight-only quantized serving copy of its
+    # linear layers (CPU, Llama family; int4 keeps a GGUF's own 4-bit blocks) run by a leaner forward
+    # (app/engine/quantized_decoder.py). Training always uses the float weights. See README "Settings".
+    weights: Literal["fp32", "int4", "int8"] = "fp32"
 
     # Training jobs. "auto": arq over Redis when redis_url is set, else the in-process worker thread;
     # "none": this process runs no jobs (API replicas; a worker's recovery sweep picks queued jobs up).

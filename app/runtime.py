@@ -247,7 +247,8 @@ def _serving_parts(settings: Settings, *, sessions: sessionmaker[Session], cache
 
 def engine_options(settings: Settings) -> dict[str, Any]:
     """`build_engine`'s keyword arguments from the settings."""
-    return {"packed_linears": settings.cpu_packed_linears, "max_batch_rows": settings.max_batch_rows,
+    return {"packed_linears": settings.cpu_packed_linears, "weights": settings.weights,
+            "max_batch_rows": settings.max_batch_rows,
             "max_batch_tokens": settings.max_batch_tokens, "max_waiting": settings.max_waiting,
             "request_timeout_s": settings.request_timeout_s}
 

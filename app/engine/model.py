@@ -54,6 +54,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     family: str  # "llama" (Llama, Mistral, Qwen2: GQA + RoPE) or "gpt2"
+    gguf_path: Path | None = None  # the GGUF file the weights were dequantized from (quantized serving reads it)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -128,6 +129,15 @@ def _load_source(
             f"cannot load model {source!r}: it is not a local directory, .gguf file, embedded: or random: "
             f"source, nor a hub id in the local cache{hint}" + (f" ({exc})" if allow_hub_download else "")
         ) from exc
+
+
+def _gguf_file(source: str) -> Path | None:
+    """The GGUF file a source is loaded from, if any (resolved like `_load_source` does)."""
+    if source == EMBEDDED_MODEL:
+        return embedded_gguf_path()
+    if source.lower().endswith(".gguf") and not source.startswith((RANDOM_PREFIX, EMBEDDED_PREFIX)):
+        return Path(source).expanduser().resolve()
+    return None
 
 
 def _family(model: PreTrainedModel) -> str:
@@ -227,4 +237,5 @@ def load_model(
         device=torch_device,
         dtype=torch_dtype,
         family=family,
+        gguf_path=_gguf_file(source),
     )

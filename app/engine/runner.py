@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from app.engine.batch import Batch, KVGeometry
+from app.engine.quantized_decoder import QuantizedDecoder
 
 
 def cache_kwarg_name(model: torch.nn.Module) -> str:
@@ -43,10 +44,15 @@ _SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SD
 
 
 class ModelRunner:
-    """Runs the model's forward for a batch and returns the last position's logits."""
+    """Runs the model's forward for a batch and returns the last position's logits.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    `serving`: a forward of the same model on a quantized serving copy of its weights
+    (app/engine/quantized_decoder.py), used instead of transformers' forward; None: the model's own forward.
+    """
+
+    def __init__(self, model: torch.nn.Module, serving: QuantizedDecoder | None = None) -> None:
         self.model = model
+        self.serving = serving
         self._cache_kw = cache_kwarg_name(model)
 
     @torch.inference_mode()
@@ -56,6 +62,8 @@ class ModelRunner:
         Prompts are left-padded, so the last column is every row's newest real token.
         """
         with sdpa_kernel(_SDPA_BACKENDS):
+            if self.serving is not None:
+                return self.serving.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.cache)
             out = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -1,0 +1,205 @@
+"""The serving forward of a Llama-family model on quantized weights (CPU): fewer ops per layer than transformers'.
+
+transformers' Llama forward runs ~60 operators per decoder layer (RMSNorm as 7 of them, three separate q/k/v
+projections, RoPE on q and k apart, a causal-mask builder per forward) plus its Python call layers. At one row on
+a CPU, with 4-bit weights, that framework time is most of a decode step (bench/RESULTS.md). This forward runs the
+same computation with the model's own norms, embeddings and rotary module and a quantized serving copy of its
+linear layers (app/engine/quantized.py), with q/k/v fused into one matmul, gate/up into one, and RoPE applied to q
+and k in one pass: ~25 operators per layer.
+
+It never touches the model: no module is swapped or wrapped, so training (which shares the model object) sees the
+float weights and transformers' forward. The KV cache, masks and positions are the batch's (app/engine/batch.py):
+row i attends to the columns its `attention_mask` marks, and to earlier positions of its own prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.kv import SlabCache
+from app.engine.quantized import (
+    Int4Rows,
+    Int8Rows,
+    QuantizedLinear,
+    int4_rows_rtn,
+    int8_rows_rtn,
+    kernels_available,
+)
+from app.engine.quantized_gguf import GgufInt4
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+WEIGHT_MODES = ("int4", "int8")
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot be served by the quantized forward (architecture, device or dtype)."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln1: torch.Tensor  # [H] RMSNorm weights
+    ln2: torch.Tensor
+    qkv: QuantizedLinear  # H -> (Hq + 2 Hkv) * D
+    o: QuantizedLinear  # Hq * D -> H
+    gate_up: QuantizedLinear  # H -> 2 I
+    down: QuantizedLinear  # I -> H
+
+
+def check_supported(model: Any) -> None:
+    """Raise UnsupportedModel unless the model is a Llama-family decoder this forward computes exactly as
+    transformers does (plain RoPE attention over the whole context, SiLU MLP, fp32/bf16 weights on the CPU)."""
+    cfg = model.config
+    problems = []
+    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model type {cfg.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {cfg.hidden_act!r} (supported: silu)")
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True):
+        problems.append(f"sliding-window attention ({window})")
+    if (getattr(cfg, "pretraining_tp", 1) or 1) != 1:
+        problems.append("pretraining_tp != 1")
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        problems.append(f"weights on {weight.device.type} in {weight.dtype} (supported: cpu, float32/bfloat16)")
+    if problems:
+        raise UnsupportedModel("quantized serving does not support " + "; ".join(problems))
+
+
+class QuantizedDecoder:
+    """`forward(batch) -> logits [B, V]` over a quantized serving copy of a Llama-family model's linears.
+
+    mode "int4": linears as int4 (a GGUF's Q4_0/Q4_1 blocks when `gguf` has them, else round-to-nearest groups of
+    32), the output projection as int8 per channel; mode "int8": every linear int8 per channel.
+    """
+
+    def __init__(self, model: Any, mode: str, gguf: GgufInt4 | None = None) -> None:
+        if mode not in WEIGHT_MODES:
+            raise ValueError(f"weights mode must be one of {WEIGHT_MODES}; got {mode!r}")
+        check_supported(model)
+        cfg = model.config
+        self.mode = mode
+        self.model = model
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.hidden = int(cfg.hidden_size)
+        self.eps = float(cfg.rms_norm_eps)
+        self.scaling = self.head_dim**-0.5
+        inner = model.model
+        self.embed = inner.embed_tokens.weight  # [V, H]
+        self.rotary = inner.rotary_emb
+        self.final_norm = inner.norm.weight
+        self._gguf = gguf
+        self.from_gguf = 0  # linears whose int4 rows came from the GGUF file as they are
+        self.layers = [self._layer(i, layer) for i, layer in enumerate(inner.layers)]
+        self.lm_head = QuantizedLinear(int8_rows_rtn(model.lm_head.weight), model.lm_head.bias)
+        self._gguf = None  # the reader holds the file's metadata; not needed after loading
+
+    def _rows(self, name: str, linear: torch.nn.Linear) -> Int4Rows | Int8Rows:
+        if self.mode == "int8":
+            return int8_rows_rtn(linear.weight)
+        rows = self._gguf.rows(name, linear.weight) if self._gguf is not None else None
+        if rows is not None:
+            self.from_gguf += 1
+            return rows
+        return int4_rows_rtn(linear.weight)
+
+    def _fused(self, prefix: str, modules: dict[str, torch.nn.Linear]) -> QuantizedLinear:
+        parts = [self._rows(f"{prefix}.{name}", lin) for name, lin in modules.items()]
+        int4 = [p for p in parts if isinstance(p, Int4Rows)]
+        int8 = [p for p in parts if isinstance(p, Int8Rows)]
+        rows = Int4Rows.cat(int4) if len(int4) == len(parts) else Int8Rows.cat(int8)
+        biases = [lin.bias for lin in modules.values()]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else lin.weight.new_zeros(lin.out_features)
+                              for b, lin in zip(biases, modules.values(), strict=True)])
+        return QuantizedLinear(rows, bias)
+
+    def _layer(self, i: int, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        pre = f"model.layers.{i}"
+        return _Layer(
+            ln1=layer.input_layernorm.weight,
+            ln2=layer.post_attention_layernorm.weight,
+            qkv=self._fused(f"{pre}.self_attn", {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}),
+            o=self._fused(f"{pre}.self_attn", {"o_proj": attn.o_proj}),
+            gate_up=self._fused(f"{pre}.mlp", {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}),
+            down=self._fused(f"{pre}.mlp", {"down_proj": mlp.down_proj}),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized serving copy (the norms and embeddings are the model's own)."""
+        linears = [q for layer in self.layers for q in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(q.nbytes for q in linears) + self.lm_head.nbytes
+
+    def describe(self) -> str:
+        """One line for the log: what the serving copy holds."""
+        kinds = f"int4 ({self.from_gguf} linears from the GGUF's blocks as they are) + int8 output projection"
+        return (kinds if self.mode == "int4" else "int8 per channel") + f", {self.nbytes / 2**20:.0f} MiB"
+
+    def _mask(self, attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
+        """[B, T + Q] 0/1 -> bool [B, 1, Q, T + Q]: a query sees the columns marked 1 up to its own position.
+
+        A padding query (prefill of a shorter prompt) also sees itself: a row with nothing to attend to would
+        come out NaN and write NaN keys/values into the cache, which masked columns must never hold.
+        """
+        keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T + Q]
+        if q_len == 1:
+            return keys
+        total = attention_mask.shape[1]
+        col = torch.arange(total, device=attention_mask.device)
+        row = torch.arange(total - q_len, total, device=attention_mask.device)[:, None]  # [Q, 1]
+        return (keys & (col <= row)) | (col == row)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                cache: SlabCache) -> torch.Tensor:
+        """input_ids, position_ids [B, Q]; attention_mask [B, T + Q]; appends Q tokens to `cache`; -> logits [B, V]
+        of every row's last position."""
+        b, q_len = input_ids.shape
+        hq, hkv, d = self.heads, self.kv_heads, self.head_dim
+        h = F.embedding(input_ids, self.embed)  # [B, Q, H]
+        cos, sin = self.rotary(h, position_ids)  # [B, Q, D]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        mask = self._mask(attention_mask, q_len)
+        half = d // 2
+        for layer, slab in zip(self.layers, cache.slabs, strict=True):
+            x = F.rms_norm(h, (self.hidden,), layer.ln1, self.eps)
+            qkv = layer.qkv(x).view(b, q_len, hq + 2 * hkv, d)
+            qk, v = qkv[:, :, : hq + hkv], qkv[:, :, hq + hkv :]
+            rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rotated * sin  # RoPE on q and k heads at once, [B, Q, Hq + Hkv, D]
+            keys, values = slab.update(qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2))  # [B, Hkv, T + Q, D]
+            attn = F.scaled_dot_product_attention(qk[:, :, :hq].transpose(1, 2), keys, values, attn_mask=mask,
+                                                  scale=self.scaling, enable_gqa=hq != hkv)  # [B, Hq, Q, D]
+            h = h + layer.o(attn.transpose(1, 2).reshape(b, q_len, hq * d))
+            x = F.rms_norm(h, (self.hidden,), layer.ln2, self.eps)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(F.silu(gate) * up)
+        last = F.rms_norm(h[:, -1], (self.hidden,), self.final_norm, self.eps)  # [B, H]
+        logits: torch.Tensor = self.lm_head(last)
+        return logits
+
+
+def build_quantized(model: Any, mode: str, gguf_path: Path | None) -> QuantizedDecoder:
+    """The quantized serving forward of `model`; int4 reads the 4-bit blocks of `gguf_path` when given (the file the
+    model was loaded from). Raises UnsupportedModel for a model or device it cannot serve."""
+    check_supported(model)
+    if not kernels_available():
+        raise UnsupportedModel("this torch build has no CPU weight-only int4/int8 kernels")
+    started = time.perf_counter()
+    gguf = GgufInt4(gguf_path, model.config) if mode == "int4" and gguf_path is not None else None
+    decoder = QuantizedDecoder(model, mode, gguf)
+    log.info("quantized serving copy built in %.1f s: %s", time.perf_counter() - started, decoder.describe())
+    return decoder
