@@ -24,17 +24,10 @@ from app.protocol.chat import (
 from app.protocol.common import Usage
 from app.services.access import Access
 from app.services.db_calls import DbCalls
-from app.services.inference import (
-    Generation,
-    check_prompt,
-    collect,
-    completion_budget,
-    error_payload,
-    request_target,
-    start_generation,
-)
+from app.services.generation import Generation, collect, error_payload, start_generation
 from app.services.sampling_options import sampling_params
 from app.services.structured import structured_output
+from app.services.targets import check_prompt, completion_budget, request_target
 from app.services.tool_stream import ToolStream
 from app.services.tools import ChatTools, assistant_message, chat_tools, one_constraint
 

@@ -14,18 +14,10 @@ from app.protocol.common import MAX_CHOICES, Usage
 from app.protocol.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from app.services.access import Access
 from app.services.db_calls import DbCalls
-from app.services.inference import (
-    Generation,
-    ModelTarget,
-    check_prompt,
-    collect,
-    completion_budget,
-    error_payload,
-    request_target,
-    start_generation,
-)
+from app.services.generation import Generation, collect, error_payload, start_generation
 from app.services.sampling_options import sampling_params
 from app.services.structured import structured_output
+from app.services.targets import ModelTarget, check_prompt, completion_budget, request_target
 
 
 class CompletionLogprobsBuilder:

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from app.catalog.refs import find_version, find_versions
 from app.db.models import Prefix, PrefixVersion
 from app.protocol.models import ModelCard, ModelList, StackModelCard, StackPart
-from app.services.inference import parse_model_name
 from app.services.stacks import StackLimits, model_not_found, named_stack, split_stack
+from app.services.targets import parse_model_name
 from prefix_store.ref import stack_label
 
 BASE_OWNER = "system"

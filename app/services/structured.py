@@ -2,7 +2,7 @@
 `StructuredOutput`), normalized so that equal constraints share one compiled grammar.
 
 Torch-free: the engine compiles the constraint (app/engine/structured.py) and a spec it cannot compile comes back
-as a StructuredOutputError naming the field, which the serving core answers with a 400 (app/services/inference.py).
+as a StructuredOutputError naming the field, which the serving core answers with a 400 (app/services/generation.py).
 """
 
 from __future__ import annotations

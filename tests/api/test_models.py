@@ -61,8 +61,8 @@ def test_web_layer_imports_no_torch() -> None:
     """app.main, the routes, protocol and the inference services import without torch or transformers."""
     code = (
         "import sys, app.main, app.api.routes.completions, app.api.routes.chat, app.api.routes.models, "
-        "app.protocol.completions, app.protocol.chat, app.protocol.models, app.services.inference, "
-        "app.services.completions, app.services.chat, app.services.models\n"
+        "app.protocol.completions, app.protocol.chat, app.protocol.models, app.services.targets, "
+        "app.services.generation, app.services.completions, app.services.chat, app.services.models\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

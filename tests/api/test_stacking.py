@@ -13,8 +13,8 @@ import pytest
 
 from app.config import Settings
 from app.db.models import EndUser, Prefix, PrefixVersion, TrainingJob
-from app.services.inference import resolve_model
 from app.services.stacks import StackLimits, split_stack
+from app.services.targets import resolve_model
 from tests.api.conftest import ADMIN_KEY, AppEnv, TenantKey
 from tests.api.fake_engine import FAKE_FINGERPRINT
 from tests.api.test_batches import content, create, finished, line, until, upload

@@ -9,8 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.catalog.refs import DbCatalog, InvalidRef, find_version, split_ref
 from app.db.models import EndUser, Prefix, PrefixVersion, Tenant
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.services.inference import parse_model_name, resolve_model
 from app.services.prefixes import parse_ref
+from app.services.targets import parse_model_name, resolve_model
 
 FP = "fp-served"
 BASE = "base-model"

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import EngineClientDep, GenerationDep, ServedFingerprintDep, runtime_of
-from app.api.routes.streaming import respond
+from app.api.routes.streaming import receive_disconnect, respond
 from app.protocol.chat import ChatCompletionRequest
 from app.services.chat import serve_chat
-from app.services.inference import ClientDisconnected, receive_disconnect
+from app.services.generation import ClientDisconnected
 
 router = APIRouter(tags=["inference"])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Response
 from fastapi.responses import JSONResponse
@@ -38,3 +38,15 @@ def respond(result: BaseModel | AsyncIterator[str], *, send_timeout_s: float | N
     # sep="\n": the exact framing OpenAI's servers use; no-transform/no buffering for reverse proxies.
     return _EventStream(result, sep="\n", ping=SSE_PING_S, send_timeout=send_timeout_s,
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def receive_disconnect(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """A waiter that returns when the ASGI `receive` reports `http.disconnect` (the body is already read)."""
+
+    async def wait() -> None:
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                return
+
+    return wait
