@@ -36,7 +36,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/services.sh ensure
-	PREFIXSERVE_TEST_API_DATABASES=sqlite $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PREFIXSERVE_TEST_API_DATABASES=sqlite $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # The HTTP-layer tests that reach the database, again on a fresh PostgreSQL database each (CI runs it after
 # `make test`; apart so that `make test` stays within 10 minutes on 2 cores).

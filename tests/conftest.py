@@ -17,7 +17,11 @@ pytest_plugins = ["tests.s3_server"]
 POSTGRES_ADMIN_URL = os.environ.get(
     "PREFIXSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("PREFIXSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# One Redis database per pytest-xdist worker (`make test` runs two): the `redis_url` fixture flushes its database,
+# which must not be the one a test on the other worker is using. 13 and 14 are the local cluster's.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_REDIS_DB = 15 if _WORKER == 0 else 13 - _WORKER
+REDIS_URL = os.environ.get("PREFIXSERVE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_REDIS_DB}")
 
 
 # The tests' own configuration (service URLs, which databases the API tests run on); every other PREFIXSERVE_*
