@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-*+cpu-*.whl))
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers (0: all in one process)
+PYTEST_WORKERS ?= 2
 # Bursts of 400 and 2,000 simultaneous requests (24 tokens each, ignore_eos, half streamed) over 200 prefixes, first
 # on one embedded-default server, then on the local cluster (PostgreSQL, Redis, 2 API replicas); it took 27 minutes
 # on the 2-core VM shared with other test runs (bench/RESULTS.md).
@@ -36,7 +38,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/services.sh ensure
-	PREFIXSERVE_TEST_API_DATABASES=sqlite $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	PREFIXSERVE_TEST_API_DATABASES=sqlite $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The HTTP-layer tests that reach the database, again on a fresh PostgreSQL database each (CI runs it after
 # `make test`; apart so that `make test` stays within 10 minutes on 2 cores).
