@@ -19,7 +19,6 @@ from app.config import Settings
 from app.db.migrate import head, upgrade
 from app.db.session import PoolLimits, make_engine, make_session_factory
 from app.engine.protocol import EngineClientProtocol
-from app.engine.threads import run_in_own_thread
 from app.errors import Unavailable
 from app.readiness import Check, StoreChecks, database_checks, describe_url, log_start_up, model_check, open_blobs
 from app.schema_gate import SchemaGate, open_schema_gate
@@ -29,6 +28,7 @@ from app.services.limit_store import CounterStore
 from app.services.limits import SLOT_TTL_MARGIN_S
 from app.services.stacks import StackLimits
 from app.services.training_setup import TrainingContext
+from app.threads import run_in_own_thread
 from app.training.inprocess import InProcessJobQueue
 from app.training.jobs import JobContext
 from prefix_store.cache_tier import open_cache_tier

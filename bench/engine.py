@@ -99,8 +99,8 @@ async def _run_engine(
 ) -> Any:
     from app.engine.factory import build_engine
     from app.engine.sampling import SamplingParams
-    from app.engine.threads import run_in_own_thread
     from app.engine.types import GenerationRequest
+    from app.threads import run_in_own_thread
 
     rows = max(64, len(prompts))
     engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=packed, max_batch_rows=rows))
@@ -195,12 +195,12 @@ def _setup(config: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, list[
 
 
 def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
-    from app.engine.threads import run_in_own_thread
+    from app.threads import run_in_own_thread
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        # As the server does (app/engine/threads.py): set-up on a thread that ends, so its OpenMP pool does not
+        # As the server does (app/threads.py): set-up on a thread that ends, so its OpenMP pool does not
         # outlive it and slow the engine thread.
         loaded, adapters, prefixes = run_in_own_thread(lambda: _setup(config, args, Path(tmp)))
         prompts = _prompts(loaded.tokenizer, args.n)

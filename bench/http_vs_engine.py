@@ -75,9 +75,9 @@ def _engine_child(n_max: int, new_tokens: int, conn: Any) -> None:
     from app.config import Settings
     from app.engine.factory import build_engine
     from app.engine.sampling import SamplingParams
-    from app.engine.threads import run_in_own_thread
     from app.engine.types import GenerationRequest
     from app.runtime import engine_options, load_base_model
+    from app.threads import run_in_own_thread
     from prefix_store.codec import decode_native, encode_native
     from prefix_store.types import PrefixKV
 

@@ -3,7 +3,7 @@
 The async side `put`s requests; the engine thread `poll`s once per step. A request whose prefix is a loader (a
 callable) is resolved on a side thread, so a cold prefix load never stalls the running batch; it becomes ready
 when its load finishes, or fails alone when the load raises. Each load runs on a thread of its own that ends
-with it (app/engine/threads.py: a long-lived loader thread would keep an OpenMP pool that slows the engine),
+with it (app/threads.py: a long-lived loader thread would keep an OpenMP pool that slows the engine),
 at most `resolver_threads` at a time.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from app.engine.rowstate import ActiveRequest
-from app.engine.threads import start_in_own_thread
+from app.threads import start_in_own_thread
 from prefix_store.types import PrefixKV
 
 

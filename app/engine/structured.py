@@ -24,7 +24,7 @@ import llguidance
 import llguidance.hf
 
 from app.engine.protocol import StructuredOutput, StructuredOutputError
-from app.engine.threads import start_in_own_thread
+from app.threads import start_in_own_thread
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions

@@ -22,11 +22,11 @@ from app.catalog.versions import blob_referenced as blob_referenced
 from app.catalog.versions import delete_unreferenced_blobs as delete_unreferenced_blobs
 from app.catalog.versions import find_prefix, publish_version
 from app.db.models import PERSONAL_PREFIX_PREFIX, Prefix, PrefixVersion
-from app.engine.threads import run_in_own_thread
 from app.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from app.protocol.prefixes import PrefixDeleted, PrefixInfo, PrefixUploaded, PrefixVersionInfo
 from app.services.limits import Limits, check_new_prefix
 from app.services.uploads import convert_upload
+from app.threads import run_in_own_thread
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def upload_prefix(
     max_prefixes and max_stored_bytes (`limits`; None = unchecked)."""
     name = validate_name(name)
     spec = require_model(stores)
-    # Torch work on a thread that ends, not the request thread: see app/engine/threads.py (OpenMP pools).
+    # Torch work on a thread that ends, not the request thread: see app/threads.py (OpenMP pools).
     converted = run_in_own_thread(
         lambda: convert_upload(files, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
                                max_bytes=stores.max_bytes), name="prefix-convert")

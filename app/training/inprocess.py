@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from app.engine.threads import run_in_own_thread
 from app.jobs.recovery import sweep
+from app.threads import run_in_own_thread
 from app.training.jobs import JobContext, execute_job
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class InProcessJobQueue:
                 self.current = job_id
             try:
                 # On a thread of its own that ends with the job: the OpenMP pool its training starts must not
-                # outlive it, or the engine's decode steps stay ~10% slower (app/engine/threads.py).
+                # outlive it, or the engine's decode steps stay ~10% slower (app/threads.py).
                 run_in_own_thread(functools.partial(execute_job, job_id, ctx=self.ctx, interrupt=self._interrupt,
                                                     timeout_s=self.ctx.settings.job_timeout_s), name="training-job")
             except Exception:

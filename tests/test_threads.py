@@ -1,4 +1,4 @@
-"""Short-lived threads for torch work off the engine thread (app/engine/threads.py)."""
+"""Short-lived threads for torch work off the engine thread (app/threads.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from app.engine.threads import run_in_own_thread, start_in_own_thread
+from app.threads import run_in_own_thread, start_in_own_thread
 
 
 def test_result_and_exception_come_back() -> None:
