@@ -112,16 +112,31 @@ def _data_error(exc: TrainingDataError, what: str, param: str | None) -> JobFail
     return JobFailed(JobError("invalid_training_data", f"{where}: {exc.reason}", param))
 
 
+def _read_prefix(job: TrainingJob, sha256: str, *, label: str, what: str, param: str, invalid: str,
+                 blobs: BlobStore, loaded: LoadedModel, max_virtual_tokens: int, max_bytes: int) -> PrefixKV:
+    """A stored prefix version the job needs (`what` `label`, e.g. the warm-start prefix `poet@2`), decoded for
+    the model; a blob that cannot be read now, or does not fit the model, fails the job naming `param`."""
+    # torch: prefix_store's codec imports it, and app/training's job modules stay torch-free at import
+    from prefix_store.codec import decode_native
+    from prefix_store.types import PrefixError  # the same reason
+
+    try:
+        return decode_native(blobs.get(sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
+                             max_bytes=max_bytes)
+    except (BlobNotFound, BlobStoreUnavailable) as exc:
+        log.error("job %s: cannot read the %s blob %s: %r", job.id, what, sha256, exc)
+        raise JobFailed(JobError("storage_unavailable", f"the {what} {label!r} cannot be read right now",
+                                 param)) from None
+    except PrefixError as exc:
+        raise JobFailed(JobError(invalid, f"the {what} {label!r} does not fit the model: {exc}", param)) from None
+
+
 def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
                     max_virtual_tokens: int, max_bytes: int) -> PrefixKV | None:
     """The prefix the job starts from (`options.warm_start`, a `name@version` reference), or None."""
     ref = warm_start_of(job)
     if ref is None:
         return None
-    # torch: prefix_store's codec imports it, and app/training's job modules stay torch-free at import
-    from prefix_store.codec import decode_native
-    from prefix_store.types import PrefixError  # the same reason
-
     try:
         name, version = split_ref(ref)  # checked when the job was created; the same parser reads it back
     except InvalidRef as exc:
@@ -130,16 +145,9 @@ def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs:
     if found is None:
         raise JobFailed(JobError("warm_start_not_found", f"the warm-start prefix {ref!r} does not exist "
                                  "(it was deleted after the job was created)", "warm_start"))
-    try:
-        kv = decode_native(blobs.get(found.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
-                           max_bytes=max_bytes)
-    except (BlobNotFound, BlobStoreUnavailable) as exc:
-        log.error("job %s: cannot read warm-start blob %s: %r", job.id, found.sha256, exc)
-        raise JobFailed(JobError("storage_unavailable", f"the warm-start prefix {ref!r} cannot be read right now",
-                                 "warm_start")) from None
-    except PrefixError as exc:
-        raise JobFailed(JobError("invalid_warm_start", f"the warm-start prefix {ref!r} does not fit the model: {exc}",
-                                 "warm_start")) from None
+    kv = _read_prefix(job, found.sha256, label=ref, what="warm-start prefix", param="warm_start",
+                      invalid="invalid_warm_start", blobs=blobs, loaded=loaded,
+                      max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
     log.info("job %s warm-starts from %s (version %d)", job.id, name, found.version)
     return kv
 
@@ -151,10 +159,8 @@ def load_base(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobS
     bases = bases_of(job)
     if not bases:
         return None
-    # torch: prefix_store's codec and stack import it, and app/training's job modules stay torch-free at import
-    from prefix_store.codec import decode_native
+    # torch: prefix_store's stack imports it, and app/training's job modules stay torch-free at import
     from prefix_store.stack import concat_prefixes
-    from prefix_store.types import PrefixError
 
     catalog, parts = DbCatalog(sessions), []
     for base in bases:
@@ -162,16 +168,9 @@ def load_base(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobS
         if found is None or found.prefix_id != base.prefix_id:  # deleted (or deleted and made again) meanwhile
             raise JobFailed(JobError("base_prefix_not_found", f"the base prefix {base.label!r} does not exist (it "
                                      "was deleted after the job was created)", "on_top_of"))
-        try:
-            kv = decode_native(blobs.get(found.sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
-                               max_bytes=max_bytes)
-        except (BlobNotFound, BlobStoreUnavailable) as exc:
-            log.error("job %s: cannot read base blob %s: %r", job.id, found.sha256, exc)
-            raise JobFailed(JobError("storage_unavailable", f"the base prefix {base.label!r} cannot be read right "
-                                     "now", "on_top_of")) from None
-        except PrefixError as exc:
-            raise JobFailed(JobError("invalid_base_prefix", f"the base prefix {base.label!r} does not fit the "
-                                     f"model: {exc}", "on_top_of")) from None
+        kv = _read_prefix(job, found.sha256, label=base.label, what="base prefix", param="on_top_of",
+                          invalid="invalid_base_prefix", blobs=blobs, loaded=loaded,
+                          max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
         parts.append(dataclasses.replace(kv, keys=kv.keys.to(loaded.device, loaded.dtype),
                                          values=kv.values.to(loaded.device, loaded.dtype)))
     log.info("job %s trains on top of %s", job.id, "+".join(b.label for b in bases))
