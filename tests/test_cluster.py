@@ -5,6 +5,7 @@ random tiny Llama: what one replica changes, the other serves at once.
 - a delete through A stops B serving it at once, although B has it in its device pool and Redis holds its
   bytes; a new upload under the same name is served fresh by B;
 - a training job created through A runs on the worker, and its prefix is served by B.
+- a batch created through A with the official openai client runs once and B reads its output file.
 
 Real processes, real services; every wait is bounded and the cluster is always stopped.
 """
@@ -192,3 +193,36 @@ def test_job_created_through_a_runs_on_the_worker_and_b_serves_it(cluster: Clust
     assert model and model.startswith("trained")
     assert _complete(cluster.b, tenant_key, model).status_code == 200
     assert _text(cluster.b, tenant_key, model) == _text(cluster.a, tenant_key, model)
+
+
+def test_a_batch_created_through_a_with_the_openai_client_runs_once_and_b_reads_its_output(
+        cluster: Cluster, tenant_key: str, tmp_path: Path) -> None:
+    """The official client's Batch API calls against the cluster: created through A, run by one replica's runner
+    (a claim in the shared database), read back through B; each answer is what the endpoint gives directly."""
+    from openai import OpenAI
+
+    _upload(cluster.a, tenant_key, "batched", _prefix_bytes(tmp_path, seed=4))
+    models = ["batched", _base_model(cluster.a, tenant_key)]
+    bodies = [{"model": models[i % 2], "prompt": f"{PROMPT} {i}", "max_tokens": 6, "temperature": 0}
+              for i in range(6)]
+    lines = b"".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                                 "body": body}).encode() + b"\n" for i, body in enumerate(bodies))
+    via_a = OpenAI(base_url=f"{str(cluster.a.base_url).rstrip('/')}/v1", api_key=tenant_key, max_retries=0)
+    via_b = OpenAI(base_url=f"{str(cluster.b.base_url).rstrip('/')}/v1", api_key=tenant_key, max_retries=0)
+    batch_input = via_a.files.create(file=("batch.jsonl", lines), purpose="batch")
+    batch = via_a.batches.create(input_file_id=batch_input.id, endpoint="/v1/completions",
+                                 completion_window="24h")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (batch := via_b.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.status == "completed", batch
+    assert batch.request_counts is not None and (batch.request_counts.completed, batch.request_counts.failed) == (6, 0)
+    assert batch.output_file_id is not None
+    out = {r["custom_id"]: r["response"] for r in map(json.loads, via_b.files.content(batch.output_file_id).text
+                                                      .splitlines())}
+    assert sorted(out) == [f"r{i}" for i in range(6)]  # each request answered once
+    for i, body in enumerate(bodies):
+        direct = cluster.b.post("/v1/completions", headers={"Authorization": f"Bearer {tenant_key}"}, json=body)
+        assert out[f"r{i}"]["status_code"] == 200
+        assert out[f"r{i}"]["body"]["choices"][0]["text"] == direct.json()["choices"][0]["text"], i
