@@ -14,7 +14,7 @@ from app.engine.loop import Engine
 from app.engine.model import LoadedModel
 from app.engine.model_errors import ModelLoadError
 from app.engine.packed_linear import pack_linears
-from app.engine.quantized_decoder import build_quantized
+from app.engine.quantized_decoder import KV_DTYPE, build_quantized
 from app.engine.runner import ModelRunner, geometry_of
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ def build_engine(loaded: LoadedModel, *, packed_linears: bool = True, weights: s
         n = pack_linears(loaded.model)
         log.info("packed %d linear layers for CPU inference (oneDNN)", n)
     tokenizer: Decoder = loaded.tokenizer  # type: ignore[assignment]  # decode() returns str for a flat list
+    kv_dtype = KV_DTYPE if serving is not None else loaded.dtype
     engine = Engine(
         loaded.model,
         tokenizer,
-        geometry=geometry_of(loaded.model, loaded.device, loaded.dtype),
+        geometry=geometry_of(loaded.model, loaded.device, kv_dtype),
         pad_token_id=int(pad),
         eos_token_ids=loaded.eos_token_ids,
         limits=EngineLimits(**limits),

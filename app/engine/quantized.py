@@ -110,13 +110,14 @@ class QuantizedLinear:
             self.scales = rows.scale.to(COMPUTE_DTYPE)
         self.bias = None if bias is None else bias.detach().clone()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [..., K] -> [..., N] in `out_dtype` (default: x's dtype)."""
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)  # [M, K]
         if self.kind == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.data, GROUP, self.scales)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
-        out: torch.Tensor = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        out: torch.Tensor = y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
     @property
