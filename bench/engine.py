@@ -1,11 +1,16 @@
-"""Engine benchmark: heterogeneous prefixes vs no prefixes vs HF PEFT one request at a time.
+"""Engine benchmark: 1, 8 and 32 concurrent streams, with different prefixes or none, in each serving weight mode,
+beside llama.cpp on the same GGUF file when a build is found (--llama-cpp DIR or LLAMA_CPP_DIR).
 
-N concurrent requests, each with its own prefix of 5-20 virtual tokens (real PEFT prefix-tuning adapters, saved
-and imported through our PEFT codec), ~20-token prompts, `--new-tokens` greedy tokens each (EOS ignored so
-every configuration generates the same amount). Each configuration runs in its own process so peak memory is its
-own. Prints a table and writes JSON.
+Each row count N (`--repeat` rounds, the median reported): N requests arrive together, each with its own prefix
+of 5-20 virtual tokens (real PEFT prefix-tuning adapters, saved and imported through our PEFT codec) or none,
+16-token prompts, `--new-tokens` greedy tokens each (EOS ignored, so every configuration generates the same
+amount). tok/s = generated tokens / wall time from submission to the last token (prefill included); TTFT from
+submission; ITL = a request's mean gap between tokens. Each (configuration, weights) runs in its own process, so peak memory is its own; llama.cpp's
+`llama-batched-bench` runs the same row counts, prompt and generation lengths (bench/llama_cpp.py). Prints a table
+with the ratios and writes JSON. HF PEFT one request at a time (the earlier baseline) is an extra configuration.
 
-    python -m bench.engine [--model M] [--n 32] [--new-tokens 64] [--device cpu] [--dtype auto] [--out F]
+    python -m bench.engine [--rows 1,8,32] [--weights fp32,int4] [--new-tokens 64] [--llama-cpp DIR]
+                           [--configs engine_prefixes,engine_no_prefix] [--model M] [--threads T] [--out F]
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import json
 import logging
 import multiprocessing as mp
+import os
 import platform
 import resource
 import statistics
@@ -25,250 +31,211 @@ from typing import Any
 
 import torch
 
+from bench import llama_cpp
+
 log = logging.getLogger("bench.engine")
-CONFIGS = ("engine_prefixes", "engine_no_prefix", "peft_sequential")
-# Not run by default: PEFT one at a time on the same oneDNN-packed linear layers the engine uses on CPU, to show
-# how much of (1)/(3) is the kernel and how much is batching.
-EXTRA_CONFIGS = ("peft_sequential_packed",)
-
-
-def _adapters(loaded: Any, n: int, workdir: Path) -> list[tuple[str, Path, int]]:
-    """Create n PEFT prefix-tuning adapters with random (small) prompt embeddings; return (name, dir, P)."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    out = []
-    gen = torch.Generator().manual_seed(0)
-    for i in range(n):
-        p = 5 + (i * 7) % 16  # 5..20 virtual tokens
-        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p)
-        pm = get_peft_model(loaded.model, cfg)
-        emb = pm.prompt_encoder["default"].embedding.weight
-        with torch.no_grad():
-            emb.copy_(torch.randn(emb.shape, generator=gen) * 0.5)
-        d = workdir / f"a{i}"
-        pm.save_pretrained(d)
-        out.append((f"a{i}", d, p))
-    return out
+CONFIGS = ("engine_prefixes", "engine_no_prefix")
+# Not run by default (about 2 minutes each on 2 cores): HF PEFT one request at a time, on stock linears and on the
+# oneDNN-packed ones the fp32 engine uses (how much of the gap is the kernel and how much is batching).
+EXTRA_CONFIGS = ("peft_sequential", "peft_sequential_packed")
+PROMPT_TOKENS = 16
+WORDS = ["river", "stone", "light", "quiet", "morning", "signal", "paper", "garden", "window", "number", "silver"]
 
 
 def _prompts(tok: Any, n: int) -> list[list[int]]:
-    words = [
-        "river",
-        "stone",
-        "light",
-        "quiet",
-        "morning",
-        "signal",
-        "paper",
-        "garden",
-        "window",
-        "number",
-        "silver",
-        "travel",
-    ]
+    """n different prompts of exactly PROMPT_TOKENS tokens."""
     out = []
     for i in range(n):
-        text = " ".join(words[(i + k) % len(words)] for k in range(16))
-        out.append(tok.encode(f"Write about {text}.")[:20])
+        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 * PROMPT_TOKENS))
+        out.append(tok.encode(f"Write about {text}.")[:PROMPT_TOKENS])
     return out
 
 
-def _summary(
-    name: str, ttfts: list[float], tokens: int, wall: float, outputs: list[list[int]]
-) -> dict[str, Any]:
-    q = statistics.quantiles(ttfts, n=100, method="inclusive") if len(ttfts) > 1 else [ttfts[0]] * 99
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if torch.cuda.is_available()
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    return {
-        "config": name,
-        "tokens": tokens,
-        "wall_s": wall,
-        "tok_s": tokens / wall,
-        "ttft_p50_s": q[49],
-        "ttft_p99_s": q[98],
-        "peak_mem_bytes": peak,
-        "outputs": outputs,
-    }
+def _summary(name: str, weights: str, n: int, timings: list[tuple[float, list[float]]], tokens: list[list[int]],
+             wall: float) -> dict[str, Any]:
+    ttfts = sorted(t for t, _ in timings)
+    itls = sorted((ts[-1] - ts[0]) / (len(ts) - 1) for _, ts in timings if len(ts) > 1)
+    return {"config": name, "weights": weights, "rows": n, "tokens": sum(len(t) for t in tokens), "wall_s": wall,
+            "tok_s": sum(len(t) for t in tokens) / wall, "ttft_p50_s": statistics.median(ttfts),
+            "itl_p50_ms": statistics.median(itls) * 1e3 if itls else 0.0, "outputs": tokens}
 
 
-async def _run_engine(
-    loaded: Any, prompts: list[list[int]], prefixes: list[Any], new_tokens: int, *, packed: bool
-) -> Any:
-    from app.engine.factory import build_engine
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median tok/s (its TTFT and ITL with it), and every round's tok/s."""
+    ranked = sorted(rounds, key=lambda r: r["tok_s"])
+    return {**ranked[len(ranked) // 2], "rounds_tok_s": [r["tok_s"] for r in rounds]}
+
+
+async def _run_engine(engine: Any, prompts: list[list[int]], prefixes: list[Any],
+                      new_tokens: int) -> tuple[list[tuple[float, list[float]]], list[list[int]], float]:
+    """All requests at once: per request (TTFT, token arrival times), the tokens, and the wall time."""
     from app.engine.sampling import SamplingParams
     from app.engine.types import GenerationRequest
-    from app.threads import run_in_own_thread
 
-    rows = max(64, len(prompts))
-    engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=packed, max_batch_rows=rows))
-    engine.start()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    async def one(i: int) -> tuple[float, list[int]]:
+    async def one(i: int) -> tuple[tuple[float, list[float]], list[int]]:
         t0 = time.perf_counter()
-        ttft, toks = 0.0, []
+        stamps, toks = [], []
         async for ev in engine.submit(GenerationRequest(prompts[i], params, prefix=prefixes[i])):
             if ev.token_id is not None:
-                if not toks:
-                    ttft = time.perf_counter() - t0
+                stamps.append(time.perf_counter())
                 toks.append(ev.token_id)
-        return ttft, toks
+        return (stamps[0] - t0, stamps), toks
 
-    # warm-up (allocator, first-call overheads) outside the measurement
-    await one(0)
+    await one(0)  # warm-up (allocator, first-call overheads) outside the measurement
     t0 = time.perf_counter()
     res = await asyncio.gather(*[one(i) for i in range(len(prompts))])
     wall = time.perf_counter() - t0
-    engine.stop()
-    return res, wall
-
-
-def _peft_sequential(
-    loaded: Any, adapters: list[tuple[str, Path, int]], prompts: list[list[int]], new_tokens: int
-) -> tuple[list[tuple[float, list[int]]], float]:
-    """What a user would otherwise do: one PeftModel with every adapter loaded, set_adapter per request,
-    greedy decoding with a KV cache (PeftModel.forward for the prompt, then the cache it returns)."""
-    from peft import PeftModel
-
-    from app.engine.runner import cache_kwarg_name
-
-    pm = PeftModel.from_pretrained(loaded.model, str(adapters[0][1]), adapter_name=adapters[0][0])
-    for name, d, _ in adapters[1:]:
-        pm.load_adapter(str(d), adapter_name=name)
-    pm.eval()
-    kw = cache_kwarg_name(loaded.model)
-    dev = loaded.device
-    results = []
-    t_start = time.perf_counter()
-    for (name, _, p), prompt in zip(adapters, prompts, strict=True):
-        pm.set_adapter(name)
-        ids = torch.tensor([prompt], device=dev)
-        s = len(prompt)
-        with torch.inference_mode():
-            out = pm(
-                input_ids=ids, attention_mask=torch.ones(1, s, dtype=torch.long, device=dev), use_cache=True
-            )
-            cache = out.past_key_values
-            tok = int(out.logits[0, -1].argmax())
-            # All N requests arrive together: a request's first token waits for every request served before it.
-            ttft = time.perf_counter() - t_start
-            toks = [tok]
-            for t in range(new_tokens - 1):
-                pos = torch.tensor([[p + s + t]], device=dev)
-                out = loaded.model(
-                    input_ids=torch.tensor([[tok]], device=dev),
-                    position_ids=pos,
-                    attention_mask=torch.ones(1, p + s + t + 1, dtype=torch.long, device=dev),
-                    use_cache=True,
-                    **{kw: cache},
-                )
-                cache = out.past_key_values
-                tok = int(out.logits[0, -1].argmax())
-                toks.append(tok)
-        results.append((ttft, toks))
-    return results, time.perf_counter() - t_start
+    return [r[0] for r in res], [r[1] for r in res], wall
 
 
 def _setup(config: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, list[tuple[str, Path, int]], list[Any]]:
-    """The model, the PEFT adapters saved under `tmp`, and (engine_prefixes) the adapters imported as prefixes."""
+    """The model, PEFT adapters saved under `tmp` (not for engine_no_prefix), and (engine_prefixes) the adapters
+    imported as prefixes."""
     from app.engine.model import load_model
+    from bench.peft_sequential import make_adapters
     from prefix_store.peft_codec import decode_peft
 
     loaded = load_model(args.model, data_dir=Path(args.data_dir), device=args.device, dtype=args.dtype)
-    adapters = _adapters(loaded, args.n, tmp)
-    prefixes: list[Any] = [None] * args.n
+    n = max(args.rows)
+    adapters = make_adapters(loaded, n, tmp) if config != "engine_no_prefix" else []
+    prefixes: list[Any] = [None] * n
     if config == "engine_prefixes":
-        prefixes = [
-            decode_peft(
-                (d / "adapter_config.json").read_bytes(),
-                (d / "adapter_model.safetensors").read_bytes(),
-                spec=loaded.spec,
-                max_virtual_tokens=256,
-                max_bytes=2**30,
-            )[0]
-            for _, d, _ in adapters
-        ]
+        prefixes = [decode_peft((d / "adapter_config.json").read_bytes(),
+                                (d / "adapter_model.safetensors").read_bytes(),
+                                spec=loaded.spec, max_virtual_tokens=256, max_bytes=2**30)[0]
+                    for _, d, _ in adapters]
     return loaded, adapters, prefixes
 
 
-def _child(config: str, args: argparse.Namespace, conn: Any) -> None:
+def _child(config: str, weights: str, args: argparse.Namespace, conn: Any) -> None:
+    from app.engine.factory import build_engine
     from app.threads import run_in_own_thread
+    from bench.peft_sequential import peft_sequential
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # As the server does (app/threads.py): set-up on a thread that ends, so its OpenMP pool does not
         # outlive it and slow the engine thread.
         loaded, adapters, prefixes = run_in_own_thread(lambda: _setup(config, args, Path(tmp)))
-        prompts = _prompts(loaded.tokenizer, args.n)
         if config.startswith("peft_sequential"):
             if config == "peft_sequential_packed":
                 from app.engine.packed_linear import pack_linears
 
                 pack_linears(loaded.model)  # before PEFT loads: only the base model's linears
-            res, wall = _peft_sequential(loaded, adapters, prompts, args.new_tokens)
+            for n in args.rows:
+                res, wall = peft_sequential(loaded, adapters[:n], _prompts(loaded.tokenizer, n), args.new_tokens)
+                timings = [(ttft, [0.0]) for ttft, _ in res]
+                rows.append(_summary(config, "fp32", n, timings, [t for _, t in res], wall))
         else:
-            res, wall = asyncio.run(
-                _run_engine(loaded, prompts, prefixes, args.new_tokens, packed=not args.unpacked)
-            )
-    tokens = sum(len(t) for _, t in res)
-    conn.send(_summary(config, [r[0] for r in res], tokens, wall, [t for _, t in res]))
+            limit = max(64, *args.rows)
+            engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=not args.unpacked,
+                                                            weights=weights, max_batch_rows=limit))
+            engine.start()
+            try:
+                for n in args.rows:
+                    prompts = _prompts(loaded.tokenizer, n)
+                    rounds = [_summary(config, weights, n, *asyncio.run(
+                        _run_engine(engine, prompts, prefixes[:n], args.new_tokens))) for _ in range(args.repeat)]
+                    rows.append(_median_round(rounds))
+            finally:
+                engine.stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    conn.send([{**r, "peak_mem_bytes": peak} for r in rows])
+
+
+def _ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row count: each engine mode over llama.cpp, and the cost of prefixes (no prefix over prefixes)."""
+    by = {(r["config"], r["weights"], r["rows"]): r["tok_s"] for r in rows}
+    lines = []
+    for n in sorted({r["rows"] for r in rows}):
+        parts = []
+        for (config, weights, m), tok_s in sorted(by.items()):
+            if m != n or config != "engine_prefixes":
+                continue
+            if ("llama.cpp", "gguf", n) in by:
+                parts.append(f"{weights} prefixes / llama.cpp {tok_s / by[('llama.cpp', 'gguf', n)]:.2f}x")
+            if ("engine_no_prefix", weights, n) in by:
+                parts.append(f"{weights} prefix overhead {by[('engine_no_prefix', weights, n)] / tok_s - 1:+.0%}")
+        if parts:
+            lines.append(f"rows {n:>3}: " + "; ".join(parts))
+    return lines
+
+
+def _llama_cpp(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
+    binary = llama_cpp.find_binary(args.llama_cpp)
+    gguf = llama_cpp.gguf_file(args.model)
+    if binary is None or gguf is None:
+        log.info("llama.cpp: %s", "no GGUF file for this model" if binary else "not run (set LLAMA_CPP_DIR)")
+        return []
+    runs = [llama_cpp.run(binary, gguf, args.rows, prompt_tokens=PROMPT_TOKENS, new_tokens=args.new_tokens,
+                          threads=threads) for _ in range(args.repeat)]
+    log.info("llama.cpp: %s%s", " ".join(runs[0]["command"]),
+             " (AMX unusable here: --no-repack)" * runs[0]["no_repack"])
+    return [_median_round([{"config": "llama.cpp", "weights": "gguf", "rows": n, "tokens": n * args.new_tokens,
+                            "peak_mem_bytes": 0, **run["rows"][n]} for run in runs]) for n in args.rows]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--rows", default="1,8,32", help="concurrent requests, one measurement each")
+    ap.add_argument("--weights", default="fp32,int4", help="serving weight modes of the engine configurations")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds per measurement; the median round is reported")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (default: torch's)")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"also: {', '.join(EXTRA_CONFIGS)}")
-    ap.add_argument("--unpacked", action="store_true", help="engine without oneDNN-packed linears (CPU)")
+    ap.add_argument("--llama-cpp", default=None, help="llama.cpp build directory (default: $LLAMA_CPP_DIR)")
+    ap.add_argument("--unpacked", action="store_true", help="fp32 engine without oneDNN-packed linears (CPU)")
     ap.add_argument("--out", default="bench/out/engine.json")
     args = ap.parse_args()
+    args.rows = [int(n) for n in args.rows.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = []
+    threads = args.threads or torch.get_num_threads()
+    load_start = os.getloadavg()
+    rows: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
     for config in args.configs.split(","):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(config, args, child))
-        proc.start()
-        rows.append(parent.recv())
-        proc.join()
-    by = {r["config"]: r for r in rows}
+        for weights in args.weights.split(",") if config.startswith("engine") else ["fp32"]:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_child, args=(config, weights, args, child))
+            proc.start()
+            rows += parent.recv()
+            proc.join()
+    rows += _llama_cpp(args, threads) if args.device == "cpu" else []
+    load_end = os.getloadavg()
     lines = [
-        f"model={args.model} n={args.n} new_tokens={args.new_tokens} device={args.device} "
-        f"machine={platform.machine()} cpus={torch.get_num_threads()} torch={torch.__version__}",
-        f"{'config':<24}{'tok/s':>10}{'TTFT p50':>11}{'TTFT p99':>11}{'peak MiB':>10}{'wall s':>9}",
+        f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={PROMPT_TOKENS} device={args.device} "
+        f"machine={platform.machine()} threads={threads} torch={torch.__version__}; load average (1 min) "
+        f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end",
+        f"{'rows':>4}  {'config':<24}{'weights':<8}{'tok/s':>9}{'TTFT p50':>10}{'ITL p50':>10}{'peak MiB':>10}"
+        f"{'wall s':>8}",
     ]
-    for r in rows:
-        lines.append(
-            f"{r['config']:<24}{r['tok_s']:>10.1f}{r['ttft_p50_s']:>10.2f}s{r['ttft_p99_s']:>10.2f}s"
-            f"{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>9.1f}"
-        )
-    ratios: dict[str, float] = {}
-    if "engine_prefixes" in by and "peft_sequential" in by:
-        ratios["prefixes_vs_peft"] = by["engine_prefixes"]["tok_s"] / by["peft_sequential"]["tok_s"]
-        same = sum(
-            a == b
-            for a, b in zip(by["engine_prefixes"]["outputs"], by["peft_sequential"]["outputs"], strict=True)
-        )
-        lines.append(f"requests with identical greedy tokens, engine vs PEFT: {same}/{args.n}")
-    if "engine_prefixes" in by and "peft_sequential_packed" in by:
-        ratios["prefixes_vs_peft_packed"] = by["engine_prefixes"]["tok_s"] / by["peft_sequential_packed"]["tok_s"]
-    if "engine_prefixes" in by and "engine_no_prefix" in by:
-        ratios["prefixes_vs_no_prefix"] = by["engine_prefixes"]["tok_s"] / by["engine_no_prefix"]["tok_s"]
-    lines += [f"{k}: {v:.2f}x" for k, v in ratios.items()]
-    log.info("\n".join(lines))
+    for r in sorted(rows, key=lambda r: (r["rows"], r["config"], r["weights"])):
+        lines.append(f"{r['rows']:>4}  {r['config']:<24}{r['weights']:<8}{r['tok_s']:>9.1f}{r['ttft_p50_s']:>9.2f}s"
+                     f"{r['itl_p50_ms']:>8.1f}ms{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>8.1f}")
+    ratios = _ratios(rows)
+    by = {(r["config"], r["rows"]): r for r in rows if r["weights"] == "fp32"}
+    for n in args.rows:
+        eng, peft = by.get(("engine_prefixes", n)), by.get(("peft_sequential", n))
+        if eng and peft:
+            same = sum(a == b for a, b in zip(eng["outputs"], peft["outputs"], strict=True))
+            ratios.append(f"rows {n:>3}: fp32 prefixes / PEFT one at a time {eng['tok_s'] / peft['tok_s']:.2f}x, "
+                          f"identical greedy tokens {same}/{n}")
+    log.info("\n".join(lines + ratios))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for r in rows:
-        r.pop("outputs")
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows, "ratios": ratios}, indent=2))
+        r.pop("outputs", None)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "results": rows, "ratios": ratios,
+                                          "load_average": {"start": load_start, "end": load_end}}, indent=2))
 
 
 if __name__ == "__main__":
