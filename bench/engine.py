@@ -5,9 +5,10 @@ Each row count N (`--repeat` rounds, the median reported): N requests arrive tog
 of 5-20 virtual tokens (real PEFT prefix-tuning adapters, saved and imported through our PEFT codec) or none,
 16-token prompts, `--new-tokens` greedy tokens each (EOS ignored, so every configuration generates the same
 amount). tok/s = generated tokens / wall time from submission to the last token (prefill included); TTFT from
-submission; ITL = a request's mean gap between tokens. Each (configuration, weights) runs in its own process, so peak memory is its own; llama.cpp's
-`llama-batched-bench` runs the same row counts, prompt and generation lengths (bench/llama_cpp.py). Prints a table
-with the ratios and writes JSON. HF PEFT one request at a time (the earlier baseline) is an extra configuration.
+submission; ITL = a request's mean gap between tokens. Each (configuration, weights) runs in its own process,
+so peak memory is its own; llama.cpp's `llama-batched-bench` runs the same row counts, prompt and generation
+lengths (bench/llama_cpp.py). Prints a table with the ratios and writes JSON. HF PEFT one request at a time (the
+earlier baseline) is an extra configuration.
 
     python -m bench.engine [--rows 1,8,32] [--weights fp32,int4] [--new-tokens 64] [--llama-cpp DIR]
                            [--configs engine_prefixes,engine_no_prefix] [--model M] [--threads T] [--out F]
