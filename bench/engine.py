@@ -130,16 +130,18 @@ def _child(config: str, weights: str, args: argparse.Namespace, conn: Any) -> No
             for n in args.rows:
                 res, wall = peft_sequential(loaded, adapters[:n], _prompts(loaded.tokenizer, n), args.new_tokens)
                 timings = [(ttft, [0.0]) for ttft, _ in res]
-                rows.append(_summary(config, "fp32", n, timings, [t for _, t in res], wall))
+                rows.append(_summary(config, str(loaded.dtype).removeprefix("torch."), n, timings,
+                                     [t for _, t in res], wall))
         else:
             limit = max(64, *args.rows)
             engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=not args.unpacked,
                                                             weights=weights, max_batch_rows=limit))
             engine.start()
             try:
+                label = weights if weights != "fp32" else str(loaded.dtype).removeprefix("torch.")  # as loaded
                 for n in args.rows:
                     prompts = _prompts(loaded.tokenizer, n)
-                    rounds = [_summary(config, weights, n, *asyncio.run(
+                    rounds = [_summary(config, label, n, *asyncio.run(
                         _run_engine(engine, prompts, prefixes[:n], args.new_tokens))) for _ in range(args.repeat)]
                     rows.append(_median_round(rounds))
             finally:
@@ -186,7 +188,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--rows", default="1,8,32", help="concurrent requests, one measurement each")
-    ap.add_argument("--weights", default="fp32,int4", help="serving weight modes of the engine configurations")
+    ap.add_argument("--weights", default="fp32,int4",
+                    help="serving weight modes of the engine configurations (fp32: the float weights as loaded)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3, help="rounds per measurement; the median round is reported")
     ap.add_argument("--device", default="cpu")
@@ -224,13 +227,13 @@ def main() -> None:
         lines.append(f"{r['rows']:>4}  {r['config']:<24}{r['weights']:<8}{r['tok_s']:>9.1f}{r['ttft_p50_s']:>9.2f}s"
                      f"{r['itl_p50_ms']:>8.1f}ms{r['peak_mem_bytes'] / 2**20:>10.0f}{r['wall_s']:>8.1f}")
     ratios = _ratios(rows)
-    by = {(r["config"], r["rows"]): r for r in rows if r["weights"] == "fp32"}
+    by = {(r["config"], r["rows"]): r for r in rows if r["weights"] not in ("int4", "int8", "gguf")}
     for n in args.rows:
         eng, peft = by.get(("engine_prefixes", n)), by.get(("peft_sequential", n))
         if eng and peft:
             same = sum(a == b for a, b in zip(eng["outputs"], peft["outputs"], strict=True))
-            ratios.append(f"rows {n:>3}: fp32 prefixes / PEFT one at a time {eng['tok_s'] / peft['tok_s']:.2f}x, "
-                          f"identical greedy tokens {same}/{n}")
+            ratios.append(f"rows {n:>3}: {eng['weights']} prefixes / PEFT one at a time "
+                          f"{eng['tok_s'] / peft['tok_s']:.2f}x, identical greedy tokens {same}/{n}")
     log.info("\n".join(lines + ratios))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for r in rows:

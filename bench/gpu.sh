@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU engine benchmark as run on a lent H100/H200 (bench/RESULTS.md): the device's python3 has torch,
 # transformers and CUDA; the rest of our dependencies travel as wheels in .whl/ (see README "Benchmarks").
+# The same 1/8/32-row measurements as the CPU's `make bench` (bench/engine.py), on the GPU path: the float weights
+# in bf16 (the quantized serving modes are CPU-only), with prefixes and without.
 # Usage: OUT=/some/dir bash bench/gpu.sh [extra bench.engine options, e.g. --new-tokens 512]
 set -euo pipefail
 OUT=${OUT:-bench/out}
@@ -12,12 +14,12 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m bench.engine --model random:llama-1b --device cuda --dtype bfloat16 --n 64 "$@" \
-  --out "$OUT/engine_gpu_llama1b.json" 2>&1 | tee "$OUT/engine_gpu_llama1b.txt"
-python3 -m bench.engine --model random:smollm2-135m --device cuda --dtype bfloat16 --n 64 "$@" \
-  --out "$OUT/engine_gpu_smollm2.json" 2>&1 | tee "$OUT/engine_gpu_smollm2.txt"
+for model in llama-1b smollm2-135m; do
+  python3 -m bench.engine --model "random:$model" --device cuda --dtype bfloat16 --weights fp32 --rows 1,8,32,64 "$@" \
+    --out "$OUT/engine_gpu_$model.json" 2>&1 | tee "$OUT/engine_gpu_$model.txt"
+done
 # The exactness contract on the GPU: in float32, engine and PEFT one at a time should give the same greedy tokens
 # (bf16 on random weights has near-flat logits, so identical-token counts there say little).
-python3 -m bench.engine --model random:llama-1b --device cuda --dtype float32 --n 16 --new-tokens 32 \
-  --configs engine_prefixes,peft_sequential --out "$OUT/engine_gpu_fp32_equality.json" 2>&1 \
+python3 -m bench.engine --model random:llama-1b --device cuda --dtype float32 --weights fp32 --rows 16 --new-tokens 32 \
+  --repeat 1 --configs engine_prefixes,peft_sequential --out "$OUT/engine_gpu_fp32_equality.json" 2>&1 \
   | tee "$OUT/engine_gpu_fp32_equality.txt"
