@@ -154,13 +154,13 @@ def test_lean_forward_computes_what_transformers_does(tiny_llama) -> None:
         got.advance(tokens)
 
 
-@pytest.mark.parametrize("weights", ["int4", "int8"])
-async def test_engine_tokens_same_alone_and_batched(tiny_llama, weights) -> None:
+@pytest.mark.parametrize(("weights", "temperature"), [("int4", 0.0), ("int8", 0.0), ("int4", 1.0)])
+async def test_engine_tokens_same_alone_and_batched(tiny_llama, weights, temperature) -> None:
     """The engine contract in the quantized modes: each request alone, then all together (mixed prefixes, one
-    joining mid-flight), gives the same greedy tokens and the same logprobs, bit for bit."""
+    joining mid-flight), gives the same tokens (greedy, and seeded sampling) and the same logprobs, bit for bit."""
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10], [11], [12, 13]]
     prefixes = [random_prefix(tiny_llama, 4, seed=1), None, random_prefix(tiny_llama, 9, seed=2), None]
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=7, ignore_eos=True, logprobs=0)
     engine = make_engine(tiny_llama, weights=weights)
     try:
         requests = [GenerationRequest(p, params, prefix=x) for p, x in zip(prompts, prefixes, strict=True)]
