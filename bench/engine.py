@@ -5,10 +5,11 @@ Each row count N (`--repeat` rounds, the median reported): N requests arrive tog
 of 5-20 virtual tokens (real PEFT prefix-tuning adapters, saved and imported through our PEFT codec) or none,
 16-token prompts, `--new-tokens` greedy tokens each (EOS ignored, so every configuration generates the same
 amount). tok/s = generated tokens / wall time from submission to the last token (prefill included); TTFT from
-submission; ITL = a request's mean gap between tokens. Each (configuration, weights) runs in its own process,
-so peak memory is its own; llama.cpp's `llama-batched-bench` runs the same row counts, prompt and generation
-lengths (bench/llama_cpp.py). Prints a table with the ratios and writes JSON. HF PEFT one request at a time (the
-earlier baseline) is an extra configuration.
+submission; ITL = a request's mean gap between tokens. Each weights mode runs in its own process (its peak
+memory is its own), with and without prefixes on one engine, rounds interleaved; llama.cpp's
+`llama-batched-bench` runs the same row counts, prompt and generation lengths (bench/llama_cpp.py). Prints a
+table with the ratios and writes JSON. HF PEFT one request at a time (the earlier baseline) is an extra
+configuration.
 
     python -m bench.engine [--rows 1,8,32] [--weights fp32,int4] [--new-tokens 64] [--llama-cpp DIR]
                            [--configs engine_prefixes,engine_no_prefix] [--model M] [--threads T] [--out F]
@@ -92,8 +93,8 @@ async def _run_engine(engine: Any, prompts: list[list[int]], prefixes: list[Any]
 
 
 def _setup(config: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, list[tuple[str, Path, int]], list[Any]]:
-    """The model, PEFT adapters saved under `tmp` (not for engine_no_prefix), and (engine_prefixes) the adapters
-    imported as prefixes."""
+    """The model, PEFT adapters saved under `tmp` (not for engine_no_prefix alone), and (engine_prefixes) the
+    adapters imported as prefixes."""
     from app.engine.model import load_model
     from bench.peft_sequential import make_adapters
     from prefix_store.peft_codec import decode_peft
@@ -110,8 +111,35 @@ def _setup(config: str, args: argparse.Namespace, tmp: Path) -> tuple[Any, list[
     return loaded, adapters, prefixes
 
 
-def _child(config: str, weights: str, args: argparse.Namespace, conn: Any) -> None:
+def _engine_rows(loaded: Any, configs: list[str], weights: str, prefixes: list[Any],
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The engine configurations on one engine, their rounds interleaved (order swapped every round), so the
+    prefix overhead is measured under the same conditions: a process's own speed varies by several percent."""
     from app.engine.factory import build_engine
+    from app.threads import run_in_own_thread
+
+    limit = max(64, *args.rows)
+    engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=not args.unpacked, weights=weights,
+                                                    max_batch_rows=limit))
+    engine.start()
+    label = weights if weights != "fp32" else str(loaded.dtype).removeprefix("torch.")  # the weights as loaded
+    out = []
+    try:
+        for n in args.rows:
+            prompts = _prompts(loaded.tokenizer, n)
+            rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
+            for i in range(args.repeat):
+                for config in configs if i % 2 == 0 else configs[::-1]:
+                    rows_prefixes = prefixes[:n] if config == "engine_prefixes" else [None] * n
+                    result = asyncio.run(_run_engine(engine, prompts, rows_prefixes, args.new_tokens))
+                    rounds[config].append(_summary(config, label, n, *result))
+            out += [_median_round(r) for r in rounds.values()]
+    finally:
+        engine.stop()
+    return out
+
+
+def _child(configs: list[str], weights: str, args: argparse.Namespace, conn: Any) -> None:
     from app.threads import run_in_own_thread
     from bench.peft_sequential import peft_sequential
 
@@ -121,31 +149,20 @@ def _child(config: str, weights: str, args: argparse.Namespace, conn: Any) -> No
     with tempfile.TemporaryDirectory() as tmp:
         # As the server does (app/threads.py): set-up on a thread that ends, so its OpenMP pool does not
         # outlive it and slow the engine thread.
-        loaded, adapters, prefixes = run_in_own_thread(lambda: _setup(config, args, Path(tmp)))
-        if config.startswith("peft_sequential"):
-            if config == "peft_sequential_packed":
+        setup_as = "engine_prefixes" if "engine_prefixes" in configs else configs[0]
+        loaded, adapters, prefixes = run_in_own_thread(lambda: _setup(setup_as, args, Path(tmp)))
+        if configs[0].startswith("peft_sequential"):
+            if configs[0] == "peft_sequential_packed":
                 from app.engine.packed_linear import pack_linears
 
                 pack_linears(loaded.model)  # before PEFT loads: only the base model's linears
             for n in args.rows:
                 res, wall = peft_sequential(loaded, adapters[:n], _prompts(loaded.tokenizer, n), args.new_tokens)
                 timings = [(ttft, [0.0]) for ttft, _ in res]
-                rows.append(_summary(config, str(loaded.dtype).removeprefix("torch."), n, timings,
+                rows.append(_summary(configs[0], str(loaded.dtype).removeprefix("torch."), n, timings,
                                      [t for _, t in res], wall))
         else:
-            limit = max(64, *args.rows)
-            engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=not args.unpacked,
-                                                            weights=weights, max_batch_rows=limit))
-            engine.start()
-            try:
-                label = weights if weights != "fp32" else str(loaded.dtype).removeprefix("torch.")  # as loaded
-                for n in args.rows:
-                    prompts = _prompts(loaded.tokenizer, n)
-                    rounds = [_summary(config, label, n, *asyncio.run(
-                        _run_engine(engine, prompts, prefixes[:n], args.new_tokens))) for _ in range(args.repeat)]
-                    rows.append(_median_round(rounds))
-            finally:
-                engine.stop()
+            rows = _engine_rows(loaded, configs, weights, prefixes, args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated()
@@ -207,13 +224,16 @@ def main() -> None:
     load_start = os.getloadavg()
     rows: list[dict[str, Any]] = []
     ctx = mp.get_context("spawn")
-    for config in args.configs.split(","):
-        for weights in args.weights.split(",") if config.startswith("engine") else ["fp32"]:
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_child, args=(config, weights, args, child))
-            proc.start()
-            rows += parent.recv()
-            proc.join()
+    configs = args.configs.split(",")
+    engine_configs = [c for c in configs if c.startswith("engine")]
+    runs = [(engine_configs, w) for w in args.weights.split(",")] if engine_configs else []
+    runs += [([c], "fp32") for c in configs if not c.startswith("engine")]
+    for run_configs, weights in runs:  # each in its own process: its own peak memory
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_child, args=(run_configs, weights, args, child))
+        proc.start()
+        rows += parent.recv()
+        proc.join()
     rows += _llama_cpp(args, threads) if args.device == "cpu" else []
     load_end = os.getloadavg()
     lines = [
