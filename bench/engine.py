@@ -232,8 +232,10 @@ def main() -> None:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_child, args=(run_configs, weights, args, child))
         proc.start()
-        rows += parent.recv()
+        got = parent.recv()
         proc.join()
+        log.info("%s", "; ".join(f"{r['config']} {r['weights']} rows {r['rows']}: {r['tok_s']:.1f} tok/s" for r in got))
+        rows += got
     rows += _llama_cpp(args, threads) if args.device == "cpu" else []
     load_end = os.getloadavg()
     lines = [
