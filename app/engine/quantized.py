@@ -10,7 +10,7 @@ Two forms, each a frozen copy of one linear layer's weight W [N, K] (N out, K in
 
 Both kernels take bf16 activations on the CPU: their fp32 and fp16 paths are scalar loops (measured ~100x slower
 for a decode step's shapes), so a quantized linear rounds its input to bf16 and returns the caller's dtype. Both
-give a row the same bits whatever the other rows of the matmul are (tested for 1..64 rows), which the engine's
+give a row the same bits whatever the other rows of the matmul are (checked for 1..50 rows), which the engine's
 batch invariance needs.
 
 Rows of several weights with the same K can be fused into one matmul before packing (`Int4Rows.cat`): q, k and v,
