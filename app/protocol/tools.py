@@ -18,8 +18,9 @@ class FunctionDefinition(OpenAIRequest):
     description: str | None = None
     parameters: dict[str, Any] | None = Field(
         default=None, description="A JSON schema of the arguments (default: any JSON object).")
-    strict: bool | None = Field(default=None, description="Accepted; a forced call's arguments always follow the "
-                                                          "schema, an `auto` one's are the model's.")
+    strict: bool | None = Field(default=None, description="A forced call's arguments (tool_choice `required` or "
+                                                          "named) always follow the schema; `true` with `auto` is a "
+                                                          "400, since the model's own call is not constrained.")
 
 
 class Tool(OpenAIRequest):

@@ -74,6 +74,11 @@ def chat_tools(req: ToolFields) -> ChatTools:
         raise InvalidRequest(f"tool_choice {choice!r} needs tools", param="tool_choice")
     rendered = [t.model_dump(exclude_none=True) for t in tools]
     if choice == "auto":
+        strict = next((i for i, t in enumerate(tools) if t.function.strict), None)
+        if strict is not None:  # an `auto` call is the model's own text: nothing would hold it to the schema
+            raise InvalidRequest(f"tools[{strict}].function.strict: true is enforced only when tool_choice is "
+                                 "\"required\" or names the function; with \"auto\" the model's arguments are "
+                                 "not constrained", param=f"tools[{strict}].function.strict")
         return ChatTools(rendered, "auto", parallel)
     params = {t.function.name: t.function.parameters or ANY_OBJECT for t in tools}
     if isinstance(choice, NamedToolChoice):

@@ -16,9 +16,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from app.engine.client import EngineClient
-from app.engine.factory import build_engine, context_length
-from app.engine.model import load_model
 from tests.api.conftest import AppEnv, TenantKey
+from tests.api.tiny_engine import tiny_engine_client
 from tests.engine.structured_corpus import SCHEMAS
 
 MODEL = "tiny"
@@ -28,13 +27,8 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "sku", "sch
 
 @pytest.fixture
 def fake_engine(tmp_path: Path) -> Iterator[EngineClient]:  # the app's engine client: a real one, here
-    loaded = load_model("random:tiny-llama", data_dir=tmp_path)
-    engine = build_engine(loaded)
-    engine.start()
-    try:
-        yield EngineClient(engine, loaded.tokenizer, None, MODEL, context_length(loaded))
-    finally:
-        engine.stop()
+    with tiny_engine_client(tmp_path, MODEL) as client:
+        yield client
 
 
 async def post(client: httpx.AsyncClient, tenant: TenantKey, endpoint: str, **body: Any) -> httpx.Response:

@@ -16,9 +16,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from app.engine.client import EngineClient
-from app.engine.factory import build_engine, context_length
-from app.engine.model import load_model
 from tests.api.conftest import TenantKey
+from tests.api.tiny_engine import tiny_engine_client
 
 MODEL = "tiny"
 WEATHER_PARAMS = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
@@ -36,13 +35,8 @@ HERMES_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris
 
 @pytest.fixture
 def fake_engine(tmp_path: Path) -> Iterator[EngineClient]:  # the app's engine client: a real one, here
-    loaded = load_model("random:tiny-llama", data_dir=tmp_path)
-    engine = build_engine(loaded)
-    engine.start()
-    try:
-        yield EngineClient(engine, loaded.tokenizer, None, MODEL, context_length(loaded))
-    finally:
-        engine.stop()
+    with tiny_engine_client(tmp_path, MODEL) as client:
+        yield client
 
 
 @pytest.fixture
@@ -164,8 +158,21 @@ async def test_what_cannot_be_served_is_a_400(client: httpx.AsyncClient, tenant:
         ({"tools": bad_params, "tool_choice": "required"}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools"),
         ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        # `auto` leaves the call to the model: a strict schema could not be held, so it is refused, not ignored
+        ({"tools": [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]},
+         "tools[0].function.strict"),
     ]:
         r = await client.post("/v1/chat/completions", headers=tenant.headers,
                               json={"model": MODEL, "messages": MESSAGES, "max_tokens": 8, **fields})
         assert r.status_code == 400, (fields, r.text)
         assert r.json()["error"]["param"].startswith(param), (fields, r.json())
+
+
+async def test_strict_is_served_where_the_call_is_constrained(client: httpx.AsyncClient, tenant: TenantKey) -> None:
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+    r = await client.post("/v1/chat/completions", headers=tenant.headers, json={
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 200, "temperature": 0, "tools": strict,
+        "tool_choice": "required", "parallel_tool_calls": False})
+    assert r.status_code == 200, r.text
+    [call] = r.json()["choices"][0]["message"]["tool_calls"]
+    check_call(call["function"]["name"], call["function"]["arguments"])
