@@ -17,19 +17,20 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
 
 from app.engine.protocol import StructuredOutput, StructuredOutputError
-from app.threads import start_in_own_thread
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 log = logging.getLogger(__name__)
+
+COMPILE_THREADS = 2
 
 # JSON's whitespace between two tokens, at most this long unless the request says otherwise: llguidance's default
 # allows any run, and a model can loop in it until max_tokens (a random-weight one does so at once, greedy);
@@ -110,6 +111,9 @@ class StructuredCompiler:
         self._lltok: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future[llguidance.LLMatcher]] = {}
+        # Compiling is CPU work in llguidance (no torch, no OpenMP pool): a few threads at most, so a burst of
+        # requests with new constraints queues for them instead of starting a thread each.
+        self._workers = ThreadPoolExecutor(max_workers=COMPILE_THREADS, thread_name_prefix="grammar")
         self.compiled = 0  # compilations run (cache misses), for tests and logs
 
     def _tokenizer(self) -> llguidance.LLTokenizer:
@@ -142,8 +146,9 @@ class StructuredCompiler:
         return matcher
 
     async def row_grammar(self, so: StructuredOutput) -> RowGrammar:
-        """A fresh matcher for one row. A cached constraint costs a copy; a new one is compiled on a thread of
-        its own (never the engine's, never the event loop), once however many rows ask for it at the same time."""
+        """A fresh matcher for one row. A cached constraint costs a copy; a new one is compiled on one of the
+        compiler's few threads (never the engine's, never the event loop), once however many rows ask for it at
+        the same time."""
         fut: Future[llguidance.LLMatcher] | None = None
         with self._lock:
             template = self._cache.get(so)
@@ -152,7 +157,7 @@ class StructuredCompiler:
             else:
                 fut = self._compiling.get(so)
                 if fut is None:
-                    fut = self._compiling[so] = start_in_own_thread(lambda: self.compile(so), name="grammar")
+                    fut = self._compiling[so] = self._workers.submit(self.compile, so)
                     fut.add_done_callback(lambda _f: self._forget(so))
         if fut is not None:
             try:

@@ -8,7 +8,9 @@ import asyncio
 import dataclasses
 import json
 import re
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import jsonschema
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from app.engine.client import EngineClient
 from app.engine.factory import context_length
 from app.engine.protocol import Priority, SamplingParams, StructuredOutput, StructuredOutputError
+from app.engine.structured import COMPILE_THREADS
 from app.engine.types import TokenEvent
 from tests.engine.helpers import StepProbe, make_engine, until
 from tests.engine.structured_corpus import SCHEMAS
@@ -136,6 +139,31 @@ async def test_compiled_grammars_are_cached_lru(client: EngineClient) -> None:
     assert compiler.compiled == 3
     await compiler.row_grammar(b)
     assert compiler.compiled == 4
+
+
+async def test_a_burst_of_new_constraints_compiles_on_a_few_threads(client: EngineClient) -> None:
+    """200 requests with 200 different constraints at once: each is compiled, never more than COMPILE_THREADS at a
+    time (a thread per request would be 200 threads)."""
+    compiler = client.structured
+    running, peak, lock = 0, 0, threading.Lock()
+    compile_one = compiler.compile
+
+    def counted(so: StructuredOutput) -> Any:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return compile_one(so)
+        finally:
+            with lock:
+                running -= 1
+
+    compiler.compile = counted  # type: ignore[method-assign]
+    grammars = await asyncio.gather(*(compiler.row_grammar(StructuredOutput("regex", f"x{i}[a-z]+"))
+                                      for i in range(200)))
+    assert len(grammars) == 200 and compiler.compiled == 200
+    assert 1 <= peak <= COMPILE_THREADS
 
 
 async def test_a_preempted_constrained_row_restarts_its_grammar(tiny_llama) -> None:  # type: ignore[no-untyped-def]
