@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -36,6 +36,9 @@ async def get_runtime(request: Request) -> Runtime:
     # async: a plain `def` dependency is run on FastAPI's thread pool, a hand-off per request for a read.
     return runtime_of(request)
 
+
+# `limit` of the OpenAI-style list endpoints (cursor pages: `after`, `limit`).
+PageLimit = Annotated[int, Query(ge=1, le=100)]
 
 RuntimeDep = Annotated["Runtime", Depends(get_runtime)]
 

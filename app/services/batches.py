@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -32,7 +32,7 @@ from app.services.batch_input import parse_batch_input
 from app.services.files import get_file_row
 from app.services.limits import Limits, quota_reached
 from app.services.object_ids import is_id
-from app.services.pagination import after_cursor, fetch_page
+from app.services.pagination import after_cursor, cursor_after, fetch_page
 from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,7 @@ def get_batch(*, session: Session, tenant_id: str, batch_id: str) -> BatchObject
 
 def list_batches(*, session: Session, tenant_id: str, limit: int, after: str | None = None) -> BatchList:
     """The tenant's batches, newest first, `limit` per page."""
-    cursor: tuple[Any, str] | None = None
-    if after is not None:
-        try:
-            last = get_batch_row(session, tenant_id=tenant_id, batch_id=after, param="after")
-        except NotFound as exc:
-            raise InvalidRequest(f"after: {exc.message}", param="after") from None
-        cursor = (last.created_at, last.id)
+    cursor = cursor_after(after, lambda i: get_batch_row(session, tenant_id=tenant_id, batch_id=i, param="after"))
     stmt = after_cursor(sa.select(Batch).where(Batch.tenant_id == tenant_id), Batch.created_at, Batch.id, cursor,
                         descending=True)
     rows, more = fetch_page(session, stmt, limit)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -27,7 +26,7 @@ from app.jobs.types import TrainingDataError
 from app.protocol.files import FileDeleted, FileList, FileObject
 from app.services.limits import Limits, check_storage
 from app.services.object_ids import is_id
-from app.services.pagination import after_cursor, fetch_page
+from app.services.pagination import after_cursor, cursor_after, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
 from app.services.uploads import limited_receive, read_part, refuse_unknown_fields
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
@@ -145,13 +144,7 @@ def list_files(
     stmt = sa.select(File).where(File.tenant_id == tenant_id)
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
-    cursor: tuple[datetime, str] | None = None
-    if after is not None:
-        try:
-            last = get_file_row(session, tenant_id=tenant_id, file_id=after, param="after")
-        except NotFound as exc:
-            raise InvalidRequest(f"after: {exc.message}", param="after") from None
-        cursor = (last.created_at, last.id)
+    cursor = cursor_after(after, lambda i: get_file_row(session, tenant_id=tenant_id, file_id=i, param="after"))
     rows, more = fetch_page(session, after_cursor(stmt, File.created_at, File.id, cursor,
                                                   descending=order != "asc"), limit)
     data = [file_object(r.File) for r in rows]

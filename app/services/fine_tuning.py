@@ -24,7 +24,7 @@ from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import FineTuningJob, FineTuningJobCreate, FineTuningJobList, JobError
 from app.services.limits import Limits, check_new_job
 from app.services.object_ids import is_id
-from app.services.pagination import after_cursor, fetch_page
+from app.services.pagination import after_cursor, cursor_after, fetch_page
 from app.services.prefixes import validate_name
 from app.services.stacks import model_not_found
 from app.services.training_base import behind_base, check_stack_room, resolve_base
@@ -190,13 +190,7 @@ def _to_object(job: TrainingJob, version: int | None, user: str | None) -> FineT
 
 def list_jobs(*, session: Session, tenant_id: str, limit: int, after: str | None = None) -> FineTuningJobList:
     """The tenant's jobs (personalization jobs included), newest first."""
-    cursor = None
-    if after is not None:
-        try:
-            last = job_row(session, tenant_id=tenant_id, job_id=after)
-        except NotFound as exc:
-            raise InvalidRequest(f"after: {exc.message}", param="after") from None
-        cursor = (last.created_at, last.id)
+    cursor = cursor_after(after, lambda i: job_row(session, tenant_id=tenant_id, job_id=i))
     stmt = after_cursor(_with_facts().where(TrainingJob.tenant_id == tenant_id), TrainingJob.created_at,
                         TrainingJob.id, cursor, descending=True)
     rows, more = fetch_page(session, stmt, limit)

@@ -5,13 +5,38 @@ Keyset pagination on (sort column, id): stable while rows are added, one indexed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, TypeVarTuple
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVarTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from app.errors import InvalidRequest, NotFound
+
 Ts = TypeVarTuple("Ts")  # a select's column types
+
+
+class Listed(Protocol):
+    """A row of a listed table: paged by (created_at, id)."""
+
+    @property
+    def created_at(self) -> datetime: ...
+
+    @property
+    def id(self) -> str: ...
+
+
+def cursor_after(after: str | None, find: Callable[[str], Listed]) -> tuple[datetime, str] | None:
+    """The (created_at, id) cursor of `after`, the last item of the previous page, found by `find` (the tenant's
+    own lookup, raising NotFound); an unknown id is a 400 on `after`."""
+    if after is None:
+        return None
+    try:
+        last = find(after)
+    except NotFound as exc:
+        raise InvalidRequest(f"after: {exc.message}", param="after") from None
+    return last.created_at, last.id
 
 
 def after_cursor(

@@ -3,12 +3,10 @@ the background at batch priority (app/batches); its results are files (`GET /v1/
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
+from app.api.deps import LimitsDep, ManageDep, PageLimit, RuntimeDep, SessionDep
 from app.protocol.batches import BatchCreate, BatchList, BatchObject
 from app.services import batches
 
@@ -36,7 +34,7 @@ async def create_batch(body: BatchCreate, request: Request, principal: ManageDep
 
 
 @router.get("")
-def list_batches(principal: ManageDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+def list_batches(principal: ManageDep, session: SessionDep, limit: PageLimit = 20,
                  after: str | None = None) -> BatchList:
     """The tenant's batches, newest first (OpenAI cursor pagination: `after`, `limit`)."""
     assert principal.tenant_id is not None

@@ -3,13 +3,11 @@ checkpoints. A job trains a prefix named by `suffix` on the served base model; t
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
+from app.api.deps import LimitsDep, ManageDep, PageLimit, RuntimeDep, SessionDep
 from app.api.routes.streaming import respond
 from app.protocol.fine_tuning import (
     FineTuningJob,
@@ -22,7 +20,6 @@ from app.services import fine_tuning, job_events
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
-Limit = Annotated[int, Query(ge=1, le=100)]
 
 
 @router.post("")
@@ -38,7 +35,7 @@ async def create_job(body: FineTuningJobCreate, principal: ManageDep, session: S
 
 
 @router.get("")
-def list_jobs(principal: ManageDep, session: SessionDep, limit: Limit = 20, after: str | None = None
+def list_jobs(principal: ManageDep, session: SessionDep, limit: PageLimit = 20, after: str | None = None
               ) -> FineTuningJobList:
     """The tenant's jobs, newest first (personalization jobs included)."""
     assert principal.tenant_id is not None
@@ -63,7 +60,7 @@ def cancel_job(job_id: str, principal: ManageDep, session: SessionDep) -> FineTu
             responses={200: {"model": FineTuningJobEventList,
                              "description": "the events, or with `stream=true` an SSE stream of them"}})
 async def list_events(job_id: str, principal: ManageDep, session: SessionDep, runtime: RuntimeDep,
-                      limit: Limit = 20, after: str | None = None, stream: bool = False
+                      limit: PageLimit = 20, after: str | None = None, stream: bool = False
                       ) -> Response | EventSourceResponse:
     """Newest first; `stream=true`: every event oldest first as Server-Sent Events, live, until the job ends."""
     assert principal.tenant_id is not None
@@ -77,8 +74,8 @@ async def list_events(job_id: str, principal: ManageDep, session: SessionDep, ru
 
 
 @router.get("/{job_id}/checkpoints")
-def list_checkpoints(job_id: str, principal: ManageDep, session: SessionDep, limit: Annotated[
-        int, Query(ge=1, le=100)] = 10, after: str | None = None) -> FineTuningJobCheckpointList:
+def list_checkpoints(job_id: str, principal: ManageDep, session: SessionDep, limit: PageLimit = 10,
+                     after: str | None = None) -> FineTuningJobCheckpointList:
     """Prefixes saved during training, latest step first."""
     assert principal.tenant_id is not None
     return job_events.list_checkpoints(session=session, tenant_id=principal.tenant_id, job_id=job_id, limit=limit,
