@@ -61,3 +61,6 @@ def configure_logging(level: str = "INFO", *, json_format: bool = False) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Alembic 1.16+ announces each of its autogenerate plugins at INFO whenever migrations are looked at (every
+    # start-up reads the head revision): seven lines of noise before the start-up lines an operator reads.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -126,6 +126,7 @@ def test_an_empty_postgres_database_is_not_ready_until_migrated(start: Start, po
     log = server.log_path.read_text()
     assert "postgres@" not in log  # no user name (nor password) in any line
     assert "Traceback" not in log and " ERROR " not in log, log  # said clearly, once, not as failures
+    assert "alembic.runtime.plugins" not in log  # no plugin roll-call drowning the start-up lines
 
     migrate = subprocess.run([sys.executable, "-m", "app.cli", "migrate"], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "PREFIXSERVE_DATABASE_URL": postgres_url})
