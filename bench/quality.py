@@ -41,8 +41,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = os.environ | {
+def _start_server(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = os.environ | (extra_env or {}) | {
         "PREFIXSERVE_DATA_DIR": str(data_dir),
         "PREFIXSERVE_ADMIN_KEY": ADMIN_KEY,
         "PREFIXSERVE_PORT": str(port),
