@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     log_prompts: bool = False
     # `/metrics` (Prometheus text format) is unauthenticated, so it can be switched off where the port is public.
     metrics_enabled: bool = True
+    # The web console at /console: static pages that call this API from the browser with the user's key.
+    console: bool = True
 
     @field_validator("object_store_url")
     @classmethod

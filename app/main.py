@@ -19,10 +19,12 @@ from app.api.routes import (
     health,
     models,
     prefixes,
+    usage,
     users,
 )
 from app.batches.runner import BatchRunner
 from app.config import Settings, load_settings
+from app.console import mount_console
 from app.errors import install_handlers
 from app.observability.metrics import CONTENT_TYPE, Metrics
 from app.observability.middleware import ObservabilityMiddleware
@@ -80,8 +82,10 @@ def create_app(
     if metrics is not None:
         _add_metrics_route(app, metrics)
     app.include_router(health.router)
-    for module in (completions, chat, models, prefixes, files, batches, fine_tuning, users, admin):
+    for module in (completions, chat, models, prefixes, files, batches, fine_tuning, users, usage, admin):
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    if cfg.console:
+        mount_console(app)
     return app
 
 

@@ -71,14 +71,18 @@ def get_batch_row(session: Session, *, tenant_id: str, batch_id: str, param: str
     return row
 
 
+def unfinished_batch_count(session: Session, tenant_id: str) -> int:
+    """Batches counted against max_concurrent_batches: those not yet finished."""
+    return int(session.scalar(sa.select(sa.func.count()).select_from(Batch).where(
+        Batch.tenant_id == tenant_id, Batch.status.in_(BATCH_UNFINISHED_STATUSES))) or 0)
+
+
 def check_new_batch(*, session: Session, limits: Limits | None, tenant_id: str) -> None:
     """max_concurrent_batches counts the tenant's batches not yet finished."""
     cap = limits.max_concurrent_batches if limits is not None else None
     if cap is None:
         return
-    active = session.scalar(sa.select(sa.func.count()).select_from(Batch).where(
-        Batch.tenant_id == tenant_id, Batch.status.in_(BATCH_UNFINISHED_STATUSES)))
-    if int(active or 0) >= cap:
+    if unfinished_batch_count(session, tenant_id) >= cap:
         raise quota_reached("max_concurrent_batches", cap)
 
 

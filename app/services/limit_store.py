@@ -47,6 +47,14 @@ class RateCheck:
 ALLOWED = RateCheck(True)
 
 
+@dataclass(frozen=True)
+class RateUse:
+    """A per-minute counter as it stands: units counted in the current window, seconds until it starts afresh."""
+
+    used: int
+    resets_in_s: int
+
+
 class CounterStore:
     """Per-minute rate counters and concurrency slots, keyed by strings such as `requests:<tenant id>`."""
 
@@ -92,6 +100,19 @@ class CounterStore:
             item = RateLimitItemPerMinute(limit)
             self._guard("rate", lambda: self._limiter.hit(item, key, cost=amount), False)
 
+    def used(self, key: str, limit: int) -> RateUse | None:
+        """What the current window has counted against a per-minute limit, without counting anything; None while
+        Redis fails. The window's key includes `limit`, as the one `hit` and `add` count in (a changed limit starts
+        a fresh window, for the checks too)."""
+        item = RateLimitItemPerMinute(limit)
+
+        def read() -> RateUse:
+            stats = self._limiter.get_window_stats(item, key)
+            return RateUse(used=max(0, limit - stats.remaining),
+                           resets_in_s=max(0, math.ceil(stats.reset_time - time.time())))
+
+        return self._guard("rate", read, None)
+
     def _answer(self, item: RateLimitItemPerMinute, key: str, allowed: bool) -> RateCheck:
         if allowed:
             return ALLOWED
@@ -113,6 +134,17 @@ class CounterStore:
             return
         client = self._redis
         self._guard("slots", lambda: bool(client.zrem(self._slot_key(key), token)), False)
+
+    def slots_in_use(self, key: str) -> int | None:
+        """Slots taken now (expired ones left out); None while Redis fails."""
+        cutoff = self._clock() - self.slot_ttl_s
+        if self._redis is None:
+            with self._lock:
+                return sum(1 for started in self._slots.get(key, {}).values() if started >= cutoff)
+        client = self._redis
+        # redis-py types sync calls as Awaitable | result; this client is the sync one.
+        return self._guard("slots", lambda: int(client.zcount(self._slot_key(key), cutoff, "+inf")),  # type: ignore[arg-type]
+                           None)
 
     def _acquire_local(self, key: str, limit: int, token: str) -> bool:
         now = self._clock()

@@ -156,6 +156,18 @@ def check_storage(*, session: Session, limits: Limits, tenant_id: str, new_bytes
         raise quota_reached("max_stored_bytes", cap)
 
 
+def prefix_count(session: Session, tenant_id: str) -> int:
+    """Prefixes counted against max_prefixes: the tenant's own, not end users' personal ones."""
+    return int(session.scalar(sa.select(sa.func.count()).select_from(Prefix).where(
+        Prefix.tenant_id == tenant_id, Prefix.end_user_id.is_(None))) or 0)
+
+
+def active_job_count(session: Session, tenant_id: str) -> int:
+    """Training jobs counted against max_concurrent_jobs: queued or running (or validating)."""
+    return int(session.scalar(sa.select(sa.func.count()).select_from(TrainingJob).where(
+        TrainingJob.tenant_id == tenant_id, TrainingJob.status.in_(ACTIVE_JOB_STATUSES))) or 0)
+
+
 def check_new_prefix(*, session: Session, limits: Limits, tenant_id: str, name: str,
                      new_bytes: int) -> None:
     """Before storing a prefix version: max_prefixes (when `name` is new) and max_stored_bytes.
@@ -163,9 +175,7 @@ def check_new_prefix(*, session: Session, limits: Limits, tenant_id: str, name: 
     cap = limits.max_prefixes
     if cap is not None:
         exists = session.scalar(sa.select(Prefix.id).where(Prefix.tenant_id == tenant_id, Prefix.name == name))
-        count = session.scalar(sa.select(sa.func.count()).select_from(Prefix).where(
-            Prefix.tenant_id == tenant_id, Prefix.end_user_id.is_(None)))
-        if exists is None and int(count or 0) >= cap:
+        if exists is None and prefix_count(session, tenant_id) >= cap:
             raise quota_reached("max_prefixes", cap)
     check_storage(session=session, limits=limits, tenant_id=tenant_id, new_bytes=new_bytes)
 
@@ -175,9 +185,7 @@ def check_new_job(*, session: Session, limits: Limits, tenant_id: str) -> None:
     cap = limits.max_concurrent_jobs
     if cap is None:
         return
-    active = session.scalar(sa.select(sa.func.count()).select_from(TrainingJob).where(
-        TrainingJob.tenant_id == tenant_id, TrainingJob.status.in_(ACTIVE_JOB_STATUSES)))
-    if int(active or 0) >= cap:
+    if active_job_count(session, tenant_id) >= cap:
         raise quota_reached("max_concurrent_jobs", cap)
 
 
