@@ -6,6 +6,9 @@ num_layers, num_kv_heads, head_dim, dtype, created_by, plus the prefix's own met
 reuse those names).
 
 Encoding is deterministic (sorted header, no timestamps), so equal prefixes give equal bytes and equal hashes.
+
+A soft prompt (learned input embeddings) is stored in its own format, prefix_store/soft_codec.py;
+`encode_stored` / `decode_stored` take either kind, told apart by the metadata's `format`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import struct
 import torch
 
 from prefix_store.blobs import sha256_hex as sha256_hex  # re-exported: an encoded prefix's address
-from prefix_store.types import ModelSpec, PrefixError, PrefixKV
+from prefix_store.soft_codec import SOFT_FORMAT, decode_soft, encode_soft
+from prefix_store.types import ModelSpec, PrefixError, PrefixKV, PrefixTensors, SoftPrompt
 from prefix_store.validate import (
     DTYPE_CODES,
     check_finite,
@@ -129,6 +133,23 @@ def decode_native(
         created_by=meta.get("created_by", ""),
         metadata={k: v for k, v in meta.items() if k not in RESERVED_METADATA},
     )
+
+
+def encode_stored(prefix: PrefixTensors) -> bytes:
+    """A stored prefix version's bytes: the native KV format, or the soft-prompt format for a SoftPrompt."""
+    return encode_soft(prefix) if isinstance(prefix, SoftPrompt) else encode_native(prefix)
+
+
+def decode_stored(
+    data: bytes, *, spec: ModelSpec | None, max_virtual_tokens: int, max_bytes: int
+) -> PrefixTensors:
+    """A stored prefix version of either kind (`format` in its metadata): PrefixKV or SoftPrompt, checked as
+    `decode_native` / `decode_soft` check them."""
+    check_size(len(data), max_bytes, _WHAT)
+    _, meta = parse_header(data, _WHAT)
+    if meta.get("format") == SOFT_FORMAT:
+        return decode_soft(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+    return decode_native(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
 
 
 def _meta_int(meta: dict[str, str], name: str) -> int:

@@ -19,14 +19,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from prefix_store.cache_tier import PrefixKey
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixTensors
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Entry:
-    kv: PrefixKV
+    kv: PrefixTensors
     nbytes: int
 
 
@@ -43,7 +43,7 @@ class PoolStats:
 
 
 class DevicePool:
-    """LRU of PrefixKV by PrefixKey, bounded in bytes."""
+    """LRU of decoded prefixes (KV prefixes and soft prompts) by PrefixKey, bounded in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
@@ -56,7 +56,7 @@ class DevicePool:
         self._misses = 0
         self._evictions = 0
 
-    def get(self, key: PrefixKey, *, record: bool = True) -> PrefixKV | None:
+    def get(self, key: PrefixKey, *, record: bool = True) -> PrefixTensors | None:
         """The prefix if present; mark it most recently used.
 
         `record=False` leaves hit/miss counters alone (for a caller re-checking after a counted miss).
@@ -72,7 +72,7 @@ class DevicePool:
             self._entries.move_to_end(key)
             return entry.kv
 
-    def put(self, key: PrefixKey, kv: PrefixKV) -> PrefixKV:
+    def put(self, key: PrefixKey, kv: PrefixTensors) -> PrefixTensors:
         """Insert `kv` (already on the device) and return the pool's copy for `key`.
 
         If the key is already present, the existing tensors are kept and returned (same key, same content), so

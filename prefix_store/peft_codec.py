@@ -61,14 +61,14 @@ def decode_peft(
     """
     check_size(len(config_json) + len(weights), max_bytes, "PEFT adapter")
     cfg = _parse_config(config_json)
-    p = _cfg_int(cfg, "num_virtual_tokens")
+    p = cfg_int(cfg, "num_virtual_tokens")
     check_virtual_tokens(p, max_virtual_tokens)
     for field, expected in (
         ("num_layers", spec.num_layers),
         ("num_attention_heads", spec.num_kv_heads),
         ("token_dim", spec.token_dim),
     ):
-        found = _cfg_int(cfg, field)
+        found = cfg_int(cfg, field)
         if found != expected:
             raise PrefixError(
                 f"PEFT adapter {field} is {found}, the served model {spec.model_id!r} needs {expected} "
@@ -89,9 +89,7 @@ def decode_peft(
     keys, values = flat_to_kv(flat, spec)
     keys, values = keys.contiguous(), values.contiguous()
     check_kv(keys, values, spec)
-    name = cfg.get("base_model_name_or_path")
-    if name is not None and not isinstance(name, str):
-        raise PrefixError(f"PEFT adapter base_model_name_or_path must be a string or null, found {name!r}")
+    name = recorded_base_model(cfg)
     projection = cfg.get("prefix_projection", False)
     if not isinstance(projection, bool):
         raise PrefixError(f"PEFT adapter prefix_projection must be true or false, found {projection!r}")
@@ -102,6 +100,14 @@ def decode_peft(
         name_mismatch=name is not None and name != spec.model_id,
     )
     return PrefixKV(keys=keys, values=values, base_fingerprint=None, created_by="hf-peft"), info
+
+
+def recorded_base_model(cfg: dict[str, object]) -> str | None:
+    """The adapter's `base_model_name_or_path` (a string or null)."""
+    name = cfg.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise PrefixError(f"PEFT adapter base_model_name_or_path must be a string or null, found {name!r}")
+    return name
 
 
 def flat_to_kv(flat: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,15 +130,27 @@ def kv_to_flat(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return flat.reshape(p, layers * 2 * heads * head_dim)
 
 
-def _parse_config(config_json: bytes) -> dict[str, object]:
+def parse_config_object(config_json: bytes) -> dict[str, object]:
+    """adapter_config.json as a dict (any peft_type); PrefixError when it is not a JSON object."""
     try:
         cfg = json.loads(config_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PrefixError(f"PEFT {CONFIG_NAME} is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise PrefixError(f"PEFT {CONFIG_NAME} must be a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def _parse_config(config_json: bytes) -> dict[str, object]:
+    cfg = parse_config_object(config_json)
     if cfg.get("peft_type") != "PREFIX_TUNING":
         raise PrefixError(f"PEFT adapter peft_type is {cfg.get('peft_type')!r}, expected 'PREFIX_TUNING'")
+    check_decoder_only(cfg)
+    return cfg
+
+
+def check_decoder_only(cfg: dict[str, object]) -> None:
+    """task_type CAUSAL_LM (or absent) and one transformer submodule: an adapter for a decoder-only model."""
     if cfg.get("task_type") not in ("CAUSAL_LM", None):
         raise PrefixError(f"PEFT adapter task_type is {cfg.get('task_type')!r}, expected 'CAUSAL_LM'")
     if cfg.get("num_transformer_submodules") not in (1, None):
@@ -140,10 +158,9 @@ def _parse_config(config_json: bytes) -> dict[str, object]:
             f"PEFT adapter num_transformer_submodules is {cfg.get('num_transformer_submodules')!r}, "
             "expected 1 (decoder-only model)"
         )
-    return cfg
 
 
-def _cfg_int(cfg: dict[str, object], field: str) -> int:
+def cfg_int(cfg: dict[str, object], field: str) -> int:
     value = cfg.get(field)
     if not isinstance(value, int) or isinstance(value, bool):
         raise PrefixError(f"PEFT adapter {field} must be an integer, found {value!r}")
@@ -188,6 +205,11 @@ def encode_peft_zip(
 ) -> bytes:
     """`encode_peft` as one deterministic zip; members at the root, or under `folder/` when given."""
     files = encode_peft(prefix, spec=spec, base_model_name_or_path=base_model_name_or_path)
+    return zip_files(files, folder=folder)
+
+
+def zip_files(files: dict[str, bytes], *, folder: str = "") -> bytes:
+    """{name: bytes} as one deterministic zip (fixed timestamps and modes, sorted names)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in sorted(files):
@@ -206,6 +228,15 @@ def decode_peft_zip(
     Only adapter_config.json and adapter_model.safetensors are read. Refused: unsafe member names (zip slip),
     encrypted members, declared or actual uncompressed sizes above max_bytes (zip bombs), ambiguous archives.
     """
+    config_json, weights = read_peft_zip(data, max_bytes=max_bytes)
+    return decode_peft(
+        config_json, weights, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes
+    )
+
+
+def read_peft_zip(data: bytes, *, max_bytes: int) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) bytes of a zipped PEFT adapter directory, read with the
+    checks `decode_peft_zip` lists; what they hold is not looked at here."""
     check_size(len(data), max_bytes, "PEFT zip")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -224,9 +255,7 @@ def decode_peft_zip(
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError) as exc:
         raise PrefixError(f"PEFT zip could not be read: {exc}") from None
-    return decode_peft(
-        config_json, weights, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes
-    )
+    return config_json, weights
 
 
 def read_limited(stream: IO[bytes], limit: int, name: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The prefix resolver: name → PrefixKV on the model's device, through the tiers of docs/storage.md.
+"""The prefix resolver: name → PrefixKV (or SoftPrompt) on the model's device, through the tiers of docs/storage.md.
 
 Walk: catalog (always) → device pool → cache tier (Redis or in-process) → blob store.
 
@@ -31,13 +31,13 @@ from prefix_store.cache_tier import CacheTier, PrefixKey
 from prefix_store.device_pool import DevicePool
 from prefix_store.ref import PrefixRef
 from prefix_store.stack import concat_prefixes
-from prefix_store.types import ModelSpec, PrefixKV
+from prefix_store.types import ModelSpec, PrefixError, PrefixKV, PrefixTensors, SoftPrompt
 
 log = logging.getLogger(__name__)
 
 Source = Literal["device", "cache", "blob"]
-DecodeFn = Callable[[bytes], PrefixKV]
-"""Serialized native prefix → PrefixKV (validated against the served model)."""
+DecodeFn = Callable[[bytes], PrefixTensors]
+"""A stored prefix version's bytes → PrefixKV or SoftPrompt (validated against the served model)."""
 LoadObserver = Callable[[Source, float], None]
 """Told (source, seconds) after each successful load; the app feeds it to a latency histogram."""
 
@@ -58,10 +58,11 @@ class Catalog(Protocol):
 
 @dataclass(frozen=True)
 class ResolvedPrefix:
-    """A prefix ready for the engine. kv: keys/values [num_layers, num_kv_heads, P, head_dim] on the device."""
+    """A prefix ready for the engine. kv: keys/values [num_layers, num_kv_heads, P, head_dim] on the device, or a
+    soft prompt's embeddings [P, hidden]."""
 
     ref: PrefixRef
-    kv: PrefixKV
+    kv: PrefixTensors
     source: Source
 
 
@@ -84,13 +85,13 @@ class ResolverStats:
 
 
 def default_decode(spec: ModelSpec | None, *, max_virtual_tokens: int, max_bytes: int) -> DecodeFn:
-    """codec.decode_native bound to the served model's limits (imported lazily, at first use)."""
+    """codec.decode_stored bound to the served model's limits (imported lazily, at first use)."""
 
-    def decode(data: bytes) -> PrefixKV:
+    def decode(data: bytes) -> PrefixTensors:
         # the codec (and safetensors) load at the first decode: a resolver given its own decode never needs it
-        from prefix_store.codec import decode_native
+        from prefix_store.codec import decode_stored
 
-        return decode_native(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+        return decode_stored(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
 
     return decode
 
@@ -122,7 +123,7 @@ class PrefixResolver:
             spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes
         )
         self._lock = threading.Lock()
-        self._inflight: dict[PrefixKey, Future[PrefixKV]] = {}
+        self._inflight: dict[PrefixKey, Future[PrefixTensors]] = {}
         self._stats = ResolverStats()
         # Optional: set by the app for its metrics (this package stays free of prometheus and the app).
         self.load_observer: LoadObserver | None = None
@@ -157,8 +158,16 @@ class PrefixResolver:
     def load_stack(self, refs: Sequence[PrefixRef]) -> PrefixKV:
         """A stack of prefix versions as one PrefixKV [L, H_kv, P1 + P2 + ..., D] (prefix_store/stack.py): each
         part through `load` (device pool, single flight), concatenated per request. Not cached per stack: the
-        copy costs microseconds next to a prefill, and a cached stack would hold every part's bytes twice."""
-        return concat_prefixes([self.load(ref).kv for ref in refs])
+        copy costs microseconds next to a prefill, and a cached stack would hold every part's bytes twice.
+
+        A soft prompt never stacks (docs/prefix-format.md, "Soft prompts"): PrefixError when a part is one (the API
+        refuses such a stack before it gets here)."""
+        parts = [self.load(ref).kv for ref in refs]
+        kv_parts = [p for p in parts if isinstance(p, PrefixKV)]
+        if len(kv_parts) != len(parts):
+            soft = [r.name for r, p in zip(refs, parts, strict=True) if isinstance(p, SoftPrompt)]
+            raise PrefixError(f"soft prompts cannot be stacked with other prefixes: {soft}")
+        return concat_prefixes(kv_parts)
 
     def invalidate(self, tenant_id: str, prefix_id: str) -> None:
         """After a delete/replacement has committed: free it here and tell every other replica."""
@@ -177,7 +186,7 @@ class PrefixResolver:
         with self._lock:
             setattr(self._stats, name, getattr(self._stats, name) + n)
 
-    def _load_once(self, ref: PrefixRef) -> tuple[PrefixKV, Source]:
+    def _load_once(self, ref: PrefixRef) -> tuple[PrefixTensors, Source]:
         """Load `ref` unless another thread is already loading it; then wait for that load instead."""
         key = ref.key
         with self._lock:
@@ -208,7 +217,7 @@ class PrefixResolver:
                 del self._inflight[key]
         return kv, source
 
-    def _load(self, ref: PrefixRef) -> tuple[PrefixKV, Source]:
+    def _load(self, ref: PrefixRef) -> tuple[PrefixTensors, Source]:
         """Bytes from the cache tier or the blob store (writing back), decoded and moved to the device."""
         started = time.perf_counter()
         key = ref.key
@@ -267,8 +276,13 @@ class PrefixResolver:
         self._count("blob_hits")
         return data
 
-    def _to_device(self, kv: PrefixKV) -> PrefixKV:
-        """Cast and move keys/values to the model's device and dtype, contiguous, detached."""
+    def _to_device(self, kv: PrefixTensors) -> PrefixTensors:
+        """Cast and move keys/values (or a soft prompt's embeddings) to the model's device and dtype, contiguous,
+        detached."""
+        if isinstance(kv, SoftPrompt):
+            dtype = self.dtype or kv.embeddings.dtype
+            return dataclasses.replace(
+                kv, embeddings=kv.embeddings.detach().to(device=self.device, dtype=dtype).contiguous())
         dtype = self.dtype or kv.keys.dtype
         return dataclasses.replace(
             kv,

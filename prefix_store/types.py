@@ -3,13 +3,23 @@
 A prefix is, for each layer l, a key K_l and a value V_l of shape [num_kv_heads, P, head_dim]
 (docs/prefix-format.md).
 We keep all layers stacked: keys/values are [num_layers, num_kv_heads, P, head_dim].
+
+A soft prompt (PEFT's PROMPT_TUNING and P_TUNING) is the other kind of virtual tokens: learned input embeddings
+[P, hidden] that go through the model in front of the prompt (docs/prefix-format.md, "Soft prompts").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 import torch
+
+# What a stored prefix version is: per-layer keys/values (PEFT PREFIX_TUNING) or learned input embeddings, trained
+# here or imported from PEFT PROMPT_TUNING, or imported from PEFT P_TUNING (its prompt encoder's output).
+PrefixKind = Literal["prefix_tuning", "prompt_tuning", "p_tuning"]
+PREFIX_KINDS: Final[tuple[PrefixKind, ...]] = ("prefix_tuning", "prompt_tuning", "p_tuning")
+SOFT_PROMPT_KINDS: Final = frozenset({"prompt_tuning", "p_tuning"})
 
 
 class PrefixError(ValueError):
@@ -29,6 +39,7 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str  # torch dtype name the model computes in, e.g. "float32", "bfloat16"
+    hidden_size: int = 0  # width of the input embeddings (a soft prompt's rows); 0: unknown, soft prompts refused
 
     @property
     def token_dim(self) -> int:
@@ -65,3 +76,31 @@ class PrefixKV:
     @property
     def nbytes(self) -> int:
         return int(self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size())
+
+
+@dataclass(frozen=True)
+class SoftPrompt:
+    """A decoded soft prompt: learned input embeddings that sit at positions 0..P-1, in front of the prompt.
+
+    embeddings: [P, hidden]. `kind` is "prompt_tuning" or "p_tuning" (PEFT's method it came from; both serve the
+    same way: P_TUNING's prompt encoder was run once when it was imported). Like PrefixKV, never handed to the
+    model as is: the engine copies it into the batch's input embeddings.
+    """
+
+    embeddings: torch.Tensor
+    kind: PrefixKind = "prompt_tuning"
+    base_fingerprint: str | None = None
+    created_by: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.embeddings.numel() * self.embeddings.element_size())
+
+
+# What a stored prefix version decodes to.
+PrefixTensors = PrefixKV | SoftPrompt

@@ -1,9 +1,12 @@
 """The batch: rows with different prefixes sharing one KV cache (docs/batching.md).
 
-Row i along the KV axis: `[pad | prefix_i | pad | prompt_i | generated...]`.
+Row i along the KV axis: `[pad | prefix_i | pad | soft_i | prompt_i | generated...]`.
 - `attention_mask` is 0 on pads and 1 elsewhere, always `cache length + new tokens` long;
 - `position_ids` are `P_i + j` for prompt token j and `P_i + S_i + t` for generated token t, whatever the padding;
-- prefix blocks are copied into the batch's own cache (never the stored tensors themselves).
+- prefix blocks are copied into the batch's own cache (never the stored tensors themselves);
+- a soft prompt (learned input embeddings, V_i of them) is not in the cache: its embeddings are the first V_i
+  inputs of the row's prefill, at positions 0..V_i-1 (app/engine/soft_inputs.py). A row has a KV prefix or a soft
+  prompt, never both, and P_i below counts either kind of virtual tokens.
 
 A value object with three verbs, in the manner of TGI's CausalLMBatch: `from_requests` (a fresh batch ready
 for prefill), `concatenate` (merge batches that are between decode steps) and `filter` (keep some rows, trim
@@ -19,7 +22,8 @@ import torch
 
 from app.engine.kv import SlabCache
 from app.engine.sampling import SamplerState
-from prefix_store.types import PrefixKV
+from app.engine.soft_inputs import SoftInputs, soft_len, stage_soft_prompts
+from prefix_store.types import PrefixKV, PrefixTensors
 
 
 @dataclass(frozen=True)
@@ -35,11 +39,11 @@ class KVGeometry:
 
 @dataclass
 class NewRow:
-    """A request ready to be prefilled: token ids, its (resolved) prefix or None, its sampler."""
+    """A request ready to be prefilled: token ids, its (resolved) KV prefix or soft prompt or None, its sampler."""
 
     request_id: str
     prompt_ids: list[int]
-    prefix: PrefixKV | None
+    prefix: PrefixTensors | None
     sampler: SamplerState
 
 
@@ -48,7 +52,7 @@ class Row:
     """Book-keeping of one row. Positions follow docs/prefix-format.md: real token j sits at position P + j."""
 
     request_id: str
-    prefix_len: int  # P_i
+    prefix_len: int  # P_i: virtual tokens in front, a KV prefix's or a soft prompt's
     prompt_len: int  # S_i
     sampler: SamplerState
     generated: list[int] = field(default_factory=list)
@@ -63,10 +67,12 @@ class Row:
 class Batch:
     """Rows that step together.
 
-    input_ids:      [B, Q]      tokens the next forward consumes (Q = longest prompt at prefill, 1 at decode)
+    input_ids:      [B, Q]      tokens the next forward consumes (Q = longest soft prompt + prompt at prefill, 1 at
+                                decode); the pad token at a soft prompt's columns
     position_ids:   [B, Q]
-    attention_mask: [B, T + Q]  T = cache.length; 1 on prefix, prompt and generated tokens, 0 on pads
+    attention_mask: [B, T + Q]  T = cache.length; 1 on prefix, soft prompt, prompt and generated tokens, 0 on pads
     cache:          per layer keys/values [B, H_kv, T, D]
+    soft:           at a prefill with soft-prompt rows, their embeddings [B, Q, hidden] and columns; else None
     """
 
     rows: list[Row]
@@ -74,6 +80,7 @@ class Batch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     cache: SlabCache
+    soft: SoftInputs | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,14 +91,16 @@ class Batch:
 
     @classmethod
     def from_requests(cls, new_rows: Sequence[NewRow], *, geometry: KVGeometry, pad_token_id: int) -> Batch:
-        """A batch ready for prefill: prefixes copied into a fresh cache, prompts left-padded."""
+        """A batch ready for prefill: KV prefixes copied into a fresh cache, soft prompts and prompts left-padded."""
         if not new_rows:
             raise ValueError("from_requests needs at least one row")
         g = geometry
         b = len(new_rows)
-        p_lens = [r.prefix.num_virtual_tokens if r.prefix is not None else 0 for r in new_rows]
+        p_lens = [r.prefix.num_virtual_tokens if isinstance(r.prefix, PrefixKV) else 0 for r in new_rows]
+        v_lens = [soft_len(r.prefix) for r in new_rows]  # V_i: soft prompt columns in front of the prompt
         s_lens = [len(r.prompt_ids) for r in new_rows]
-        p_max, s_max = max(p_lens), max(s_lens)
+        q_lens = [v + s for v, s in zip(v_lens, s_lens, strict=True)]
+        p_max, s_max = max(p_lens), max(q_lens)  # s_max: the prefill's Q
         if min(s_lens) < 1:
             raise ValueError("every prompt needs at least one token")
 
@@ -100,18 +109,18 @@ class Batch:
         mask = torch.zeros((b, p_max + s_max), dtype=torch.long)
         cache = SlabCache.allocate(num_layers=g.num_layers, shape=(b, g.kv_heads, p_max, g.head_dim),
                                    headroom=s_max + 16, dtype=g.dtype, device=g.device)
-        for i, (row, p, s) in enumerate(zip(new_rows, p_lens, s_lens, strict=True)):
+        for i, (row, p, s, q) in enumerate(zip(new_rows, p_lens, s_lens, q_lens, strict=True)):
             input_ids[i, s_max - s :] = torch.tensor(row.prompt_ids, dtype=torch.long)
-            position_ids[i, s_max - s :] = torch.arange(p, p + s)
+            position_ids[i, s_max - q :] = torch.arange(p, p + q)  # soft prompt at P_i.., prompt after it
             mask[i, p_max - p : p_max] = 1
-            mask[i, p_max + s_max - s :] = 1
+            mask[i, p_max + s_max - q :] = 1
         # Staged for all layers at once, [L, B, H_kv, P_max, D] (one copy per row instead of one per row and
         # layer); zeros on the pad columns: masked, but they must be finite (0 * NaN would leak through).
         shape = (g.num_layers, b, g.kv_heads, p_max, g.head_dim)
         keys = torch.zeros(shape, dtype=g.dtype, device=g.device)
         values = torch.zeros(shape, dtype=g.dtype, device=g.device)
         for i, (row, p) in enumerate(zip(new_rows, p_lens, strict=True)):
-            if row.prefix is not None and p > 0:
+            if isinstance(row.prefix, PrefixKV) and p > 0:
                 # prefix.keys: [L, H_kv, P, D] -> right-aligned in the prefix region of row i.
                 keys[:, i, :, p_max - p :] = row.prefix.keys
                 values[:, i, :, p_max - p :] = row.prefix.values
@@ -120,15 +129,17 @@ class Batch:
             k_slab.copy_(k)
             v_slab.copy_(v)
         rows = [
-            Row(request_id=r.request_id, prefix_len=p, prompt_len=s, sampler=r.sampler)
-            for r, p, s in zip(new_rows, p_lens, s_lens, strict=True)
+            Row(request_id=r.request_id, prefix_len=p + v, prompt_len=s, sampler=r.sampler)
+            for r, p, v, s in zip(new_rows, p_lens, v_lens, s_lens, strict=True)
         ]
         dev = g.device
-        return cls(rows, input_ids.to(dev), position_ids.to(dev), mask.to(dev), cache)
+        soft = stage_soft_prompts([r.prefix for r in new_rows], s_lens, s_max, dev)
+        return cls(rows, input_ids.to(dev), position_ids.to(dev), mask.to(dev), cache, soft)
 
     def advance(self, token_ids: Sequence[int]) -> None:
         """Record one chosen token per row (after a forward) and set up the next decode step."""
         dev = self.input_ids.device
+        self.soft = None  # consumed by the prefill: the soft prompts' keys/values are in the cache now
         for row, tok in zip(self.rows, token_ids, strict=True):
             row.generated.append(tok)
         self.input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev).unsqueeze(1)  # [B, 1]

@@ -16,7 +16,7 @@ from app.engine.tool_template import hermes_messages, knows_tools, native_messag
 from app.engine.types import GenerationRequest
 from prefix_store.ref import PrefixRef
 from prefix_store.resolver import PrefixResolver
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixTensors
 
 
 class EngineClient:
@@ -77,7 +77,7 @@ class EngineClient:
     def vocab_size(self) -> int:
         return len(self.tokenizer)
 
-    def _loader(self, ref: PrefixRef | tuple[PrefixRef, ...]) -> Callable[[], PrefixKV]:
+    def _loader(self, ref: PrefixRef | tuple[PrefixRef, ...]) -> Callable[[], PrefixTensors]:
         """Loads `ref` (or a stack: its parts, concatenated) on the engine's loader thread (a cold load never
         stalls a step)."""
         resolver = self.resolver

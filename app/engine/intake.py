@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from app.engine.rowstate import ActiveRequest
 from app.threads import start_in_own_thread
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixTensors
 
 
 class Intake:
@@ -27,7 +27,7 @@ class Intake:
         self._queue: queue.Queue[ActiveRequest] = queue.Queue()
         self._gate = threading.BoundedSemaphore(resolver_threads)
         self._wake = wake
-        self.resolving: list[tuple[ActiveRequest, Future[PrefixKV]]] = []
+        self.resolving: list[tuple[ActiveRequest, Future[PrefixTensors]]] = []
         self.ready: deque[ActiveRequest] = deque()
 
     def put(self, active: ActiveRequest) -> None:

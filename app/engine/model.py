@@ -218,6 +218,7 @@ def load_model(
         num_kv_heads=int(arch["num_kv_heads"]),
         head_dim=int(arch["head_dim"]),
         dtype=str(torch_dtype).removeprefix("torch."),
+        hidden_size=int(arch["hidden_size"]),
     )
     logger.info(
         "loaded %s (%s, %s) on %s as %s in %.1f s; fingerprint %s",

@@ -35,6 +35,7 @@ from app.engine.quantized import (
     kernels_available,
 )
 from app.engine.quantized_gguf import GgufInt4
+from app.engine.soft_inputs import SoftInputs
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,14 @@ class QuantizedDecoder:
         return (keys & (col <= row)) | (col == row)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                cache: SlabCache) -> torch.Tensor:
+                cache: SlabCache, soft: SoftInputs | None = None) -> torch.Tensor:
         """input_ids, position_ids [B, Q]; attention_mask [B, T + Q]; appends Q tokens to `cache`; -> logits [B, V]
-        of every row's last position."""
+        of every row's last position. `soft`: soft prompts' embeddings replacing some columns' (a prefill)."""
         b, q_len = input_ids.shape
         hq, hkv, d = self.heads, self.kv_heads, self.head_dim
         h = F.embedding(input_ids, self.embed)  # [B, Q, H]
+        if soft is not None:
+            h = soft.apply(h)
         cos, sin = self.rotary(h, position_ids)  # [B, Q, D]
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         mask = self._mask(attention_mask, q_len)

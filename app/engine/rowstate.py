@@ -7,7 +7,7 @@ from collections.abc import Callable
 from app.engine.detok import Decoder, IncrementalText
 from app.engine.sampling import TokenChoice
 from app.engine.types import ErrorKind, FinishReason, GenerationRequest, TokenEvent
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixTensors
 
 
 class ActiveRequest:
@@ -18,7 +18,7 @@ class ActiveRequest:
     ) -> None:
         self.request = request
         self.request_id = request.request_id
-        self.prefix: PrefixKV | None = None
+        self.prefix: PrefixTensors | None = None
         self.text = IncrementalText(tokenizer, request.sampling.stop, request.sampling.min_tokens)
         self.completion_tokens = 0
         self.done = False

@@ -59,13 +59,19 @@ class ModelRunner:
     def forward(self, batch: Batch) -> torch.Tensor:
         """One forward over `batch.input_ids` [B, Q]; appends Q tokens to the cache; returns logits [B, V].
 
-        Prompts are left-padded, so the last column is every row's newest real token.
+        Prompts are left-padded, so the last column is every row's newest real token. A prefill with soft-prompt
+        rows goes in as input embeddings: the ids' own embeddings with the soft prompts' columns swapped in.
         """
         with sdpa_kernel(_SDPA_BACKENDS):
             if self.serving is not None:
-                return self.serving.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.cache)
+                return self.serving.forward(batch.input_ids, batch.position_ids, batch.attention_mask, batch.cache,
+                                            soft=batch.soft)
+            inputs: dict[str, torch.Tensor] = {"input_ids": batch.input_ids}
+            if batch.soft is not None:
+                embed = self.model.get_input_embeddings()  # type: ignore[operator]  # untyped in transformers
+                inputs = {"inputs_embeds": batch.soft.apply(embed(batch.input_ids))}
             out = self.model(
-                input_ids=batch.input_ids,
+                **inputs,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=True,

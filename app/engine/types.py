@@ -17,7 +17,7 @@ from app.engine.protocol import (
     SamplingParams,
     TokenEvent,
 )
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixTensors
 
 if TYPE_CHECKING:
     from app.engine.structured import RowGrammar
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["EngineError", "EngineOverloaded", "ErrorKind", "FinishReason", "GenerationRequest", "PrefixSource",
            "Priority", "RequestTooLarge", "TokenEvent"]
 
-# A prefix is given resolved, or as a loader the engine calls on a side thread (cold loads never stall a step).
-PrefixSource = PrefixKV | Callable[[], PrefixKV] | None
+# A prefix (KV or soft prompt) is given resolved, or as a loader the engine calls on a side thread (cold loads
+# never stall a step).
+PrefixSource = PrefixTensors | Callable[[], PrefixTensors] | None
 
 
 @dataclass
