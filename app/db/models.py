@@ -30,6 +30,8 @@ NAMING_CONVENTION: Final = {
 }
 
 SOURCE_FORMATS: Final = ("native", "peft", "trained")
+# What a prefix version holds (prefix_store/types.py PrefixKind): per-layer keys/values, or a soft prompt.
+PREFIX_KINDS: Final = ("prefix_tuning", "prompt_tuning", "p_tuning")
 JOB_STATUSES: Final = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 JOB_TERMINAL_STATUSES: Final = frozenset({"succeeded", "failed", "cancelled"})
 # OpenAI's batch statuses ("validating" is never stored: a batch's input is checked before its row is written).
@@ -190,6 +192,7 @@ class PrefixVersion(Base):
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     num_virtual_tokens: Mapped[int] = mapped_column(sa.Integer)
     source_format: Mapped[str] = mapped_column(sa.String(16))  # one of SOURCE_FORMATS
+    kind: Mapped[str] = mapped_column(sa.String(16), default="prefix_tuning", server_default="prefix_tuning")
     base_model_fingerprint: Mapped[str] = mapped_column(sa.String(128))
     # What a PEFT adapter's `base_model_name_or_path` said; None for native and trained prefixes.
     recorded_base_model: Mapped[str | None] = mapped_column(sa.String(500))
@@ -205,6 +208,7 @@ class PrefixVersion(Base):
         sa.Index(None, "sha256"),
         sa.CheckConstraint("version >= 1", name="version_positive"),
         sa.CheckConstraint(f"source_format IN {SOURCE_FORMATS!r}", name="source_format"),
+        sa.CheckConstraint(f"kind IN {PREFIX_KINDS!r}", name="kind"),
     )
 
 
