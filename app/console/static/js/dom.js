@@ -1,4 +1,4 @@
-// Small DOM helpers: elements are built with textContent only (never innerHTML), so nothing the API returns
+// Small DOM helpers: elements are built with textContent only (never parsed from strings), so nothing the API returns
 // can run as markup in the page that holds the key.
 
 /** h('button', {type: 'button', onclick: fn}, 'text', child) -> element; attrs null/false are left out. */
