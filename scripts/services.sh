@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the real services the test suite talks to are up (PostgreSQL, Redis), starting them with the
-# commands this machine kind documents when they are down. Fails loudly when one cannot be started.
+# commands this machine kind documents when they are down, and that Chromium is installed for the console's
+# browser tests. Fails loudly when one cannot be started or installed.
 set -euo pipefail
 cmd=${1:-ensure}
 [ "$cmd" = ensure ] || { echo "usage: $0 ensure" >&2; exit 2; }
@@ -24,3 +25,14 @@ if ! redis_up; then
 fi
 redis_up || { echo "services: FATAL: Redis is not reachable on 127.0.0.1:6379" >&2; exit 1; }
 echo "services: PostgreSQL and Redis are up"
+
+# The web console's browser tests (tests/console) drive Debian's Chromium through Playwright; Playwright's own
+# browser download (`playwright install`) is never used. Missing, it is installed from the distribution.
+CHROMIUM=/usr/bin/chromium
+if [ ! -x "$CHROMIUM" ]; then
+  echo "services: installing Chromium (apt-get install -y chromium)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; } || true
+fi
+[ -x "$CHROMIUM" ] || { echo "services: FATAL: $CHROMIUM is missing and could not be installed" >&2; exit 1; }
+echo "services: Chromium is at $CHROMIUM"
