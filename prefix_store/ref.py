@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from prefix_store.cache_tier import PrefixKey
+from prefix_store.kinds import SOFT_PROMPT_KINDS, PrefixKind
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def stack_label(parts: tuple[BaseRef, ...] | tuple[PrefixRef, ...]) -> str:
 class PrefixRef:
     """A tenant's prefix `name` at `version`: its content (`sha256`, `num_virtual_tokens`), the base model it was
     made for (`base_model_fingerprint`; empty when the caller does not know it), when the version and its
-    prefix were created (None when not read), and the prefix versions it was trained on top of (`on_top_of`, in
-    stack order; () for a prefix trained or uploaded on its own).
+    prefix were created (None when not read), the prefix versions it was trained on top of (`on_top_of`, in
+    stack order; () for a prefix trained or uploaded on its own), and its `kind` (KV prefix or soft prompt).
 
     A stack of prefixes (docs/prefix-format.md, "Stacking") is a tuple of PrefixRefs, first part first."""
 
@@ -72,6 +73,12 @@ class PrefixRef:
     created_at: datetime | None = None
     prefix_created_at: datetime | None = None
     on_top_of: tuple[BaseRef, ...] = ()
+    kind: PrefixKind = "prefix_tuning"  # KV prefix, or a soft prompt (prefix_store/kinds.py)
+
+    @property
+    def soft_prompt(self) -> bool:
+        """Whether this version is a soft prompt (learned input embeddings), which never stacks."""
+        return self.kind in SOFT_PROMPT_KINDS
 
     @property
     def key(self) -> PrefixKey:

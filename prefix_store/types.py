@@ -11,15 +11,12 @@ A soft prompt (PEFT's PROMPT_TUNING and P_TUNING) is the other kind of virtual t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal
 
 import torch
 
-# What a stored prefix version is: per-layer keys/values (PEFT PREFIX_TUNING) or learned input embeddings, trained
-# here or imported from PEFT PROMPT_TUNING, or imported from PEFT P_TUNING (its prompt encoder's output).
-PrefixKind = Literal["prefix_tuning", "prompt_tuning", "p_tuning"]
-PREFIX_KINDS: Final[tuple[PrefixKind, ...]] = ("prefix_tuning", "prompt_tuning", "p_tuning")
-SOFT_PROMPT_KINDS: Final = frozenset({"prompt_tuning", "p_tuning"})
+from prefix_store.kinds import PREFIX_KINDS as PREFIX_KINDS
+from prefix_store.kinds import SOFT_PROMPT_KINDS as SOFT_PROMPT_KINDS
+from prefix_store.kinds import PrefixKind as PrefixKind
 
 
 class PrefixError(ValueError):

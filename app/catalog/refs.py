@@ -44,7 +44,7 @@ def split_ref(ref: str) -> tuple[str, int | None]:
 
 _COLUMNS: Final = (Prefix.id, Prefix.created_at.label("prefix_created_at"), PrefixVersion.version,
                    PrefixVersion.sha256, PrefixVersion.num_virtual_tokens, PrefixVersion.base_model_fingerprint,
-                   PrefixVersion.created_at, TrainingJob.options.label("job_options"))
+                   PrefixVersion.created_at, PrefixVersion.kind, TrainingJob.options.label("job_options"))
 
 
 def _versions(tenant_id: str, name: str) -> sa.Select[Any]:
@@ -58,7 +58,7 @@ def _ref(row: Any, tenant_id: str, name: str) -> PrefixRef:
     return PrefixRef(tenant_id=tenant_id, prefix_id=row.id, name=name, version=int(row.version), sha256=row.sha256,
                      num_virtual_tokens=int(row.num_virtual_tokens), base_model_fingerprint=row.base_model_fingerprint,
                      created_at=row.created_at, prefix_created_at=row.prefix_created_at,
-                     on_top_of=bases_from_json((row.job_options or {}).get(ON_TOP_OF_KEY)))
+                     on_top_of=bases_from_json((row.job_options or {}).get(ON_TOP_OF_KEY)), kind=row.kind)
 
 
 def find_version(session: Session, *, tenant_id: str, name: str, version: int | None) -> PrefixRef | None:

@@ -8,6 +8,11 @@ from pydantic import Field
 
 from app.protocol.common import OpenAIResponse
 
+PrefixKind = Literal["prefix_tuning", "prompt_tuning", "p_tuning"]  # prefix_store/kinds.py
+KIND_DESCRIPTION = ("What the prefix (its newest version, or the one named) holds: `prefix_tuning` per-layer keys and "
+                    "values, `prompt_tuning` / `p_tuning` a soft prompt (learned input embeddings); None for the "
+                    "base model.")
+
 
 class ModelCard(OpenAIResponse):
     """One model. `parent` is the base model's id (None for the base model itself)."""
@@ -17,6 +22,7 @@ class ModelCard(OpenAIResponse):
     created: int
     owned_by: str
     parent: str | None = None
+    kind: PrefixKind | None = Field(default=None, description=KIND_DESCRIPTION)
 
 
 class ModelList(OpenAIResponse):
@@ -30,6 +36,7 @@ class StackPart(OpenAIResponse):
     name: str
     version: int
     num_virtual_tokens: int
+    kind: PrefixKind = "prefix_tuning"
     on_top_of: str | None = Field(
         default=None, description="The prefix versions this one was trained on top of (`support-bot@3`), if any.")
 

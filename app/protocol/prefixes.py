@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.protocol.models import KIND_DESCRIPTION, PrefixKind
+
 
 class PrefixUploaded(BaseModel):
     """`POST /v1/prefixes` answer: the version just stored. `warnings` is empty unless something the client
@@ -21,6 +23,7 @@ class PrefixUploaded(BaseModel):
     sha256: str
     size_bytes: int
     source_format: str
+    kind: PrefixKind = Field(default="prefix_tuning", description=KIND_DESCRIPTION)
     created_at: datetime
     warnings: list[str] = Field(default_factory=list)
 
@@ -33,6 +36,7 @@ class PrefixVersionInfo(BaseModel):
     size_bytes: int
     num_virtual_tokens: int
     source_format: str
+    kind: PrefixKind = Field(default="prefix_tuning", description=KIND_DESCRIPTION)
     base_model_fingerprint: str
     recorded_base_model: str | None
     created_at: datetime
@@ -47,6 +51,7 @@ class PrefixInfo(BaseModel):
     created_at: datetime
     latest_version: int
     num_virtual_tokens: int
+    kind: PrefixKind = Field(default="prefix_tuning", description=KIND_DESCRIPTION)
     sha256: str
     versions: list[PrefixVersionInfo] | None = None
 

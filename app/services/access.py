@@ -89,7 +89,7 @@ def _build(shape: Shape) -> sa.Select[Any]:
         stmt = (stmt.add_columns(prefix.id.label(f"prefix_id_{i}"), prefix.created_at.label(f"prefix_created_at_{i}"),
                                  ver.version.label(f"version_{i}"), ver.sha256.label(f"sha256_{i}"),
                                  ver.num_virtual_tokens.label(f"num_virtual_tokens_{i}"),
-                                 ver.base_model_fingerprint.label(f"fingerprint_{i}"),
+                                 ver.base_model_fingerprint.label(f"fingerprint_{i}"), ver.kind.label(f"kind_{i}"),
                                  ver.created_at.label(f"v_created_at_{i}"), job.options.label(f"job_options_{i}"))
                 .outerjoin(prefix, sa.and_(prefix.tenant_id == ApiKey.tenant_id,
                                            prefix.name == sa.bindparam(f"name_{i}")))
@@ -121,7 +121,8 @@ def _found(row: Any, i: int, name: str) -> PrefixRef | None:
                      base_model_fingerprint=getattr(row, f"fingerprint_{i}"),
                      created_at=getattr(row, f"v_created_at_{i}"),
                      prefix_created_at=getattr(row, f"prefix_created_at_{i}"),
-                     on_top_of=bases_from_json((options or {}).get(ON_TOP_OF_KEY)))
+                     on_top_of=bases_from_json((options or {}).get(ON_TOP_OF_KEY)),
+                     kind=getattr(row, f"kind_{i}"))
 
 
 def admin_access(raw_key: str, admin_key: str | None) -> Access | None:

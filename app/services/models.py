@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.catalog.refs import find_version, find_versions
 from app.db.models import Prefix, PrefixVersion
@@ -25,14 +25,17 @@ def base_card(base_model_id: str) -> ModelCard:
 
 def list_models(session: Session, *, tenant_id: str, base_model_id: str) -> ModelList:
     """The base model, then the tenant's prefixes that have at least one version, by name."""
-    has_version = sa.exists().where(PrefixVersion.prefix_id == Prefix.id)
+    other = aliased(PrefixVersion)
+    newest = sa.select(sa.func.max(other.version)).where(other.prefix_id == Prefix.id)
     rows = session.execute(
-        sa.select(Prefix.name, Prefix.created_at).where(Prefix.tenant_id == tenant_id, has_version)
+        sa.select(Prefix.name, Prefix.created_at, PrefixVersion.kind)
+        .join(PrefixVersion, PrefixVersion.prefix_id == Prefix.id)
+        .where(Prefix.tenant_id == tenant_id, PrefixVersion.version == newest.scalar_subquery())
         .order_by(Prefix.name)
     ).all()
     cards = [base_card(base_model_id)]
     cards += [ModelCard(id=r.name, created=int(r.created_at.timestamp()), owned_by=tenant_id,
-                        parent=base_model_id) for r in rows]
+                        parent=base_model_id, kind=r.kind) for r in rows]
     return ModelList(data=cards)
 
 
@@ -51,7 +54,8 @@ def get_model(session: Session, *, tenant_id: str, model: str, base_model_id: st
         raise model_not_found(model)
     created = found.created_at if version is not None else found.prefix_created_at
     assert created is not None  # find_version reads both times
-    return ModelCard(id=model, created=int(created.timestamp()), owned_by=tenant_id, parent=base_model_id)
+    return ModelCard(id=model, created=int(created.timestamp()), owned_by=tenant_id, parent=base_model_id,
+                     kind=found.kind)
 
 
 def stack_card(session: Session, *, tenant_id: str, model: str, base_model_id: str,
@@ -62,7 +66,7 @@ def stack_card(session: Session, *, tenant_id: str, model: str, base_model_id: s
     if any(ref is None for ref in found):
         raise model_not_found(model)
     refs = [ref for ref in found if ref is not None]
-    parts = [StackPart(name=r.name, version=r.version, num_virtual_tokens=r.num_virtual_tokens,
+    parts = [StackPart(name=r.name, version=r.version, num_virtual_tokens=r.num_virtual_tokens, kind=r.kind,
                        on_top_of=stack_label(r.on_top_of) or None) for r in refs]
     created = max(r.created_at for r in refs if r.created_at is not None)
     return StackModelCard(id=model, created=int(created.timestamp()), owned_by=tenant_id, parent=base_model_id,

@@ -28,6 +28,7 @@ from app.services.limits import Limits, check_new_prefix
 from app.services.uploads import convert_upload
 from app.threads import run_in_own_thread
 from prefix_store.blobs import BlobNotFound, BlobStoreUnavailable
+from prefix_store.kinds import PREFIX_KINDS, PrefixKind
 
 if TYPE_CHECKING:
     from prefix_store.types import ModelSpec
@@ -94,14 +95,15 @@ def upload_prefix(
     prefix, row = publish_version(
         session=session, blobs=stores.blobs, tenant_id=tenant_id, name=name, native=converted.native,
         values={"num_virtual_tokens": converted.num_virtual_tokens, "source_format": converted.source_format,
-                "base_model_fingerprint": spec.fingerprint, "recorded_base_model": converted.recorded_base_model},
+                "kind": converted.kind, "base_model_fingerprint": spec.fingerprint,
+                "recorded_base_model": converted.recorded_base_model},
     )
-    log.info("tenant %s stored prefix %s version %d (%s, %s)", tenant_id, name, row.version,
-             converted.source_format, row.sha256[:12])
+    log.info("tenant %s stored prefix %s version %d (%s, %s, %s)", tenant_id, name, row.version,
+             converted.source_format, converted.kind, row.sha256[:12])
     return PrefixUploaded(
         id=prefix.id, name=name, version=row.version, num_virtual_tokens=row.num_virtual_tokens,
         base_model=spec.model_id, sha256=row.sha256, size_bytes=row.size_bytes, source_format=row.source_format,
-        created_at=row.created_at, warnings=converted.warnings,
+        kind=converted.kind, created_at=row.created_at, warnings=converted.warnings,
     )
 
 
@@ -112,15 +114,20 @@ def _find(session: Session, tenant_id: str, name: str) -> Prefix | None:
 def _version_info(v: PrefixVersion) -> PrefixVersionInfo:
     return PrefixVersionInfo(
         version=v.version, sha256=v.sha256, size_bytes=v.size_bytes, num_virtual_tokens=v.num_virtual_tokens,
-        source_format=v.source_format, base_model_fingerprint=v.base_model_fingerprint,
+        source_format=v.source_format, kind=_kind(v.kind), base_model_fingerprint=v.base_model_fingerprint,
         recorded_base_model=v.recorded_base_model, created_at=v.created_at,
     )
+
+
+def _kind(value: str) -> PrefixKind:
+    """A row's kind column (checked by the database) as its literal type."""
+    return next((k for k in PREFIX_KINDS if k == value), "prefix_tuning")
 
 
 def _info(p: Prefix, latest: PrefixVersion, versions: list[PrefixVersion] | None = None) -> PrefixInfo:
     return PrefixInfo(
         id=p.id, name=p.name, created_at=p.created_at, latest_version=latest.version,
-        num_virtual_tokens=latest.num_virtual_tokens, sha256=latest.sha256,
+        num_virtual_tokens=latest.num_virtual_tokens, kind=_kind(latest.kind), sha256=latest.sha256,
         versions=None if versions is None else [_version_info(v) for v in versions],
     )
 
@@ -196,16 +203,21 @@ def download_prefix(
 
 
 def _to_peft_zip(data: bytes, stores: PrefixStores, recorded: str | None) -> bytes:
+    """A KV prefix as a PEFT PREFIX_TUNING adapter, a soft prompt as PROMPT_TUNING (P_TUNING if imported so)."""
     # torch: the codecs import it, and the web side stays torch-free at import (only a PEFT download converts)
-    from prefix_store.codec import decode_native
+    from prefix_store.codec import decode_stored
     from prefix_store.peft_codec import encode_peft_zip  # the same reason
-    from prefix_store.types import PrefixError  # the same reason
+    from prefix_store.peft_soft import encode_peft_soft_zip  # the same reason
+    from prefix_store.types import PrefixError, SoftPrompt  # the same reason
 
     spec = require_model(stores)
     try:
-        kv = decode_native(data, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
+        kv = decode_stored(data, spec=spec, max_virtual_tokens=stores.max_virtual_tokens,
                            max_bytes=max(stores.max_bytes, len(data)))
-        return encode_peft_zip(kv, spec=spec, base_model_name_or_path=recorded or spec.model_id)
+        name = recorded or spec.model_id
+        if isinstance(kv, SoftPrompt):
+            return encode_peft_soft_zip(kv, spec=spec, base_model_name_or_path=name)
+        return encode_peft_zip(kv, spec=spec, base_model_name_or_path=name)
     except PrefixError as exc:
         raise Conflict(f"the stored prefix does not fit the served model: {exc}",
                        code="model_mismatch") from None

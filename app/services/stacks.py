@@ -12,7 +12,9 @@ another part, use `prefixes`.
 
 Checks, after the one access query read every part (app/services/access.py): a missing part (or another
 tenant's) answers exactly as a missing model; a version made for another base model is the 409 it is alone; a
-stack longer than the limits is a 400 naming the field; a part trained on top of other prefix versions
+stack longer than the limits is a 400 naming the field; a soft prompt (PEFT prompt/p-tuning: learned input
+embeddings) in a stack of two or more is a 400 `soft_prompt_not_stackable` (docs/prefix-format.md, "Soft
+prompts"); a part trained on top of other prefix versions
 (app/training) must have exactly those versions right before it, else a 409 `base_prefix_mismatch`, unless the
 request sends `allow_base_mismatch: true`. No torch here: the web layer imports this module.
 """
@@ -127,6 +129,11 @@ def check_stack(named: NamedStack, found: Sequence[PrefixRef | None], *, base_mo
             raise Conflict(f"prefix version {ref.name}@{ref.version} was made for the base model with fingerprint "
                            f"{ref.base_model_fingerprint!r}; this server runs {base_model_id!r} (fingerprint "
                            f"{fingerprint!r})", param=named.param, code="model_mismatch")
+    soft = [f"{ref.name}@{ref.version}" for ref in refs if ref.soft_prompt]
+    if len(refs) > 1 and soft:
+        raise InvalidRequest(f"the stack `{named.label}` holds the soft prompt {', '.join(soft)} (learned input "
+                             "embeddings); a soft prompt is served alone, never stacked with other prefixes",
+                             param=named.param, code="soft_prompt_not_stackable")
     total = sum(ref.num_virtual_tokens for ref in refs)
     if len(refs) > 1 and total > limits.max_virtual_tokens:
         sizes = " + ".join(str(ref.num_virtual_tokens) for ref in refs)

@@ -8,6 +8,7 @@ the codec's safetensors/zip readers (nothing is ever unpickled). Torch is import
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -19,8 +20,9 @@ from starlette.types import Message, Receive
 from app.errors import InvalidRequest, PayloadTooLarge
 
 if TYPE_CHECKING:
+    from prefix_store.kinds import PrefixKind
     from prefix_store.peft_codec import PeftInfo
-    from prefix_store.types import ModelSpec, PrefixKV
+    from prefix_store.types import ModelSpec, PrefixTensors
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class Converted:
     native: bytes
     num_virtual_tokens: int
     source_format: str  # "native" | "peft"
+    kind: PrefixKind = "prefix_tuning"  # a KV prefix, or a soft prompt (PEFT PROMPT_TUNING / P_TUNING)
     recorded_base_model: str | None = None
     warnings: list[str] = field(default_factory=list)
 
@@ -104,11 +107,13 @@ def convert_upload(
     """Decode an upload against `spec` and re-encode it natively with the served model's fingerprint.
 
     files: [(file name, bytes)] -- one file (native .safetensors or a PEFT zip, told apart by content), or
-    the two files of a PEFT adapter directory (told apart by name). Raise InvalidRequest on bad input.
+    the two files of a PEFT adapter directory (told apart by name). A PEFT adapter is PREFIX_TUNING (keys and
+    values) or PROMPT_TUNING / P_TUNING (a soft prompt; P_TUNING's prompt encoder is run once here when the file
+    holds its weights). Raise InvalidRequest on bad input.
     """
     # torch: the codecs import it, and the web side stays torch-free at import
-    from prefix_store.codec import encode_native, is_safetensors
-    from prefix_store.types import PrefixError, PrefixKV  # the same reason
+    from prefix_store.codec import encode_stored, is_safetensors
+    from prefix_store.types import PrefixError  # the same reason
 
     info: PeftInfo | None
     try:
@@ -118,16 +123,15 @@ def convert_upload(
         elif is_safetensors(files[0][1]) or files[0][1][8:9] == b"{":
             kv, info = _decode_native(files[0][1], spec, max_virtual_tokens, max_bytes), None
         elif files[0][1][:4] in ZIP_MAGICS:
-            from prefix_store.peft_codec import decode_peft_zip  # imports torch: only a zip upload needs it
+            from prefix_store.peft_soft import decode_peft_adapter_zip  # imports torch: only a zip upload needs it
 
-            kv, info = decode_peft_zip(files[0][1], spec=spec, max_virtual_tokens=max_virtual_tokens,
-                                       max_bytes=max_bytes)
+            kv, info = decode_peft_adapter_zip(files[0][1], spec=spec, max_virtual_tokens=max_virtual_tokens,
+                                               max_bytes=max_bytes)
         else:
             raise _sniff_error(files[0][1], f"file {files[0][0]!r}")
         if info is None:
-            return Converted(encode_native(kv), kv.num_virtual_tokens, "native")
-        native = encode_native(PrefixKV(keys=kv.keys, values=kv.values, base_fingerprint=spec.fingerprint,
-                                        created_by=kv.created_by))
+            return Converted(encode_stored(kv), kv.num_virtual_tokens, "native", _kind(kv))
+        native = encode_stored(dataclasses.replace(kv, base_fingerprint=spec.fingerprint))
     except PrefixError as exc:
         raise InvalidRequest(str(exc), param="file", code="invalid_prefix") from None
     warnings = []
@@ -136,21 +140,27 @@ def convert_upload(
             f"the adapter records base model {info.base_model_name_or_path!r}, the served model is "
             f"{spec.model_id!r}; accepted because its shapes match"
         )
-    return Converted(native, kv.num_virtual_tokens, "peft", info.base_model_name_or_path, warnings)
+    return Converted(native, kv.num_virtual_tokens, "peft", _kind(kv), info.base_model_name_or_path, warnings)
 
 
-def _decode_native(data: bytes, spec: ModelSpec, max_virtual_tokens: int, max_bytes: int) -> PrefixKV:
+def _kind(prefix: PrefixTensors) -> PrefixKind:
+    from prefix_store.types import SoftPrompt  # torch: see convert_upload
+
+    return prefix.kind if isinstance(prefix, SoftPrompt) else "prefix_tuning"
+
+
+def _decode_native(data: bytes, spec: ModelSpec, max_virtual_tokens: int, max_bytes: int) -> PrefixTensors:
     # torch: the codecs import it, and the web side stays torch-free at import
-    from prefix_store.codec import decode_native
+    from prefix_store.codec import decode_stored
 
-    return decode_native(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+    return decode_stored(data, spec=spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
 
 
 def _decode_peft_pair(
     files: list[tuple[str, bytes]], spec: ModelSpec, max_virtual_tokens: int, max_bytes: int
-) -> tuple[PrefixKV, PeftInfo]:
+) -> tuple[PrefixTensors, PeftInfo]:
     # torch: the codecs import it, and the web side stays torch-free at import
-    from prefix_store.peft_codec import decode_peft
+    from prefix_store.peft_soft import decode_peft_adapter
 
     by_name = {name.replace("\\", "/").rsplit("/", 1)[-1]: data for name, data in files}
     if set(by_name) != set(PEFT_NAMES):
@@ -160,8 +170,8 @@ def _decode_peft_pair(
             f"the two `files` must be {' and '.join(PEFT_NAMES)}, found {found}{hint}", param="files",
             code="invalid_file",
         )
-    return decode_peft(by_name[PEFT_NAMES[0]], by_name[PEFT_NAMES[1]], spec=spec,
-                       max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+    return decode_peft_adapter(by_name[PEFT_NAMES[0]], by_name[PEFT_NAMES[1]], spec=spec,
+                               max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
 
 
 def refuse_unknown_fields(form: FormData, known: set[str]) -> None:

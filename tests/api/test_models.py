@@ -33,7 +33,8 @@ async def test_list(client: httpx.AsyncClient, tenant: TenantKey, make_tenant: C
     base, *prefixes = body["data"]
     assert base["object"] == "model" and base["parent"] is None and base["owned_by"] == "system"
     for m in prefixes:
-        assert list(m) == ["id", "object", "created", "owned_by", "parent"]
+        assert list(m) == ["id", "object", "created", "owned_by", "parent", "kind"]
+        assert m["kind"] == "prefix_tuning"
         assert m["parent"] == "fake-base" and m["owned_by"] == tenant.tenant_id and m["created"] > 0
 
 
