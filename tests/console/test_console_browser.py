@@ -96,6 +96,12 @@ def test_upload_by_drop_download_and_delete(page: Any, console: Console) -> None
     page.get_by_role("button", name="Upload").click()
     error = page.locator("form .error")
     assert "neither a safetensors prefix nor a zip of a PEFT adapter directory" in error.inner_text()
+    # The drop zone works from the keyboard too: Enter opens the file chooser.
+    page.locator(".dropzone").focus()
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files([{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"x"}])
+    page.get_by_text("Chosen: notes.txt").wait_for()
     drop_files(page, ".dropzone", peft_files())
     page.get_by_text("Chosen: adapter_config.json, adapter_model.safetensors").wait_for()
     page.get_by_role("button", name="Upload").click()
@@ -106,6 +112,9 @@ def test_upload_by_drop_download_and_delete(page: Any, console: Console) -> None
     assert row.locator("td[data-label='Origin']").inner_text() == "uploaded (PEFT) for random:tiny-llama"
     assert row.locator("td[data-label='Base model'] code").get_attribute("title") == version["base_model_fingerprint"]
     shot(page, "prefixes")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "prefixes-phone")
     with page.expect_download() as native:
         page.get_by_role("button", name="Download dropped@1 native").click()
     data = native.value.path().read_bytes()
@@ -179,7 +188,9 @@ def test_playground_streams_models_side_by_side(page: Any, console: Console, ser
     page.get_by_label("Model 1", exact=True).fill("random:tiny-llama")
     page.get_by_role("button", name="Remove model 2").click()  # the page offers the first prefix there
     page.get_by_role("button", name="Add a model").click()
-    page.get_by_label("Model 2", exact=True).fill(served)
+    page.get_by_label("Model 2", exact=True).fill(f"{served}@1")
+    page.get_by_role("button", name="Add a model").click()
+    page.get_by_label("Model 3", exact=True).fill(f"{served}+{served}@1")  # a stack
     page.get_by_text("Sampling").click()
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max tokens").fill("12")
@@ -190,7 +201,7 @@ def test_playground_streams_models_side_by_side(page: Any, console: Console, ser
         page.get_by_role("button", name="Send").click()
     assert first.value.headers["content-type"].startswith("text/event-stream")
     assert json.loads(first.value.request.post_data)["stream"] is True
-    for model in ("random:tiny-llama", served):
+    for model in ("random:tiny-llama", f"{served}@1", f"{served}+{served}@1"):
         answer = page.locator(f".answer[data-model='{model}']")
         answer.and_(page.locator("[data-state='done']")).wait_for()
         # What streamed into the column is what the same request answers without streaming.
@@ -213,6 +224,7 @@ def test_usage_page(page: Any, console: Console) -> None:
     assert page.locator("tr", has_text="Requests this minute").locator("meter").count() == 1
     shot(page, "usage")
     page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
     shot(page, "usage-phone")
 
 

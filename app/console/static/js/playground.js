@@ -52,7 +52,8 @@ export async function render(main) {
     h('div', { class: 'actions' }, send, stopButton, clear));
   fill(main, h('h1', {}, 'Playground'), form,
     h('section', { 'aria-labelledby': 'answers-title' }, h('h2', { id: 'answers-title' }, 'Answers'), answers),
-    h('section', { class: 'card', 'aria-labelledby': 'code-title' }, h('h2', { id: 'code-title' }, 'As code'), code));
+    h('section', { class: 'card', 'aria-labelledby': 'code-title' }, h('h2', { id: 'code-title' }, 'As code'),
+      h('p', { class: 'muted' }, 'The request to the first model; the others differ only in `model`.'), code));
 
   let histories = new Map();  // model -> chat messages so far (each column its own conversation)
   let running = null;
