@@ -82,12 +82,14 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def page(browser: Any, console: Console) -> Iterator[Any]:
-    """A fresh tab (its own sessionStorage) whose script errors fail the test."""
+    """A fresh tab (its own sessionStorage) whose script errors and Content-Security-Policy violations fail the
+    test (the API's refusals the tests provoke are logged by the browser too, and are not errors here)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     context.set_default_timeout(WAIT_MS)
     tab = context.new_page()
     errors: list[str] = []
     tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    tab.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
     yield tab
     context.close()
     assert not errors, f"script errors in the console: {errors}"
