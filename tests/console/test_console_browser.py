@@ -110,6 +110,7 @@ def test_upload_by_drop_download_and_delete(page: Any, console: Console) -> None
     row = section.locator("tbody tr")
     version = console.api("GET", "/v1/prefixes/dropped").json()["versions"][0]
     assert row.locator("td[data-label='Origin']").inner_text() == "uploaded (PEFT) for random:tiny-llama"
+    assert row.locator("td[data-label='Kind']").inner_text() == "prefix tuning"
     assert row.locator("td[data-label='Base model'] code").get_attribute("title") == version["base_model_fingerprint"]
     shot(page, "prefixes")
     page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen

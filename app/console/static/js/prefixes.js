@@ -44,6 +44,8 @@ function prefixSection(prefix, trainedBy, changed) {
   const columns = [
     { label: 'Version', cell: (v) => `@${v.version}` },
     { label: 'Virtual tokens', cell: (v) => v.num_virtual_tokens },
+    // prefix_tuning: per-layer keys/values; prompt_tuning / p_tuning: a soft prompt (input embeddings).
+    { label: 'Kind', cell: (v) => (v.kind || 'prefix_tuning').replace('_', ' ') },
     { label: 'Size', cell: (v) => formatBytes(v.size_bytes) },
     { label: 'Base model', cell: (v) => h('code', { title: v.base_model_fingerprint },
       v.base_model_fingerprint.slice(0, 12)) },
