@@ -6,6 +6,7 @@ missing ones. Every wait is on a page element or event. Screenshots: console-scr
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from io import BytesIO
 from typing import Any
@@ -90,6 +91,9 @@ def test_admin_sees_tenants_keys_and_limits(page: Any, console: Console) -> None
 
 
 def test_upload_by_drop_download_and_delete(page: Any, console: Console) -> None:
+    # A listener from the start: Chromium intercepts file choosers only once one is registered, and registering
+    # it inside expect_file_chooser races with the key press.
+    page.on("filechooser", lambda chooser: None)
     sign_in(page, console, console.key)
     page.get_by_label("Name", exact=True).fill("dropped")
     drop_files(page, ".dropzone", {"notes.txt": b"not a prefix"})
@@ -159,6 +163,34 @@ def test_training_job_to_its_loss_curve(page: Any, console: Console, tmp_path: A
     assert page.locator(".chart .valid").get_attribute("data-points") == str(vals)
     assert page.locator("section", has_text="Checkpoints").locator("tbody tr").count() >= 1
     shot(page, "job")
+
+
+def test_job_stream_resumes_after_a_cut(page: Any, console: Console, served: str) -> None:
+    """A stream cut before its [DONE] (here: the first one ends after the first metrics event) is reopened after
+    the last event seen: every point drawn once."""
+    job = next(j for j in console.api("GET", "/v1/fine_tuning/jobs").json()["data"]
+               if j["fine_tuned_model"] == f"{served}@1")
+    events = console.api("GET", f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100").json()["data"][::-1]
+    first_metrics = next(i for i, e in enumerate(events) if e["type"] == "metrics")
+    cut = events[:first_metrics + 1]
+    streams: list[str] = []
+
+    def handle(route: Any) -> None:
+        streams.append(route.request.url)
+        if len(streams) > 1:
+            route.continue_()
+            return
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in cut)  # no [DONE]: the connection just ends
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route(re.compile(r"/events\?stream=true"), handle)
+    sign_in(page, console, console.key)
+    page.goto(f"{console.url}/console/#/jobs/{job['id']}")
+    page.locator(".chart[data-finished='succeeded']").wait_for()
+    assert len(streams) == 2 and streams[1].endswith(f"&after={cut[-1]['id']}")
+    metrics = [e for e in events if e["type"] == "metrics"]
+    assert len(metrics) > 1
+    assert page.locator(".chart .train").get_attribute("data-points") == str(len(metrics))
 
 
 def test_cancel_and_end_users(page: Any, console: Console) -> None:

@@ -62,14 +62,31 @@ export async function render(main, [jobId]) {
   return () => stop.abort();
 }
 
-/** Read the job's event stream to its end ([DONE] once the job has finished), calling onEvent for each. */
+const RECONNECTS = 5;
+
+/**
+ * Read the job's event stream to its end ([DONE] once the job has finished), calling onEvent for each. A stream
+ * cut before that (a proxy timeout, a replica restarting) is reopened after the last event seen (`after`), so
+ * no event is drawn twice or missed.
+ */
 async function follow(jobId, signal, onEvent) {
-  const response = await call(`/v1/fine_tuning/jobs/${enc(jobId)}/events?stream=true`, { raw: true, signal });
-  for await (const data of sse(response)) {
-    if (data === '[DONE]') return;
-    onEvent(JSON.parse(data));
+  let after = null;
+  for (let attempt = 0; attempt <= RECONNECTS; attempt += 1) {
+    try {
+      const query = `stream=true${after ? `&after=${enc(after)}` : ''}`;
+      const response = await call(`/v1/fine_tuning/jobs/${enc(jobId)}/events?${query}`, { raw: true, signal });
+      for await (const data of sse(response)) {
+        if (data === '[DONE]') return;
+        const event = JSON.parse(data);
+        after = event.id;
+        onEvent(event);
+      }
+    } catch (err) {
+      if (err.name === 'AbortError' || err instanceof ApiError) throw err;  // left the page, or refused
+    }
+    await new Promise((resolve) => { setTimeout(resolve, 1000 * (attempt + 1)); });  // back off, then reopen
   }
-  throw new ApiError(0, { error: { message: 'the event stream ended early; reload to follow the job again' } });
+  throw new ApiError(0, { error: { message: 'the event stream keeps ending early; reload to follow the job' } });
 }
 
 function showJob(summary, cancel, job) {

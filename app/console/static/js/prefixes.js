@@ -10,15 +10,38 @@ export async function render(main) {
   await refresh(list);
 }
 
+// Versions are one request per prefix (the list has the newest version only): loaded at once for the first
+// ones, on demand for the rest, so a large catalogue does not spend the tenant's requests_per_minute.
+const LOADED_AT_ONCE = 20;
+
 async function refresh(list) {
   const [prefixes, jobs] = await Promise.all([call('/v1/prefixes'), call('/v1/fine_tuning/jobs?limit=100')]);
   const trainedBy = new Map(jobs.data.filter((j) => j.fine_tuned_model).map((j) => [j.fine_tuned_model, j]));
-  const details = await Promise.all(prefixes.data.map((p) => call(`/v1/prefixes/${enc(p.name)}`)));
-  if (!details.length) {
+  const changed = () => refresh(list);
+  const details = await Promise.all(prefixes.data.slice(0, LOADED_AT_ONCE)
+    .map((p) => call(`/v1/prefixes/${enc(p.name)}`)));
+  if (!prefixes.data.length) {
     fill(list, h('p', { class: 'empty' }, 'No prefixes yet: upload one above, or train one.'));
     return;
   }
-  fill(list, details.map((p) => prefixSection(p, trainedBy, () => refresh(list))));
+  fill(list, details.map((p) => prefixSection(p, trainedBy, changed)),
+    prefixes.data.slice(LOADED_AT_ONCE).map((p) => unloadedSection(p, trainedBy, changed)));
+}
+
+/** A prefix whose versions are fetched when asked for. */
+function unloadedSection(prefix, trainedBy, changed) {
+  const message = h('div');
+  const show = h('button', { type: 'button', 'aria-label': `Show the versions of ${prefix.name}` }, 'Show versions');
+  const section = h('section', { class: 'card prefix', 'aria-labelledby': `p-${prefix.id}` },
+    h('div', { class: 'row' }, h('h2', { id: `p-${prefix.id}` }, prefix.name),
+      h('span', { class: 'muted' }, `newest @${prefix.latest_version} · ${prefix.num_virtual_tokens} virtual tokens`),
+      show), message);
+  show.addEventListener('click', async () => {
+    try {
+      section.replaceWith(prefixSection(await call(`/v1/prefixes/${enc(prefix.name)}`), trainedBy, changed));
+    } catch (err) { fill(message, errorBox(err)); }
+  });
+  return section;
 }
 
 function origin(prefix, v, trainedBy) {
