@@ -134,6 +134,26 @@ def test_upload_by_drop_download_and_delete(page: Any, console: Console) -> None
     assert console.api("GET", "/v1/prefixes/dropped").status_code == 404
 
 
+def test_many_prefixes_load_their_versions_on_demand(page: Any, console: Console) -> None:
+    """Past the first 20 prefixes, versions are fetched only when asked for (each is a request)."""
+    r = console.api("POST", "/admin/tenants", key=ADMIN_KEY, json={"name": "many"})
+    key = r.json()["api_key"]
+    files = peft_files()
+    for i in range(21):
+        r = console.api("POST", "/v1/prefixes", key=key, data={"name": f"p{i:02d}"},
+                        files=[("files", (name, data)) for name, data in files.items()])
+        assert r.status_code == 201, r.text
+    detail_requests: list[str] = []
+    page.on("request", lambda req: detail_requests.append(req.url) if "/v1/prefixes/p" in req.url else None)
+    sign_in(page, console, key)
+    last = page.locator("section.prefix", has=page.get_by_role("heading", name="p20"))
+    last.get_by_role("button", name="Show the versions of p20").wait_for()
+    assert page.locator("section.prefix table").count() == 20 and len(detail_requests) == 20
+    last.get_by_role("button", name="Show the versions of p20").click()
+    page.get_by_role("button", name="Download p20@1 PEFT").wait_for()
+    assert len(detail_requests) == 21
+
+
 def test_training_job_to_its_loss_curve(page: Any, console: Console, tmp_path: Any) -> None:
     sign_in(page, console, console.key)
     page.get_by_role("link", name="Training").click()
