@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # it is not ready.
 EXEMPT_PATHS = frozenset({"/health", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
                           "/docs/oauth2-redirect", "/redoc"})
+# The web console's static pages read nothing from the database (they call the API, which says the 503 itself).
+EXEMPT_PREFIXES = ("/console",)
 RETRY_AFTER_S = 5
 ERROR_CODE = "schema_not_ready"
 
@@ -126,6 +128,10 @@ def open_schema_gate(db: sa.Engine) -> SchemaGate:
     return gate
 
 
+def _exempt(path: str) -> bool:
+    return path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES)
+
+
 class SchemaGateMiddleware:
     """503 + Retry-After + the gate's message for every request but the exempt paths while the schema is behind.
     `gate()` finds the runtime's gate (None before the lifespan opened it, or in a runtime without one)."""
@@ -135,7 +141,7 @@ class SchemaGateMiddleware:
         self.gate = gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gate = self.gate() if scope["type"] == "http" and scope["path"] not in EXEMPT_PATHS else None
+        gate = self.gate() if scope["type"] == "http" and not _exempt(scope["path"]) else None
         if gate is None or await gate.admit():
             await self.app(scope, receive, send)
             return
