@@ -19,7 +19,7 @@ from prefix_store.ref import ON_TOP_OF_KEY, BaseRef, bases_from_json, stack_labe
 # TrainConfig fields stored under `options`; every other field goes under `hyperparameters`.
 OPTION_FIELDS: Final = frozenset({
     "num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "validation_split",
-    "early_stopping_patience", "seed", "prefix_init",
+    "early_stopping_patience", "seed", "prefix_init", "kind",
 })
 WARM_START_KEY: Final = "warm_start"  # options key: the pinned `name@version` to start from, or absent/None
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 StopReason = Literal["completed", "early_stopped", "cancelled"]
 PrefixInit = Literal["real_tokens", "random"]
+# What a job trains: a KV prefix (per-layer keys/values) or a soft prompt (learned input embeddings).
+TrainKind = Literal["prefix_tuning", "prompt_tuning"]
 
 
 class TrainingDataError(ValueError):
@@ -76,6 +78,9 @@ class TrainConfig:
     # A new prefix (no warm start) starts from the model's KV of the first training example's tokens
     # ("real_tokens", app/training/init_kv.py: 22% -> 97% exact match on bench/quality.py) or from N(0, 1).
     prefix_init: PrefixInit = "real_tokens"
+    # prefix_tuning: a KV prefix; prompt_tuning: a soft prompt [P, hidden] (its "real_tokens" init is the first
+    # example's token embeddings, "random" the embeddings of P sampled vocabulary tokens).
+    kind: TrainKind = "prefix_tuning"
 
     def total_steps(self, n_train: int) -> int:
         """Optimizer steps for `n_train` examples."""

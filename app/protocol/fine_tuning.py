@@ -69,6 +69,10 @@ class TrainingOptions(OpenAIRequest):
     prefix_projection: bool | None = Field(
         default=None, description="train through Li & Liang's MLP reparameterization (default: directly)")
     encoder_hidden_size: Annotated[int, Field(ge=1, le=65536)] | None = None
+    kind: Literal["prefix_tuning", "prompt_tuning"] | None = Field(
+        default=None, description="what to train: `prefix_tuning` (default), per-layer keys and values, or "
+        "`prompt_tuning`, a soft prompt of learned input embeddings (PEFT PROMPT_TUNING); prompt tuning takes no "
+        "prefix_projection, encoder_hidden_size or on_top_of, and a warm start of the same kind")
     prefix_init: Literal["real_tokens", "random"] | None = Field(
         default=None, description="a new prefix starts from the model's activations of real tokens (default) "
         "or from random values; ignored with warm_start")

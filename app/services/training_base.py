@@ -64,6 +64,10 @@ def resolve_base(session: Session, ctx: TrainingContext, *, tenant_id: str, ref:
         raise InvalidRequest(f"{PARAM}: no prefix {ref[:200]!r}", param=PARAM, code="prefix_not_found")
     refs = tuple(f for f in found if f is not None)
     for i, part in enumerate(refs):
+        if part.soft_prompt:
+            raise InvalidRequest(f"{PARAM}: prefix {part.name}@{part.version} is a soft prompt (learned input "
+                                 "embeddings), which never stacks; train on top of KV prefixes only", param=PARAM,
+                                 code="soft_prompt_not_stackable")
         if part.base_model_fingerprint != ctx.fingerprint:
             raise InvalidRequest(f"{PARAM}: prefix {part.name}@{part.version} was made for another base model",
                                  param=PARAM, code="model_mismatch")

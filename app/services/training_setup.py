@@ -52,6 +52,7 @@ class TrainingContext:
 class WarmStart:
     ref: str  # pinned: `name@version`
     num_virtual_tokens: int
+    soft_prompt: bool = False  # a soft prompt (only prompt tuning starts from one) or a KV prefix
 
 
 def find_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, name: str, version: int | None,
@@ -64,7 +65,7 @@ def find_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, n
     if found.base_model_fingerprint != ctx.fingerprint:
         raise InvalidRequest(f"prefix {name}@{found.version} was made for another base model and cannot be a "
                              "warm start here", param=param, code="model_mismatch")
-    return WarmStart(f"{name}@{found.version}", found.num_virtual_tokens)
+    return WarmStart(f"{name}@{found.version}", found.num_virtual_tokens, found.soft_prompt)
 
 
 def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str, ref: str) -> WarmStart:
@@ -97,6 +98,8 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
     if opts.encoder_hidden_size is not None and not opts.prefix_projection:
         raise InvalidRequest("encoder_hidden_size applies only with prefix_projection: true",
                              param="encoder_hidden_size")
+    kind = opts.kind or base.kind
+    check_kind(opts, kind, warm)
     lr = hp.learning_rate or base.learning_rate * (hp.learning_rate_multiplier or 1.0)
     patience = base.early_stopping_patience if opts.early_stopping_patience is None else (
         opts.early_stopping_patience or None)  # 0: never stop early
@@ -109,10 +112,24 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
         seed=opts.seed if opts.seed is not None else secrets.randbelow(MAX_SEED + 1),  # recorded: reproducible
         eval_every=hp.eval_every or base.eval_every, early_stopping_patience=patience,
         checkpoint_every=hp.checkpoint_every, validation_split=opts.validation_split or 0.0,
-        prefix_init=opts.prefix_init or base.prefix_init,
+        prefix_init=opts.prefix_init or base.prefix_init, kind=kind,
     )
     display = {"learning_rate_multiplier": hp.learning_rate_multiplier} if hp.learning_rate_multiplier else {}
     return config, display
+
+
+def check_kind(opts: TrainingOptions, kind: str, warm: WarmStart | None) -> None:
+    """What prompt tuning does not take (a KV prefix's options, a base to train behind), and a warm start of the
+    other kind: 400s naming the field."""
+    if kind == "prompt_tuning":
+        for field_name in ("prefix_projection", "on_top_of"):
+            if getattr(opts, field_name):
+                raise InvalidRequest(f"{field_name} applies only to kind prefix_tuning; a soft prompt "
+                                     "(kind prompt_tuning) is trained directly and never stacks", param=field_name)
+    if warm is not None and warm.soft_prompt != (kind == "prompt_tuning"):
+        what = "a soft prompt" if warm.soft_prompt else "a KV prefix"
+        raise InvalidRequest(f"warm_start {warm.ref} is {what}; kind {kind} starts only from a "
+                             f"{'soft prompt' if kind == 'prompt_tuning' else 'KV prefix'}", param="warm_start")
 
 
 def check_name_free(session: Session, *, tenant_id: str, name: str) -> None:

@@ -26,7 +26,7 @@ from prefix_store.blobs import BlobNotFound, BlobStore, BlobStoreUnavailable
 if TYPE_CHECKING:
     from app.engine.model import LoadedModel
     from app.training.train_state import TrainState
-    from prefix_store.types import PrefixKV
+    from prefix_store.types import PrefixKV, PrefixTensors
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,15 @@ def _data_error(exc: TrainingDataError, what: str, param: str | None) -> JobFail
 
 
 def _read_prefix(job: TrainingJob, sha256: str, *, label: str, what: str, param: str, invalid: str,
-                 blobs: BlobStore, loaded: LoadedModel, max_virtual_tokens: int, max_bytes: int) -> PrefixKV:
+                 blobs: BlobStore, loaded: LoadedModel, max_virtual_tokens: int, max_bytes: int) -> PrefixTensors:
     """A stored prefix version the job needs (`what` `label`, e.g. the warm-start prefix `poet@2`), decoded for
     the model; a blob that cannot be read now, or does not fit the model, fails the job naming `param`."""
     # torch: prefix_store's codec imports it, and app/training's job modules stay torch-free at import
-    from prefix_store.codec import decode_native
+    from prefix_store.codec import decode_stored
     from prefix_store.types import PrefixError  # the same reason
 
     try:
-        return decode_native(blobs.get(sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
+        return decode_stored(blobs.get(sha256), spec=loaded.spec, max_virtual_tokens=max_virtual_tokens,
                              max_bytes=max_bytes)
     except (BlobNotFound, BlobStoreUnavailable) as exc:
         log.error("job %s: cannot read the %s blob %s: %r", job.id, what, sha256, exc)
@@ -132,7 +132,7 @@ def _read_prefix(job: TrainingJob, sha256: str, *, label: str, what: str, param:
 
 
 def load_warm_start(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobStore, loaded: LoadedModel,
-                    max_virtual_tokens: int, max_bytes: int) -> PrefixKV | None:
+                    max_virtual_tokens: int, max_bytes: int) -> PrefixTensors | None:
     """The prefix the job starts from (`options.warm_start`, a `name@version` reference), or None."""
     ref = warm_start_of(job)
     if ref is None:
@@ -161,6 +161,7 @@ def load_base(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobS
         return None
     # torch: prefix_store's stack imports it, and app/training's job modules stay torch-free at import
     from prefix_store.stack import concat_prefixes
+    from prefix_store.types import PrefixKV  # the same reason
 
     catalog, parts = DbCatalog(sessions), []
     for base in bases:
@@ -171,6 +172,9 @@ def load_base(job: TrainingJob, *, sessions: sessionmaker[Session], blobs: BlobS
         kv = _read_prefix(job, found.sha256, label=base.label, what="base prefix", param="on_top_of",
                           invalid="invalid_base_prefix", blobs=blobs, loaded=loaded,
                           max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+        if not isinstance(kv, PrefixKV):  # refused when the job was created; a version cannot change kind
+            raise JobFailed(JobError("invalid_base_prefix", f"the base prefix {base.label!r} is a soft prompt, "
+                                     "which never stacks", "on_top_of"))
         parts.append(dataclasses.replace(kv, keys=kv.keys.to(loaded.device, loaded.dtype),
                                          values=kv.values.to(loaded.device, loaded.dtype)))
     log.info("job %s trains on top of %s", job.id, "+".join(b.label for b in bases))
@@ -182,7 +186,7 @@ class ResumePoint:
     """The job's latest checkpoint: its step, prefix, and the run's state (None in a prefix-only checkpoint)."""
 
     step: int
-    prefix: PrefixKV
+    prefix: PrefixTensors
     state: TrainState | None
 
 
@@ -193,7 +197,7 @@ def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blob
     starts over, which is always correct."""
     # torch: train_state and prefix_store's codec import it, and app/training's job modules stay torch-free at import
     from app.training.train_state import decode_checkpoint
-    from prefix_store.codec import decode_native  # the same reason
+    from prefix_store.codec import decode_stored  # the same reason
     from prefix_store.types import PrefixError  # the same reason
 
     with sessions() as session:
@@ -204,7 +208,7 @@ def load_resume_point(job: TrainingJob, *, sessions: sessionmaker[Session], blob
         return None
     try:
         native, state = decode_checkpoint(blobs.get(row.sha256))
-        kv = decode_native(native, spec=loaded.spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
+        kv = decode_stored(native, spec=loaded.spec, max_virtual_tokens=max_virtual_tokens, max_bytes=max_bytes)
     except (BlobNotFound, BlobStoreUnavailable, PrefixError, ValueError) as exc:
         log.warning("job %s: checkpoint at step %d unusable (%r); starting over", job.id, row.step, exc)
         return None

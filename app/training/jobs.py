@@ -51,7 +51,7 @@ from prefix_store.blobs import BlobStore
 if TYPE_CHECKING:
     from app.engine.model import LoadedModel
     from app.training.train_state import TrainState
-    from prefix_store.types import PrefixKV
+    from prefix_store.types import PrefixKV, PrefixTensors
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ TrainFunction = Callable[..., TrainResult]  # app.training.trainer.train_prefix'
 
 def _default_train(
     loaded: LoadedModel, train: Sequence[TokenizedExample], val: Sequence[TokenizedExample] | None,
-    config: TrainConfig, *, init: PrefixKV | None = None, callbacks: TrainCallbacks | None = None,
+    config: TrainConfig, *, init: PrefixTensors | None = None, callbacks: TrainCallbacks | None = None,
     resume: TrainState | None = None, base: PrefixKV | None = None,
 ) -> TrainResult:
     from app.training.trainer import train_prefix  # torch: app/training's job modules stay torch-free at import
@@ -202,9 +202,10 @@ def _personal(job: TrainingJob) -> bool:
 
 def _publish(lease: JobLease, ctx: JobContext, job: TrainingJob, result: TrainResult, seconds: float) -> Outcome:
     """Blob first, then one transaction: the new PrefixVersion and the job's success (fenced on the lease)."""
-    from prefix_store.codec import encode_native  # torch: this module stays torch-free at import
+    from prefix_store.codec import encode_stored  # torch: this module stays torch-free at import
 
     spec = ctx.loaded.spec
+    config = config_from_job(job)
     kv = storable(result.prefix, spec)
     base = on_top_of_label(job)
     if base is not None:  # the version's own record of what it was trained behind (the catalog reads the job's)
@@ -223,9 +224,9 @@ def _publish(lease: JobLease, ctx: JobContext, job: TrainingJob, result: TrainRe
         with ctx.sessions() as session:
             prefix, row = publish_version(
                 session=session, blobs=ctx.blobs, tenant_id=job.tenant_id, name=job.prefix_name,
-                native=encode_native(kv), end_user_id=job.end_user_id if _personal(job) else None,
+                native=encode_stored(kv), end_user_id=job.end_user_id if _personal(job) else None,
                 finalize=finalize,
-                values={"num_virtual_tokens": kv.num_virtual_tokens, "source_format": "trained",
+                values={"num_virtual_tokens": kv.num_virtual_tokens, "source_format": "trained", "kind": config.kind,
                         "base_model_fingerprint": spec.fingerprint, "recorded_base_model": None,
                         "training_job_id": job.id},
             )

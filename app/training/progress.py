@@ -21,7 +21,7 @@ from prefix_store.blobs import BlobStore, BlobStoreUnavailable
 
 if TYPE_CHECKING:
     from app.training.train_state import TrainState
-    from prefix_store.types import ModelSpec, PrefixKV
+    from prefix_store.types import ModelSpec, PrefixTensors
 
 log = logging.getLogger(__name__)
 
@@ -112,20 +112,20 @@ class JobReporter:
             # A database blip costs a progress line, not the training run (JobLost still ends it).
             log.warning("job %s: event at step %d not written: %s", self.lease.job_id, event.step, exc)
 
-    def on_checkpoint(self, step: int, prefix: PrefixKV, metrics: dict[str, float],
+    def on_checkpoint(self, step: int, prefix: PrefixTensors, metrics: dict[str, float],
                       state: TrainState | None = None) -> None:
         """Store the checkpoint's blob (the prefix, plus `state` to resume from) and row. A storage failure costs
         the checkpoint, not the job. Nothing is stored once a cancel was requested: a cancelled job (an end
         user's deletion cancels theirs) must leave no checkpoint behind."""
         # torch: train_state and prefix_store's codec import it, and this module stays torch-free at import
         from app.training.train_state import encode_checkpoint
-        from prefix_store.codec import encode_native  # the same reason
+        from prefix_store.codec import encode_stored  # the same reason
 
         step += self.step_offset
         if self._heartbeat is not None and self._heartbeat.cause == "cancelled":
             log.info("job %s: cancel requested; checkpoint at step %d skipped", self.lease.job_id, step)
             return
-        data = encode_checkpoint(encode_native(storable(prefix, self.spec)), state)
+        data = encode_checkpoint(encode_stored(storable(prefix, self.spec)), state)
         try:
             sha = self.blobs.put(data)
         except BlobStoreUnavailable as exc:
@@ -156,9 +156,14 @@ def describe(event: TrainEvent) -> str:
     return f"{text} ({event.message})" if event.message else text
 
 
-def storable(prefix: PrefixKV, spec: ModelSpec) -> PrefixKV:
+def storable(prefix: PrefixTensors, spec: ModelSpec) -> PrefixTensors:
     """The prefix as the codec stores it: detached contiguous CPU tensors carrying the base model's
-    fingerprint (keys/values [L, H_kv, P, D])."""
+    fingerprint (keys/values [L, H_kv, P, D], or a soft prompt's embeddings [P, hidden])."""
+    from prefix_store.types import SoftPrompt  # torch: this module stays torch-free at import
+
+    if isinstance(prefix, SoftPrompt):
+        return dataclasses.replace(prefix, embeddings=prefix.embeddings.detach().to("cpu").contiguous(),
+                                   base_fingerprint=prefix.base_fingerprint or spec.fingerprint)
     return dataclasses.replace(
         prefix,
         keys=prefix.keys.detach().to("cpu").contiguous(),

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from app.jobs.types import TokenizedExample, TrainConfig
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixKV, PrefixTensors, SoftPrompt
 
 FORMAT = "prefixserve-train-checkpoint/1"
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's container; a native prefix (safetensors) starts with its header length
@@ -44,7 +44,7 @@ class Progress:
     last_val: float | None = None
     best_val: float | None = None
     best_step: int = 0
-    best_prefix: PrefixKV | None = None
+    best_prefix: PrefixTensors | None = None
     bad_evals: int = 0
 
     @property
@@ -55,9 +55,13 @@ class Progress:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "best_prefix"}
         out["losses"] = list(self.losses)
         best = self.best_prefix
-        out["best_prefix"] = None if best is None else {
-            "keys": best.keys.clone(), "values": best.values.clone(), "base_fingerprint": best.base_fingerprint,
-            "created_by": best.created_by, "metadata": dict(best.metadata)}
+        common = None if best is None else {
+            "base_fingerprint": best.base_fingerprint, "created_by": best.created_by, "metadata": dict(best.metadata)}
+        if isinstance(best, SoftPrompt):
+            out["best_prefix"] = {**(common or {}), "embeddings": best.embeddings.clone(), "kind": best.kind}
+        else:
+            out["best_prefix"] = None if best is None else {
+                **(common or {}), "keys": best.keys.clone(), "values": best.values.clone()}
         return out
 
     def load(self, state: dict[str, Any]) -> None:
@@ -65,7 +69,10 @@ class Progress:
         for name in ("trained_tokens", "target_tokens", "seconds", "last_val", "best_val", "best_step", "bad_evals"):
             setattr(self, name, state[name])
         best = state["best_prefix"]
-        self.best_prefix = None if best is None else PrefixKV(**best)
+        if best is None:
+            self.best_prefix = None
+        else:
+            self.best_prefix = SoftPrompt(**best) if "embeddings" in best else PrefixKV(**best)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@
   - same seed + same data -> bit-identical prefix (private generators for init and data order), also across an
     interruption: a run resumed from a checkpoint's TrainState (app/training/train_state.py) continues exactly;
   - on top of a frozen `base` (a prefix or a stack, [L, H_kv, Pb, D]) the prefix is trained with the base in
-    front of it, at the positions the stack `base+new` is served at (app/training/forward.py `behind`).
+    front of it, at the positions the stack `base+new` is served at (app/training/forward.py `behind`);
+  - `config.kind` "prompt_tuning" trains a soft prompt (learned input embeddings [P, hidden]) instead of a KV
+    prefix, through the same loop (app/training/soft_prompt.py).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from app.jobs.types import (
 )
 from app.training.batches import batch_stream, eval_batches, split_validation
 from app.training.checks import check_config, check_examples
-from app.training.forward import PrefixForward, TrainBatch, behind, collate
+from app.training.forward import TrainBatch, collate
 from app.training.init_kv import real_token_kv
-from app.training.prefix_params import PrefixParameters
+from app.training.soft_prompt import token_embeddings, training_method
 from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
-from prefix_store.types import PrefixKV
+from prefix_store.types import PrefixKV, PrefixTensors, SoftPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], 
 
 
 def build_optimizer(
-    prefix: PrefixParameters, config: TrainConfig, total_steps: int
+    prefix: torch.nn.Module, config: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the prefix's parameters only (no state is ever allocated for a base weight), and its schedule."""
     optimizer = torch.optim.AdamW(prefix.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -76,7 +78,7 @@ class _Run:
         train: list[TokenizedExample],
         val: list[TokenizedExample],
         config: TrainConfig,
-        init: PrefixKV | None,
+        init: PrefixTensors | None,
         callbacks: TrainCallbacks,
         key: str,
         resume: TrainState | None,
@@ -87,17 +89,9 @@ class _Run:
         # The batch's virtual tokens: the frozen base's and the trained prefix's (positions start after both).
         self.virtual_tokens = config.num_virtual_tokens + (base.num_virtual_tokens if base is not None else 0)
         self.total = config.total_steps(len(train))
-        self.prefix = PrefixParameters(
-            loaded.spec,
-            config.num_virtual_tokens,
-            projection=config.prefix_projection,
-            encoder_hidden_size=config.encoder_hidden_size,
-            init=init,
-            seed=config.seed,
-            device=loaded.device,
-        )
+        # The KV prefix (behind `base`) or the soft prompt, and the loss of a batch through it.
+        self.prefix, self.loss_sum = training_method(loaded, config, init, base)
         self.params = list(self.prefix.parameters())
-        self.forward = PrefixForward(loaded.model)
         self.optimizer, self.scheduler = build_optimizer(self.prefix, config, self.total)
         self.batches: Iterator[list[TokenizedExample]] = batch_stream(train, config.batch_size, config.seed)
         self.val = [self._collate(b) for b in eval_batches(val, config.batch_size)]
@@ -150,8 +144,7 @@ class _Run:
         """One optimizer step; returns (the learning rate it used, real tokens per second)."""
         started = time.perf_counter()
         batch = self._collate(next(self.batches))
-        keys, values = behind(self.base, *self.prefix.kv())
-        loss = self.forward.loss_sum(keys, values, batch) / max(1, batch.num_targets)
+        loss = self.loss_sum(batch) / max(1, batch.num_targets)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"the training loss is {loss.item()} at step {step}; lower the learning rate")
         self.optimizer.zero_grad(set_to_none=True)
@@ -171,12 +164,11 @@ class _Run:
     @torch.no_grad()
     def _evaluate(self) -> float:
         """Mean target loss over the whole validation set."""
-        keys, values = behind(self.base, *self.prefix.kv())
         total, count = 0.0, 0
         for batch in self.val:
             if self.callbacks.should_stop():
                 raise TrainingCancelled("training cancelled during validation")
-            total += float(self.forward.loss_sum(keys, values, batch).item())
+            total += float(self.loss_sum(batch).item())
             count += batch.num_targets
         self.progress.last_val = total / max(1, count)
         return self.progress.last_val
@@ -192,8 +184,9 @@ class _Run:
         patience = self.config.early_stopping_patience
         return patience is not None and p.bad_evals >= patience
 
-    def _export(self, step: int) -> PrefixKV:
-        return self.prefix.export(
+    def _export(self, step: int) -> PrefixTensors:
+        export: Callable[[dict[str, str]], PrefixTensors] = self.prefix.export  # type: ignore[assignment]
+        return export(
             {"training_step": str(step), "prefix_projection": str(self.config.prefix_projection).lower()}
         )
 
@@ -240,7 +233,7 @@ def train_prefix(
     val: Sequence[TokenizedExample] | None,
     config: TrainConfig,
     *,
-    init: PrefixKV | None = None,
+    init: PrefixTensors | None = None,
     callbacks: TrainCallbacks | None = None,
     resume: TrainState | None = None,
     base: PrefixKV | None = None,
@@ -276,7 +269,9 @@ def train_prefix(
     )
     # The calling thread may be in no-grad or inference mode (the engine thread is); both are thread-local. The
     # prefix is created inside too: a parameter made in inference mode could never take part in autograd.
-    if init is None and config.prefix_init == "real_tokens":
+    if init is None and config.prefix_init == "real_tokens" and config.kind == "prompt_tuning":
+        init = SoftPrompt(token_embeddings(loaded, train_set[0].input_ids, config.num_virtual_tokens))
+    elif init is None and config.prefix_init == "real_tokens":
         init = real_token_kv(loaded, train_set[0].input_ids, config.num_virtual_tokens)
     with torch.inference_mode(False), torch.enable_grad():
         return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume, base).run()
