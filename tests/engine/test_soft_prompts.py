@@ -20,7 +20,7 @@ from app.engine.quantized import kernels_available
 from app.engine.sampling import SamplingParams
 from app.engine.types import GenerationRequest
 from prefix_store.peft_soft import decode_peft_adapter
-from prefix_store.types import SoftPrompt
+from prefix_store.types import PrefixKV, SoftPrompt
 from tests.engine.helpers import collect, make_engine, random_prefix
 
 CONFIGS = {
@@ -141,3 +141,31 @@ async def test_soft_prompt_in_quantized_modes_is_batch_invariant(tiny_llama, tmp
     assert [r.tokens for r in together] == [r.tokens for r in alone]
     assert [r.logprobs for r in together] == [r.logprobs for r in alone]
     assert without.tokens != alone[0].tokens
+
+
+def test_batch_layout_of_a_soft_prompt_row() -> None:
+    """Row layout (docs/batching.md): a soft prompt's V columns sit right before its prompt at positions 0..V-1, the
+    prompt at V + j; a KV-prefix row beside it keeps its layout; the soft columns are marked only at the prefill."""
+    from app.engine.batch import Batch, KVGeometry, NewRow
+    from app.engine.sampling import SamplerState
+
+    geometry = KVGeometry(num_layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+    kv = PrefixKV(keys=torch.ones(1, 1, 2, 2), values=torch.ones(1, 1, 2, 2))
+    soft = SoftPrompt(embeddings=torch.full((3, 4), 5.0))
+
+    def row(rid: str, prompt: list[int], prefix: object) -> NewRow:
+        return NewRow(rid, prompt, prefix, SamplerState.create(SamplingParams(temperature=0.0), geometry.device))  # type: ignore[arg-type]
+
+    batch = Batch.from_requests([row("s", [7, 8], soft), row("k", [9], kv)], geometry=geometry, pad_token_id=0)
+    assert batch.input_ids.tolist() == [[0, 0, 0, 7, 8], [0, 0, 0, 0, 9]]  # Q = V + S = 5
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 2]]
+    assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 1]]  # [P_max = 2 | Q = 5]
+    assert [(r.prefix_len, r.prompt_len) for r in batch.rows] == [(3, 2), (2, 1)]
+    assert batch.soft is not None
+    assert batch.soft.slots[..., 0].tolist() == [[True, True, True, False, False], [False] * 5]
+    tokens = torch.arange(40.0).view(2, 5, 4)  # stand-in token embeddings [B, Q, hidden]
+    mixed = batch.soft.apply(tokens)
+    assert torch.equal(mixed[0, :3], soft.embeddings) and torch.equal(mixed[0, 3:], tokens[0, 3:])
+    assert torch.equal(mixed[1], tokens[1])  # a row without a soft prompt: its own embeddings, untouched
+    batch.advance([1, 2])
+    assert batch.soft is None and batch.position_ids.tolist() == [[5], [3]]

@@ -98,3 +98,18 @@ def test_prompt_tuning_job_trains_publishes_and_serves(client: TestClient) -> No
         r = client.post("/v1/fine_tuning/jobs", headers=_auth(key), json={**body, **changes})
         assert r.status_code == 400, (changes, r.text)
         assert r.json()["error"]["param"] == param, (changes, r.text)
+
+
+def test_a_prompt_tuning_run_resumed_from_its_checkpoint_continues_exactly(tiny_llama) -> None:
+    """The checkpoint state (module, optimizer, progress with the best soft prompt so far) resumes the same run:
+    bit-identical to the run that was never interrupted."""
+    examples = tokenize_examples(RECORDS, tiny_llama.tokenizer, max_tokens=64)
+    config = TrainConfig(kind="prompt_tuning", num_virtual_tokens=3, batch_size=4, max_steps=6, eval_every=2,
+                         checkpoint_every=3, validation_split=0.25, early_stopping_patience=None)
+    states: list[object] = []
+    full = train_prefix(tiny_llama, examples, None, config,
+                        callbacks=TrainCallbacks(on_checkpoint=lambda _s, _p, _m, state: states.append(state)))
+    resumed = train_prefix(tiny_llama, examples, None, config, resume=states[0])  # type: ignore[arg-type]
+    assert isinstance(full.prefix, SoftPrompt) and isinstance(resumed.prefix, SoftPrompt)
+    assert torch.equal(full.prefix.embeddings, resumed.prefix.embeddings)
+    assert full.best_val_loss == resumed.best_val_loss and full.best_val_loss is not None
