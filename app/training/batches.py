@@ -17,14 +17,19 @@ from app.jobs.types import TokenizedExample
 BUCKET_BATCHES = 8
 
 
+def validation_size(n: int, fraction: float) -> int:
+    """How many of `n` examples split_validation holds out for `fraction`."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
+    return min(n - 1, max(1, round(fraction * n))) if fraction > 0 else 0
+
+
 def split_validation(
     train: Sequence[TokenizedExample], fraction: float, seed: int
 ) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     """Hold out round(fraction * n) examples (at least 1 when fraction > 0, never all) as (train, validation)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
     n = len(train)
-    n_val = min(n - 1, max(1, round(fraction * n))) if fraction > 0 else 0
+    n_val = validation_size(n, fraction)
     if n_val <= 0:
         return list(train), []
     order = list(range(n))

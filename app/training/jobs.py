@@ -37,6 +37,7 @@ from app.jobs.types import (
     TrainingDiverged,
     TrainResult,
 )
+from app.training.batches import validation_size
 from app.training.job_inputs import (
     JobData,
     JobFailed,
@@ -157,9 +158,12 @@ def _train(lease: JobLease, heartbeat: Heartbeat, ctx: JobContext, job: Training
     data = load_job_data(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded,
                          max_tokens=context_length(ctx.loaded) - config.num_virtual_tokens - base_tokens)
     init = load_warm_start(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
-    total = config.total_steps(len(data.train))
-    lease.event(f"training on {len(data.train)} examples ({len(data.val)} validation), {total} steps",
-                data={"examples": len(data.train), "validation_examples": len(data.val)})
+    # Without a validation file the trainer holds out `validation_split` of the training examples: say so.
+    n_val = len(data.val) or validation_size(len(data.train), config.validation_split)
+    n_train = len(data.train) - (0 if data.val else n_val)
+    total = config.total_steps(n_train)
+    lease.event(f"training on {n_train} examples ({n_val} validation), {total} steps",
+                data={"examples": n_train, "validation_examples": n_val})
     resume = load_resume_point(job, sessions=ctx.sessions, blobs=ctx.blobs, loaded=ctx.loaded, **limits)
     offset, extra = 0, dict[str, Any]()
     if base is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -340,3 +341,12 @@ def test_job_timeout_fails(sqlite_env: JobEnv) -> None:
     assert job.error is not None and job.error["code"] == "timeout"
     with sqlite_env.sessions() as s:
         assert s.execute(sa.select(TrainingJob.status)).scalar_one() == "failed"
+
+
+def test_start_event_counts_the_held_out_split(env: JobEnv) -> None:
+    """Without a validation file the trainer holds out validation_split of the examples: the job says so."""
+    job_id = env.add_job(data=jsonl(RECORDS[:8]), config=replace(FAST, validation_split=0.25))
+    assert execute_job(job_id, ctx=env.ctx()) == "succeeded"
+    started = [e for e in env.events(job_id) if e.message.startswith("training on")]
+    assert started[0].data == {"examples": 6, "validation_examples": 2}
+    assert started[0].message.startswith("training on 6 examples (2 validation)")
