@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 from pathlib import Path
@@ -88,6 +89,13 @@ def worker(
     build_worker(settings, burst=burst).run()
 
 
+class TrainKind(enum.StrEnum):
+    """What `prefixserve train` learns (the fine-tuning API's `kind`)."""
+
+    prefix_tuning = "prefix_tuning"  # per-layer keys/values
+    prompt_tuning = "prompt_tuning"  # a soft prompt: learned input embeddings
+
+
 @cli.command()
 def train(
     data: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Training examples (JSONL).")],
@@ -103,6 +111,7 @@ def train(
     learning_rate: Annotated[float | None, typer.Option()] = None,
     num_virtual_tokens: Annotated[int | None, typer.Option(help="Prefix length P.")] = None,
     prefix_projection: Annotated[bool | None, typer.Option(help="Li & Liang's MLP reparameterization.")] = None,
+    kind: Annotated[TrainKind | None, typer.Option(help="What to learn (default prefix_tuning).")] = None,
     warm_start: Annotated[str | None, typer.Option(help="Start from your prefix `name[@version]`.")] = None,
     validation_split: Annotated[float | None, typer.Option(help="Fraction held out for validation.")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
@@ -120,7 +129,8 @@ def train(
         name=name, model=model,
         hyperparameters={"n_epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
                          "learning_rate": learning_rate, "checkpoint_every": checkpoint_every},
-        options={"num_virtual_tokens": num_virtual_tokens, "prefix_projection": prefix_projection,
+        options={"kind": kind.value if kind else None,
+                 "num_virtual_tokens": num_virtual_tokens, "prefix_projection": prefix_projection,
                  "warm_start": warm_start, "validation_split": validation_split, "seed": seed},
     )
     console = Console(soft_wrap=True)  # long lines (an API key, an error) stay whole in logs and pipes

@@ -62,6 +62,23 @@ def test_train_in_process_then_serve_the_prefix(tmp_path: Path) -> None:
     assert 'model = "demo@2"' in again.output and "API key" not in again.output
 
 
+def test_train_in_process_a_soft_prompt(tmp_path: Path) -> None:
+    data = _write_examples(tmp_path / "train.jsonl")
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--name", "soft", "--kind", "prompt_tuning",
+                                      *STEPS], env=_env(tmp_path))
+    assert result.exit_code == 0, result.output
+    settings = Settings(data_dir=tmp_path / "data", model="random:tiny-llama", admin_key=ADMIN, job_queue="none")
+    key = re.search(r"API key \(shown once\): (\S+)", result.output)
+    assert key is not None
+    with TestClient(create_app(settings)) as client:
+        card = client.get("/v1/models/soft@1", headers={"Authorization": f"Bearer {key.group(1)}"})
+        assert card.status_code == 200 and card.json()["kind"] == "prompt_tuning", card.text
+
+    wrong = CliRunner().invoke(cli, ["train", "--data", str(data), "--name", "x", "--kind", "lora"],
+                               env=_env(tmp_path))
+    assert wrong.exit_code == 2 and "lora" in wrong.output
+
+
 def test_train_in_process_refuses_bad_data_with_the_line(tmp_path: Path) -> None:
     data = _write_examples(tmp_path / "bad.jsonl", bad_line=3)
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--name", "demo"], env=_env(tmp_path))
