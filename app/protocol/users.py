@@ -10,6 +10,7 @@ from pydantic import Field
 
 from app.protocol.common import OpenAIRequest, OpenAIResponse
 from app.protocol.fine_tuning import TrainingOptions
+from app.protocol.models import KIND_DESCRIPTION, PrefixKind
 
 MAX_EXAMPLES_PER_REQUEST = 1000
 
@@ -37,6 +38,7 @@ class PersonalPrefix(OpenAIResponse):
     model: str  # what to send as `model`: `user:<id>`
     version: int
     num_virtual_tokens: int
+    kind: PrefixKind = Field(default="prefix_tuning", description=KIND_DESCRIPTION)
     created_at: datetime
 
 

@@ -114,12 +114,12 @@ def _find(session: Session, tenant_id: str, name: str) -> Prefix | None:
 def _version_info(v: PrefixVersion) -> PrefixVersionInfo:
     return PrefixVersionInfo(
         version=v.version, sha256=v.sha256, size_bytes=v.size_bytes, num_virtual_tokens=v.num_virtual_tokens,
-        source_format=v.source_format, kind=_kind(v.kind), base_model_fingerprint=v.base_model_fingerprint,
+        source_format=v.source_format, kind=prefix_kind(v.kind), base_model_fingerprint=v.base_model_fingerprint,
         recorded_base_model=v.recorded_base_model, created_at=v.created_at,
     )
 
 
-def _kind(value: str) -> PrefixKind:
+def prefix_kind(value: str) -> PrefixKind:
     """A row's kind column (checked by the database) as its literal type."""
     return next((k for k in PREFIX_KINDS if k == value), "prefix_tuning")
 
@@ -127,7 +127,7 @@ def _kind(value: str) -> PrefixKind:
 def _info(p: Prefix, latest: PrefixVersion, versions: list[PrefixVersion] | None = None) -> PrefixInfo:
     return PrefixInfo(
         id=p.id, name=p.name, created_at=p.created_at, latest_version=latest.version,
-        num_virtual_tokens=latest.num_virtual_tokens, kind=_kind(latest.kind), sha256=latest.sha256,
+        num_virtual_tokens=latest.num_virtual_tokens, kind=prefix_kind(latest.kind), sha256=latest.sha256,
         versions=None if versions is None else [_version_info(v) for v in versions],
     )
 

@@ -36,7 +36,7 @@ from app.protocol.fine_tuning import FineTuningJob
 from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, LastJob, PersonalizeRequest, PersonalPrefix
 from app.services.fine_tuning import job_object, request_cancel
 from app.services.limits import Limits, check_new_examples, check_new_job
-from app.services.prefixes import PrefixStores, delete_unreferenced_blobs
+from app.services.prefixes import PrefixStores, delete_unreferenced_blobs, prefix_kind
 from app.services.training_base import behind_base, check_stack_room, resolve_base
 from app.services.training_setup import (
     TrainingContext,
@@ -159,7 +159,7 @@ def get_user(*, session: Session, tenant_id: str, user_id: str) -> EndUserInfo:
                        fine_tuned_model=obj.fine_tuned_model)
     prefix = None if latest is None else PersonalPrefix(
         model=personal_prefix_name(user_id), version=latest.version, num_virtual_tokens=latest.num_virtual_tokens,
-        created_at=latest.created_at)
+        kind=prefix_kind(latest.kind), created_at=latest.created_at)
     return EndUserInfo(id=user_id, created_at=user.created_at, example_count=_example_count(session, user.id),
                        personal_prefix=prefix, last_job=last)
 
@@ -189,7 +189,7 @@ def personalize(
     warm = _warm_start(session, ctx, tenant_id, user, req)
     base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
     room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
-    config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm)
+    config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm, n_examples=len(rows))
     check_stack_room(ctx, base, config)
     name = personal_prefix_name(user_id)
     check_name_free(session, tenant_id=tenant_id, name=name)

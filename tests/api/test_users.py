@@ -51,6 +51,18 @@ def store_personal_prefix(api: Api, tenant_id: str, user: str, p: int = 4) -> st
         return prefix.id
 
 
+def test_user_state_names_a_soft_prompts_kind(train_api: Api) -> None:
+    api = train_api
+    tenant_id, key = api.tenant("acme")
+    post_examples(api, key, "ann", [pc(0)])
+    prefix_id = store_personal_prefix(api, tenant_id, "ann")
+    with api.runtime.sessions() as s:  # as a personalize job with kind prompt_tuning publishes it
+        s.execute(sa.update(PrefixVersion).where(PrefixVersion.prefix_id == prefix_id).values(kind="prompt_tuning"))
+        s.commit()
+    info = api.client.get("/v1/users/ann", headers=bearer(key)).json()
+    assert info["personal_prefix"]["kind"] == "prompt_tuning"
+
+
 def test_examples_and_user_state(train_api: Api) -> None:
     api = train_api
     _, key = api.tenant("acme")
@@ -131,6 +143,7 @@ def test_personalize_creates_a_job_on_the_users_examples(train_api: Api) -> None
     store_personal_prefix(api, tenant_id, "ann")
     info = api.client.get("/v1/users/ann", headers=bearer(key)).json()
     assert info["personal_prefix"]["model"] == "user:ann" and info["personal_prefix"]["version"] == 1
+    assert info["personal_prefix"]["kind"] == "prefix_tuning"
     second = personalize(api, key, "ann").json()
     assert second["prefix_options"] == {**second["prefix_options"], "warm_start": "user:ann@1",
                                         "num_virtual_tokens": 4}
