@@ -44,7 +44,8 @@ def _name(rng: random.Random, held_out: bool) -> str:
     return rng.choice(_KINDS).format(rng.choice(a) + rng.choice(b))
 
 
-def _mr(rng: random.Random, held_out: bool) -> dict[str, str]:
+def random_mr(rng: random.Random, held_out: bool) -> dict[str, str]:
+    """A meaning representation of 4-7 slots; names and landmarks from the held-out pools when `held_out`."""
     mr = {"name": _name(rng, held_out), "eatType": rng.choice(EAT_TYPES)}
     optional = {
         "food": rng.choice(FOODS),
@@ -93,8 +94,8 @@ def make_example(mr: dict[str, str]) -> Example:
 def generate(n_train: int = 400, n_test: int = 100, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Train and held-out sets; no held-out name or landmark occurs in training (asserted)."""
     rng = random.Random(seed)
-    train = [make_example(_mr(rng, held_out=False)) for _ in range(n_train)]
-    test = [make_example(_mr(rng, held_out=True)) for _ in range(n_test)]
+    train = [make_example(random_mr(rng, held_out=False)) for _ in range(n_train)]
+    test = [make_example(random_mr(rng, held_out=True)) for _ in range(n_test)]
     seen = {v for e in train for k, v in e.mr.items() if k in ("name", "near")}
     assert not seen & {v for e in test for k, v in e.mr.items() if k in ("name", "near")}
     return train, test
