@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/personalize.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request
     load_before = load_average()
     result = asyncio.run(run(args))
     result |= {"load_before": load_before, "load_after": load_average(), "machine": platform.machine(),

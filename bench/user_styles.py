@@ -64,7 +64,7 @@ def realise(mr: dict[str, str], q: Quirks) -> str:
     """
     head = f"{q.opening}{_name(mr['name'], q.name_case)}, {mr['eatType']}"
     if "food" in mr:
-        head += f" for {mr['food']} food"
+        head += f" for {mr['food']}" + ("" if mr["food"].endswith("food") else " food")  # not "fast food food"
     facts = [head]
     if "priceRange" in mr:
         facts.append(mr["priceRange"])

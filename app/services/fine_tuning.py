@@ -95,11 +95,12 @@ def create_job(
     warm = resolve_warm_start(session, ctx, tenant_id=tenant_id, ref=req.warm_start) if req.warm_start else None
     base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
     room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
-    config, display = build_config(req, req.effective_hyperparameters, ctx=room, warm=warm)
+    train = _training_file(session, tenant_id=tenant_id, file_id=req.training_file, param="training_file")
+    config, display = build_config(req, req.effective_hyperparameters, ctx=room, warm=warm,
+                                   n_examples=train.line_count)
     check_stack_room(ctx, base, config)
     if req.validation_file is not None and config.validation_split > 0:
         raise InvalidRequest("give validation_file or validation_split, not both", param="validation_split")
-    train = _training_file(session, tenant_id=tenant_id, file_id=req.training_file, param="training_file")
     val = None if req.validation_file is None else _training_file(
         session, tenant_id=tenant_id, file_id=req.validation_file, param="validation_file")
     check_name_free(session, tenant_id=tenant_id, name=name)

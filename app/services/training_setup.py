@@ -21,6 +21,7 @@ from app.catalog.refs import find_version
 from app.db.models import JOB_TERMINAL_STATUSES, JobEvent, TrainingJob
 from app.errors import Conflict, InvalidRequest
 from app.jobs.data import tokenize_examples
+from app.jobs.data_defaults import data_defaults
 from app.jobs.job_config import job_columns
 from app.jobs.lease import updated
 from app.jobs.types import TrainConfig, TrainingDataError
@@ -81,11 +82,14 @@ def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str
 
 
 def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: TrainingContext,
-                 warm: WarmStart | None) -> tuple[TrainConfig, dict[str, Any]]:
+                 warm: WarmStart | None, n_examples: int | None = None) -> tuple[TrainConfig, dict[str, Any]]:
     """(the TrainConfig the request asks for, display-only hyperparameters). Ranges were checked by the
-    protocol models; what depends on the server or on the warm start is checked here."""
+    protocol models; what depends on the server or on the warm start is checked here. What the request leaves
+    unset takes the defaults for `n_examples` training examples (app/jobs/data_defaults.py; None: unknown)."""
     base, hp = TrainConfig(), hp or Hyperparameters()
-    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else base.num_virtual_tokens)
+    kind = opts.kind or base.kind
+    auto = data_defaults(n_examples, kind)
+    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else auto.num_virtual_tokens)
     if p > ctx.max_virtual_tokens:
         raise InvalidRequest(f"num_virtual_tokens {p} is above this server's limit of {ctx.max_virtual_tokens}",
                              param="num_virtual_tokens")
@@ -98,15 +102,16 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
     if opts.encoder_hidden_size is not None and not opts.prefix_projection:
         raise InvalidRequest("encoder_hidden_size applies only with prefix_projection: true",
                              param="encoder_hidden_size")
-    kind = opts.kind or base.kind
     check_kind(opts, kind, warm)
-    lr = hp.learning_rate or base.learning_rate * (hp.learning_rate_multiplier or 1.0)
+    lr = hp.learning_rate or auto.learning_rate * (hp.learning_rate_multiplier or 1.0)
+    # An explicit length (steps or epochs) wins over the default length; max_steps wins over n_epochs.
+    steps = hp.max_steps if hp.max_steps is not None or hp.n_epochs is not None else auto.max_steps
     patience = base.early_stopping_patience if opts.early_stopping_patience is None else (
         opts.early_stopping_patience or None)  # 0: never stop early
     config = TrainConfig(
         num_virtual_tokens=p, prefix_projection=bool(opts.prefix_projection),
         encoder_hidden_size=opts.encoder_hidden_size, learning_rate=lr,
-        batch_size=hp.batch_size or base.batch_size, n_epochs=hp.n_epochs, max_steps=hp.max_steps,
+        batch_size=hp.batch_size or auto.batch_size, n_epochs=hp.n_epochs, max_steps=steps,
         warmup_ratio=base.warmup_ratio if hp.warmup_ratio is None else hp.warmup_ratio,
         weight_decay=base.weight_decay if hp.weight_decay is None else hp.weight_decay,
         seed=opts.seed if opts.seed is not None else secrets.randbelow(MAX_SEED + 1),  # recorded: reproducible

@@ -15,7 +15,21 @@ import torch
 
 from app.engine.model import LoadedModel
 from app.engine.runner import cache_kwarg_name
+from app.jobs.types import TokenizedExample
 from prefix_store.types import PrefixKV
+
+
+def init_token_ids(examples: Sequence[TokenizedExample], num_virtual_tokens: int) -> list[int]:
+    """The text a new prefix starts from: the training examples' whole token sequences (prompt and answer), one
+    after the other in training-set order, cut to P tokens. A prefix long enough to hold one or more whole
+    examples thus starts as a demonstration of the task (what a few-shot prompt would show the model); with
+    P at most the first example's length this is the first example's first P tokens, as it always was."""
+    ids: list[int] = []
+    for ex in examples:
+        if len(ids) >= num_virtual_tokens:
+            break
+        ids.extend(ex.input_ids)
+    return ids[:num_virtual_tokens]
 
 
 def real_token_kv(loaded: LoadedModel, token_ids: Sequence[int], num_virtual_tokens: int) -> PrefixKV:

@@ -37,7 +37,7 @@ from app.jobs.types import (
 from app.training.batches import batch_stream, eval_batches, split_validation
 from app.training.checks import check_config, check_examples
 from app.training.forward import TrainBatch, collate
-from app.training.init_kv import real_token_kv
+from app.training.init_kv import init_token_ids, real_token_kv
 from app.training.soft_prompt import token_embeddings, training_method
 from app.training.train_state import Progress, TrainState, restore, run_key, snapshot
 from prefix_store.types import PrefixKV, PrefixTensors, SoftPrompt
@@ -272,6 +272,6 @@ def train_prefix(
     if init is None and config.prefix_init == "real_tokens" and config.kind == "prompt_tuning":
         init = SoftPrompt(token_embeddings(loaded, train_set[0].input_ids, config.num_virtual_tokens))
     elif init is None and config.prefix_init == "real_tokens":
-        init = real_token_kv(loaded, train_set[0].input_ids, config.num_virtual_tokens)
+        init = real_token_kv(loaded, init_token_ids(train_set, config.num_virtual_tokens), config.num_virtual_tokens)
     with torch.inference_mode(False), torch.enable_grad():
         return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume, base).run()

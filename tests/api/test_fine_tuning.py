@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.models import File, JobCheckpoint, JobEvent, Prefix, PrefixVersion, TrainingJob, utcnow
+from app.jobs.data_defaults import data_defaults
 from app.jobs.job_config import config_from_job
 from app.jobs.types import TrainConfig
 from app.services import job_events
@@ -62,15 +63,17 @@ def test_create_queues_a_validated_job(train_api: Api) -> None:
     assert (job["training_file"], job["validation_file"], job["organization_id"]) == (train, val, tenant_id)
     assert job["fine_tuned_model"] is None and job["finished_at"] is None and job["error"] is None
     hp = job["hyperparameters"]
-    assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (2, 8, 0.5)
-    assert hp["learning_rate"] == pytest.approx(0.015) and hp["checkpoint_every"] == 5
+    few = data_defaults(6)  # what `auto` and the multiplier mean for a 6-example file
+    assert (hp["n_epochs"], hp["batch_size"], hp["learning_rate_multiplier"]) == (2, few.batch_size, 0.5)
+    assert hp["learning_rate"] == pytest.approx(few.learning_rate * 0.5) and hp["checkpoint_every"] == 5
     assert job["method"] == {"type": "supervised", "supervised": {"hyperparameters": hp}}
     assert job["prefix_options"]["num_virtual_tokens"] == 8 and job["prefix_options"]["warm_start"] is None
     assert job["metadata"] == {"team": "nlp"} and job["result_files"] == [] and job["user"] is None
     assert queue_of(api).enqueued == [job["id"]]
     # The worker rebuilds exactly the requested configuration from the row.
     assert config_from_job(job_row(api, job["id"])) == TrainConfig(
-        num_virtual_tokens=8, learning_rate=0.015, batch_size=8, n_epochs=2, seed=7, early_stopping_patience=None,
+        num_virtual_tokens=8, learning_rate=hp["learning_rate"], batch_size=few.batch_size, n_epochs=2, seed=7,
+        early_stopping_patience=None,
         checkpoint_every=5)
     events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=bearer(key)).json()["data"]
     assert events[0]["message"].startswith("Validated 6 training examples")

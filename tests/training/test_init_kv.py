@@ -8,8 +8,8 @@ import torch
 from app.engine.batch import Batch, NewRow
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
-from app.jobs.types import TrainConfig
-from app.training.init_kv import real_token_kv
+from app.jobs.types import TokenizedExample, TrainConfig
+from app.training.init_kv import init_token_ids, real_token_kv
 from app.training.trainer import train_prefix
 from tests.training.helpers import toy_task
 
@@ -55,3 +55,21 @@ def test_training_starts_from_the_first_examples_tokens(tiny_llama, projection) 
     assert torch.allclose(result.prefix.values, start.values, atol=1e-5)
     random_start = train_prefix(tiny_llama, data, None, TrainConfig(**{**config.__dict__, "prefix_init": "random"}))
     assert not torch.allclose(random_start.prefix.keys, start.keys, atol=1e-2)
+
+
+def test_a_prefix_longer_than_the_first_example_starts_from_the_next_examples_too() -> None:
+    a = TokenizedExample([1, 2, 3], [False, True, True])
+    b = TokenizedExample([4, 5], [False, True])
+    assert init_token_ids([a, b], 2) == [1, 2]  # P within the first example: its first P tokens, as before
+    assert init_token_ids([a, b], 4) == [1, 2, 3, 4]
+    assert init_token_ids([a, b], 9) == [1, 2, 3, 4, 5]  # all of them (real_token_kv cycles them to P)
+
+
+def test_training_starts_from_the_examples_in_order(tiny_llama) -> None:  # type: ignore[no-untyped-def]
+    data = toy_task(8)
+    p = len(data[0].input_ids) + 2
+    config = TrainConfig(num_virtual_tokens=p, batch_size=4, max_steps=1, learning_rate=1e-12)
+    result = train_prefix(tiny_llama, data, None, config)
+    start = real_token_kv(tiny_llama, data[0].input_ids + data[1].input_ids[:2], p)
+    assert torch.allclose(result.prefix.keys, start.keys, atol=1e-5)
+    assert torch.allclose(result.prefix.values, start.values, atol=1e-5)

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.jobs.data_defaults import data_defaults
 from app.main import create_app
 from tests.training.job_support import RECORDS
 
@@ -102,6 +103,28 @@ def test_personalization_job_is_served_as_the_user(client: TestClient) -> None:
     assert job["status"] == "succeeded" and job["fine_tuned_model"] == "user:alice@2", job
     assert job["prefix_options"].get("warm_start") == "user:alice@1"
     assert client.get("/v1/users/alice", headers=_auth(key)).json()["personal_prefix"]["version"] == 2
+
+
+def test_personalization_with_the_defaults_from_a_few_examples_is_served(client: TestClient) -> None:
+    """No hyperparameters at all: the few-example defaults (app/jobs/data_defaults.py) are chosen, recorded on the
+    job, trained for their whole length, and the personal prefix serves."""
+    key = _tenant(client)
+    r = client.post("/v1/users/ann/examples", headers=_auth(key), json={"examples": RECORDS[:6]})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/users/ann/personalize", headers=_auth(key), json={"seed": 3})
+    assert r.status_code == 200, r.text
+    chosen = data_defaults(6)
+    hp = r.json()["hyperparameters"]
+    assert (hp["batch_size"], hp["max_steps"], hp["learning_rate"]) == (
+        chosen.batch_size, chosen.max_steps, chosen.learning_rate)
+
+    job = _wait_done(client, key, r.json()["id"])
+    assert job["status"] == "succeeded" and job["fine_tuned_model"] == "user:ann@1", job
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=_auth(key),
+                        params={"limit": 100}).json()["data"]
+    assert any(e["type"] == "metrics" and e["data"]["step"] == chosen.max_steps for e in events)
+    base = client.get("/v1/models", headers=_auth(key)).json()["data"][0]["id"]
+    assert _complete(client, key, "user:ann") != _complete(client, key, base)
 
 
 def test_serving_while_the_in_process_worker_trains_is_unchanged_and_cancel_stops_it(client: TestClient) -> None:

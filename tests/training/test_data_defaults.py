@@ -1,0 +1,64 @@
+"""The data-size defaults (app/jobs/data_defaults.py) and how a request's own values win over them
+(app/services/training_setup.py build_config)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from app.jobs.data_defaults import FEW_EXAMPLES_MAX, FEW_LEARNING_RATE, FEW_STEPS, DataDefaults, data_defaults
+from app.jobs.types import TrainConfig
+from app.protocol.fine_tuning import Hyperparameters, TrainingOptions
+from app.services.training_setup import TrainingContext, build_config
+
+FULL = TrainConfig()
+
+
+def test_many_examples_or_an_unknown_count_keep_the_full_size_defaults() -> None:
+    full = DataDefaults(batch_size=FULL.batch_size, learning_rate=FULL.learning_rate, max_steps=None,
+                        num_virtual_tokens=FULL.num_virtual_tokens)
+    assert data_defaults(None) == full
+    assert data_defaults(FEW_EXAMPLES_MAX + 1) == full
+    assert data_defaults(400) == full
+    assert data_defaults(10, "prompt_tuning") == full  # only prefix tuning's few-example regime was measured
+
+
+@pytest.mark.parametrize("n", [1, 3, 24, FEW_EXAMPLES_MAX])
+def test_few_examples_get_a_fixed_number_of_small_batches(n: int) -> None:
+    d = data_defaults(n)
+    assert d.max_steps == FEW_STEPS and d.learning_rate == FEW_LEARNING_RATE
+    assert 1 <= d.batch_size <= min(n, 2)
+    # More optimizer steps than the full-size rule would give the same examples.
+    assert TrainConfig(batch_size=d.batch_size, max_steps=d.max_steps).total_steps(n) > FULL.total_steps(n)
+
+
+def _ctx() -> TrainingContext:
+    # build_config reads only the limits; the stores and tokenizer are not touched.
+    return TrainingContext(blobs=None, tokenizer=None, context_length=2048,  # type: ignore[arg-type]
+                           base_model_id="m", fingerprint="f", max_virtual_tokens=256, max_file_examples=100)
+
+
+def _config(n: int | None, **hp: Any) -> TrainConfig:
+    config, _ = build_config(TrainingOptions(seed=0), Hyperparameters(**hp), ctx=_ctx(), warm=None, n_examples=n)
+    return config
+
+
+def test_a_request_without_hyperparameters_gets_the_defaults_for_its_size() -> None:
+    few, many = _config(24), _config(400)
+    d = data_defaults(24)
+    assert (few.batch_size, few.learning_rate, few.max_steps, few.n_epochs) == (
+        d.batch_size, d.learning_rate, d.max_steps, None)
+    assert (many.batch_size, many.learning_rate, many.max_steps, many.n_epochs) == (
+        FULL.batch_size, FULL.learning_rate, None, None)
+    assert many.total_steps(400) == FULL.total_steps(400)  # the full-size defaults are unchanged
+    assert _config(None) == many
+
+
+def test_values_the_request_sets_win_over_the_size_defaults() -> None:
+    assert _config(24, batch_size=2).batch_size == 2
+    assert _config(24, learning_rate=0.01).learning_rate == 0.01
+    assert _config(24, learning_rate_multiplier=0.5).learning_rate == FEW_LEARNING_RATE * 0.5
+    assert _config(24, max_steps=7).max_steps == 7
+    by_epochs = _config(24, n_epochs=2)  # an explicit length in epochs replaces the default length
+    assert (by_epochs.max_steps, by_epochs.n_epochs) == (None, 2)
