@@ -61,6 +61,16 @@ class EndUserInfo(OpenAIResponse):
     last_job: LastJob | None
 
 
+class EndUserList(OpenAIResponse):
+    """`GET /v1/users`: newest first; `has_more` with `after=<last id>` pages on."""
+
+    object: Literal["list"] = "list"
+    data: list[EndUserInfo]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
 class EndUserDeleted(OpenAIResponse):
     """`DELETE /v1/users/{user_id}`: everything of the user is gone (training jobs are kept, cancelled, without
     the user: they are the tenant's record of usage)."""

@@ -33,9 +33,18 @@ from app.errors import InvalidRequest, NotFound
 from app.jobs.data import tokenize_examples, validate_record
 from app.jobs.types import TrainConfig, TrainingDataError
 from app.protocol.fine_tuning import FineTuningJob
-from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, LastJob, PersonalizeRequest, PersonalPrefix
+from app.protocol.users import (
+    EndUserDeleted,
+    EndUserInfo,
+    EndUserList,
+    ExamplesAdded,
+    LastJob,
+    PersonalizeRequest,
+    PersonalPrefix,
+)
 from app.services.fine_tuning import job_object, request_cancel
 from app.services.limits import Limits, check_new_examples, check_new_job
+from app.services.pagination import after_cursor, cursor_after, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs, prefix_kind
 from app.services.training_base import behind_base, check_stack_room, resolve_base
 from app.services.training_setup import (
@@ -47,6 +56,7 @@ from app.services.training_setup import (
     create_job_row,
     find_warm_start,
     finish_validation,
+    longest_example,
     resolve_warm_start,
 )
 
@@ -146,7 +156,26 @@ def _personal_latest(session: Session, user: EndUser) -> PrefixVersion | None:
 
 
 def get_user(*, session: Session, tenant_id: str, user_id: str) -> EndUserInfo:
-    user = _user(session, tenant_id, user_id)
+    return _info(session, _user(session, tenant_id, user_id))
+
+
+def list_users(*, session: Session, tenant_id: str, limit: int, after: str | None = None) -> EndUserList:
+    """The tenant's end users, newest first, `limit` per page (`after`: the last user id of the previous page)."""
+    def find(user_id: str) -> EndUser:
+        user = _find_user(session, tenant_id, user_id)
+        if user is None:
+            raise NotFound(f"no user {user_id[:80]!r}")
+        return user
+
+    stmt = sa.select(EndUser).where(EndUser.tenant_id == tenant_id)
+    rows, more = fetch_page(session, after_cursor(stmt, EndUser.created_at, EndUser.id, cursor_after(after, find),
+                                                  descending=True), limit)
+    data = [_info(session, r.EndUser) for r in rows]
+    return EndUserList(data=data, has_more=more, first_id=data[0].id if data else None,
+                       last_id=data[-1].id if data else None)
+
+
+def _info(session: Session, user: EndUser) -> EndUserInfo:
     latest = _personal_latest(session, user)
     job = session.execute(
         sa.select(TrainingJob).where(TrainingJob.end_user_id == user.id)
@@ -158,9 +187,9 @@ def get_user(*, session: Session, tenant_id: str, user_id: str) -> EndUserInfo:
         last = LastJob(id=obj.id, status=obj.status, created_at=obj.created_at, finished_at=obj.finished_at,
                        fine_tuned_model=obj.fine_tuned_model)
     prefix = None if latest is None else PersonalPrefix(
-        model=personal_prefix_name(user_id), version=latest.version, num_virtual_tokens=latest.num_virtual_tokens,
-        kind=prefix_kind(latest.kind), created_at=latest.created_at)
-    return EndUserInfo(id=user_id, created_at=user.created_at, example_count=_example_count(session, user.id),
+        model=personal_prefix_name(user.external_id), version=latest.version,
+        num_virtual_tokens=latest.num_virtual_tokens, kind=prefix_kind(latest.kind), created_at=latest.created_at)
+    return EndUserInfo(id=user.external_id, created_at=user.created_at, example_count=_example_count(session, user.id),
                        personal_prefix=prefix, last_job=last)
 
 
@@ -189,7 +218,8 @@ def personalize(
     warm = _warm_start(session, ctx, tenant_id, user, req)
     base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
     room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
-    config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm, n_examples=len(rows))
+    config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm, n_examples=len(rows),
+                                   longest_example=longest_example(rows, room))
     check_stack_room(ctx, base, config)
     name = personal_prefix_name(user_id)
     check_name_free(session, tenant_id=tenant_id, name=name)

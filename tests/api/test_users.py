@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.models import EndUser, JobCheckpoint, Prefix, PrefixVersion, TrainingJob, UserExample
+from app.jobs.data_defaults import data_defaults
 from app.jobs.job_config import config_from_job
 from tests.api.fixtures_admin import Api, bearer, native_bytes
 from tests.api.fixtures_training import (  # noqa: F401
@@ -49,6 +50,30 @@ def store_personal_prefix(api: Api, tenant_id: str, user: str, p: int = 4) -> st
                             source_format="trained", base_model_fingerprint=api.spec.fingerprint))
         s.commit()
         return prefix.id
+
+
+def test_list_users_pages_newest_first_and_only_the_tenants(train_api: Api) -> None:
+    api = train_api
+    _, key = api.tenant("acme")
+    _, other = api.tenant("globex")
+    for user in ("ann", "bob", "cid"):
+        assert post_examples(api, key, user, [pc(0), pc(1)]).status_code == 201
+    assert post_examples(api, other, "eve", [pc(0)]).status_code == 201
+    post_examples(api, key, "ann", [pc(2)])  # more examples do not make a user newer
+
+    first = api.client.get("/v1/users", headers=bearer(key), params={"limit": 2}).json()
+    assert [u["id"] for u in first["data"]] == ["cid", "bob"] and first["has_more"] is True
+    assert first["object"] == "list" and first["last_id"] == "bob"
+    rest = api.client.get("/v1/users", headers=bearer(key), params={"limit": 2, "after": "bob"}).json()
+    assert [(u["id"], u["example_count"]) for u in rest["data"]] == [("ann", 3)] and rest["has_more"] is False
+    assert rest["data"][0] == api.client.get("/v1/users/ann", headers=bearer(key)).json()
+
+    # Another tenant's user is not listed, and as a cursor it is refused like an id that never existed.
+    assert [u["id"] for u in api.client.get("/v1/users", headers=bearer(other)).json()["data"]] == ["eve"]
+    foreign = api.client.get("/v1/users", headers=bearer(key), params={"after": "eve"})
+    missing = api.client.get("/v1/users", headers=bearer(key), params={"after": "nobody"})
+    assert foreign.status_code == missing.status_code == 400
+    assert foreign.json()["error"]["param"] == missing.json()["error"]["param"] == "after"
 
 
 def test_user_state_names_a_soft_prompts_kind(train_api: Api) -> None:
@@ -149,7 +174,8 @@ def test_personalize_creates_a_job_on_the_users_examples(train_api: Api) -> None
                                         "num_virtual_tokens": 4}
     set_status(api, second["id"], "cancelled")
     scratch = personalize(api, key, "ann", warm_start=None).json()
-    assert scratch["prefix_options"]["warm_start"] is None and scratch["prefix_options"]["num_virtual_tokens"] == 16
+    assert scratch["prefix_options"]["warm_start"] is None
+    assert scratch["prefix_options"]["num_virtual_tokens"] == data_defaults(2).num_virtual_tokens  # 2 examples
     set_status(api, scratch["id"], "cancelled")
     api.upload(key, "house-style", native_bytes(api.spec, 6))
     tenant_start = personalize(api, key, "ann", warm_start="house-style").json()

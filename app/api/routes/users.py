@@ -6,9 +6,16 @@ from __future__ import annotations
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import LimitsDep, ManageDep, RuntimeDep, SessionDep
+from app.api.deps import LimitsDep, ManageDep, PageLimit, RuntimeDep, SessionDep
 from app.protocol.fine_tuning import FineTuningJob
-from app.protocol.users import EndUserDeleted, EndUserInfo, ExamplesAdded, ExamplesCreate, PersonalizeRequest
+from app.protocol.users import (
+    EndUserDeleted,
+    EndUserInfo,
+    EndUserList,
+    ExamplesAdded,
+    ExamplesCreate,
+    PersonalizeRequest,
+)
 from app.services import fine_tuning, users
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
@@ -22,6 +29,15 @@ def add_examples(user_id: str, body: ExamplesCreate, principal: ManageDep, sessi
     ctx = runtime.training_context() if runtime.model is not None else None
     return users.add_examples(session=session, ctx=ctx, tenant_id=principal.tenant_id, user_id=user_id,
                               examples=body.examples, limits=tenant_limits)
+
+
+@router.get("")
+def list_users(principal: ManageDep, session: SessionDep, limit: PageLimit = 20,
+               after: str | None = None) -> EndUserList:
+    """The tenant's end users, newest first, each as `GET /v1/users/{user_id}` shows it (cursor pagination:
+    `after` the last id of the previous page, `limit`)."""
+    assert principal.tenant_id is not None
+    return users.list_users(session=session, tenant_id=principal.tenant_id, limit=limit, after=after)
 
 
 @router.get("/{user_id}")
