@@ -226,12 +226,14 @@ def test_cancel_and_end_users(page: Any, console: Console) -> None:
     page.get_by_role("button", name="Cancel job").click()
     page.locator(".chart[data-finished='cancelled']").wait_for()
     personal = console.api("POST", "/v1/users/ann/personalize", json={"hyperparameters": {"max_steps": 2}}).json()
+    assert console.api("POST", "/v1/users/bob/examples", json={"examples": examples[:3]}).status_code == 201
     page.get_by_role("link", name="Training").click()
-    page.get_by_label("Look up an end user").fill("ann")
-    page.get_by_role("button", name="Look up").click()
-    row = page.locator("tr", has_text="ann")
+    row = page.locator("tr", has_text="ann")  # listed: every end user, with or without a job
     assert row.locator("td[data-label='Examples']").inner_text() == "5"
     assert personal["id"] in row.locator("td[data-label='Last job']").inner_text()
+    bob = page.locator("tr", has_text="bob")
+    assert bob.locator("td[data-label='Examples']").inner_text() == "3"
+    assert bob.locator("td[data-label='Last job']").inner_text() == "—"
 
 
 def test_playground_streams_models_side_by_side(page: Any, console: Console, served: str) -> None:

@@ -25,7 +25,7 @@ export async function render(main) {
   fill(main, h('h1', {}, 'Training'), jobForm(files.data, models.data[0].id),
     h('section', { class: 'card', 'aria-labelledby': 'jobs-title' }, h('h2', { id: 'jobs-title' }, 'Jobs'),
       jobsTable(jobs.data)),
-    await usersSection(jobs.data));
+    await usersSection());
 }
 
 function numberInput(name, step) {
@@ -102,11 +102,10 @@ function jobsTable(jobs) {
   ], jobs, 'No jobs yet.');
 }
 
-/** End users with a personalization job, and any looked up by id (the users API has no list). */
-async function usersSection(jobs) {
-  const ids = [...new Set(jobs.map((j) => j.user).filter(Boolean))];
-  const found = await Promise.all(ids.map((id) => call(`/v1/users/${enc(id)}`).catch(() => null)));
-  const rows = found.filter(Boolean);
+/** The tenant's end users (the newest 100; older ones can be looked up by id). */
+async function usersSection() {
+  const listed = await call('/v1/users?limit=100');
+  const rows = listed.data;
   const holder = h('div', {}, usersTable(rows));
   const lookup = h('input', { name: 'user-id', autocomplete: 'off' });
   const message = h('div');
@@ -133,5 +132,5 @@ function usersTable(users) {
       ? h('code', {}, `${u.personal_prefix.model}@${u.personal_prefix.version}`) : '—') },
     { label: 'Last job', cell: (u) => (u.last_job
       ? h('a', { href: `#/jobs/${enc(u.last_job.id)}` }, `${u.last_job.status} · ${u.last_job.id}`) : '—') },
-  ], users, 'No end users with a personalization job yet.');
+  ], users, 'No end users yet: they appear with their first examples.');
 }
