@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from app.catalog.refs import find_version
 from app.db.models import JOB_TERMINAL_STATUSES, JobEvent, TrainingJob
 from app.errors import Conflict, InvalidRequest
 from app.jobs.data import tokenize_examples
-from app.jobs.data_defaults import data_defaults
+from app.jobs.data_defaults import FEW_EXAMPLES_MAX, DataDefaults, data_defaults
 from app.jobs.job_config import job_columns
 from app.jobs.lease import updated
 from app.jobs.types import TrainConfig, TrainingDataError
@@ -82,14 +83,15 @@ def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str
 
 
 def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: TrainingContext,
-                 warm: WarmStart | None, n_examples: int | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+                 warm: WarmStart | None, n_examples: int | None = None, longest_example: int | None = None
+                 ) -> tuple[TrainConfig, dict[str, Any]]:
     """(the TrainConfig the request asks for, display-only hyperparameters). Ranges were checked by the
     protocol models; what depends on the server or on the warm start is checked here. What the request leaves
     unset takes the defaults for `n_examples` training examples (app/jobs/data_defaults.py; None: unknown)."""
     base, hp = TrainConfig(), hp or Hyperparameters()
     kind = opts.kind or base.kind
     auto = data_defaults(n_examples, kind)
-    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else auto.num_virtual_tokens)
+    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else _default_p(auto, ctx, longest_example))
     if p > ctx.max_virtual_tokens:
         raise InvalidRequest(f"num_virtual_tokens {p} is above this server's limit of {ctx.max_virtual_tokens}",
                              param="num_virtual_tokens")
@@ -123,6 +125,15 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
     return config, display
 
 
+def _default_p(auto: DataDefaults, ctx: TrainingContext, longest_example: int | None) -> int:
+    """The default prefix length, shortened to what the server allows and the longest example (tokens) leaves
+    room for, but never below TrainConfig's: a default never turns a request that fits into a 400."""
+    p = min(auto.num_virtual_tokens, ctx.max_virtual_tokens)
+    if longest_example is not None:
+        p = min(p, ctx.context_length - longest_example)
+    return max(p, min(TrainConfig().num_virtual_tokens, auto.num_virtual_tokens))
+
+
 def check_kind(opts: TrainingOptions, kind: str, warm: WarmStart | None) -> None:
     """What prompt tuning does not take (a KV prefix's options, a base to train behind), and a warm start of the
     other kind: 400s naming the field."""
@@ -147,6 +158,19 @@ def check_name_free(session: Session, *, tenant_id: str, name: str) -> None:
     if other is not None:
         raise Conflict(f"job {other} is already training prefix {name!r}; wait for it or cancel it",
                        param="suffix", code="suffix_in_use")
+
+
+def longest_example(records: Sequence[dict[str, Any]], ctx: TrainingContext) -> int | None:
+    """The longest record in tokens, for the default prefix length of a few examples (app/jobs/data_defaults.py);
+    None beyond FEW_EXAMPLES_MAX records (the default does not depend on it there) or when one cannot be
+    tokenized (check_examples then names it)."""
+    if len(records) > FEW_EXAMPLES_MAX:
+        return None
+    try:
+        examples = tokenize_examples(records, ctx.tokenizer, max_tokens=sys.maxsize)
+    except TrainingDataError:
+        return None
+    return max((len(e.input_ids) for e in examples), default=0)
 
 
 def check_examples(records: Sequence[tuple[int, dict[str, Any]]], ctx: TrainingContext, config: TrainConfig, *,

@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from app.jobs.data_defaults import FEW_EXAMPLES_MAX, FEW_LEARNING_RATE, FEW_STEPS, DataDefaults, data_defaults
+from app.jobs.data_defaults import (
+    FEW_EXAMPLES_MAX,
+    FEW_LEARNING_RATE,
+    FEW_NUM_VIRTUAL_TOKENS,
+    FEW_STEPS,
+    DataDefaults,
+    data_defaults,
+)
 from app.jobs.types import TrainConfig
 from app.protocol.fine_tuning import Hyperparameters, TrainingOptions
 from app.services.training_setup import TrainingContext, build_config
@@ -28,20 +35,34 @@ def test_many_examples_or_an_unknown_count_keep_the_full_size_defaults() -> None
 def test_few_examples_get_a_fixed_number_of_small_batches(n: int) -> None:
     d = data_defaults(n)
     assert d.max_steps == FEW_STEPS and d.learning_rate == FEW_LEARNING_RATE
+    assert d.num_virtual_tokens == FEW_NUM_VIRTUAL_TOKENS > FULL.num_virtual_tokens  # room for a whole example
     assert 1 <= d.batch_size <= min(n, 2)
     # More optimizer steps than the full-size rule would give the same examples.
     assert TrainConfig(batch_size=d.batch_size, max_steps=d.max_steps).total_steps(n) > FULL.total_steps(n)
 
 
-def _ctx() -> TrainingContext:
+def _ctx(max_virtual_tokens: int = 256) -> TrainingContext:
     # build_config reads only the limits; the stores and tokenizer are not touched.
     return TrainingContext(blobs=None, tokenizer=None, context_length=2048,  # type: ignore[arg-type]
-                           base_model_id="m", fingerprint="f", max_virtual_tokens=256, max_file_examples=100)
+                           base_model_id="m", fingerprint="f", max_virtual_tokens=max_virtual_tokens,
+                           max_file_examples=100)
 
 
-def _config(n: int | None, **hp: Any) -> TrainConfig:
-    config, _ = build_config(TrainingOptions(seed=0), Hyperparameters(**hp), ctx=_ctx(), warm=None, n_examples=n)
+def _config(n: int | None, *, longest: int | None = None, max_p: int = 256, p: int | None = None,
+            **hp: Any) -> TrainConfig:
+    opts = TrainingOptions(seed=0, num_virtual_tokens=p)
+    config, _ = build_config(opts, Hyperparameters(**hp), ctx=_ctx(max_p), warm=None, n_examples=n,
+                             longest_example=longest)
     return config
+
+
+def test_the_default_prefix_length_fits_the_server_and_the_longest_example() -> None:
+    assert _config(24).num_virtual_tokens == FEW_NUM_VIRTUAL_TOKENS
+    assert _config(24, longest=2048 - 40).num_virtual_tokens == 40  # what the longest example leaves
+    assert _config(24, longest=2048 - 4).num_virtual_tokens == FULL.num_virtual_tokens  # never below the old default
+    assert _config(24, max_p=32).num_virtual_tokens == 32  # the server's limit
+    assert _config(24, longest=2040, p=8).num_virtual_tokens == 8  # asked for: as asked
+    assert _config(400, longest=100).num_virtual_tokens == FULL.num_virtual_tokens
 
 
 def test_a_request_without_hyperparameters_gets_the_defaults_for_its_size() -> None:
