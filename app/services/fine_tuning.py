@@ -97,7 +97,8 @@ def create_job(
     room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
     train = _training_file(session, tenant_id=tenant_id, file_id=req.training_file, param="training_file")
     config, display = build_config(req, req.effective_hyperparameters, ctx=room, warm=warm,
-                                   n_examples=train.line_count)
+                                   n_examples=train.line_count,
+                                   base_virtual_tokens=base.num_virtual_tokens if base else 0)
     check_stack_room(ctx, base, config)
     if req.validation_file is not None and config.validation_split > 0:
         raise InvalidRequest("give validation_file or validation_split, not both", param="validation_split")

@@ -83,15 +83,18 @@ def resolve_warm_start(session: Session, ctx: TrainingContext, *, tenant_id: str
 
 
 def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: TrainingContext,
-                 warm: WarmStart | None, n_examples: int | None = None, longest_example: int | None = None
-                 ) -> tuple[TrainConfig, dict[str, Any]]:
+                 warm: WarmStart | None, n_examples: int | None = None, longest_example: int | None = None,
+                 base_virtual_tokens: int = 0) -> tuple[TrainConfig, dict[str, Any]]:
     """(the TrainConfig the request asks for, display-only hyperparameters). Ranges were checked by the
     protocol models; what depends on the server or on the warm start is checked here. What the request leaves
-    unset takes the defaults for `n_examples` training examples (app/jobs/data_defaults.py; None: unknown)."""
+    unset takes the defaults for `n_examples` training examples (app/jobs/data_defaults.py; None: unknown);
+    the default prefix length also fits the longest example (tokens) and the stack on a base of
+    `base_virtual_tokens`."""
     base, hp = TrainConfig(), hp or Hyperparameters()
     kind = opts.kind or base.kind
     auto = data_defaults(n_examples, kind)
-    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else _default_p(auto, ctx, longest_example))
+    p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else _default_p(auto, ctx, longest_example,
+                                                                                     base_virtual_tokens))
     if p > ctx.max_virtual_tokens:
         raise InvalidRequest(f"num_virtual_tokens {p} is above this server's limit of {ctx.max_virtual_tokens}",
                              param="num_virtual_tokens")
@@ -125,10 +128,13 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
     return config, display
 
 
-def _default_p(auto: DataDefaults, ctx: TrainingContext, longest_example: int | None) -> int:
-    """The default prefix length, shortened to what the server allows and the longest example (tokens) leaves
-    room for, but never below TrainConfig's: a default never turns a request that fits into a 400."""
+def _default_p(auto: DataDefaults, ctx: TrainingContext, longest_example: int | None, base_tokens: int) -> int:
+    """The default prefix length, shortened to what the server allows and the longest example (tokens) and the
+    base's stack leave room for, but never below TrainConfig's: a default never turns a request that fits
+    into a 400."""
     p = min(auto.num_virtual_tokens, ctx.max_virtual_tokens)
+    if base_tokens:
+        p = min(p, ctx.stacking.max_virtual_tokens - base_tokens)
     if longest_example is not None:
         p = min(p, ctx.context_length - longest_example)
     return max(p, min(TrainConfig().num_virtual_tokens, auto.num_virtual_tokens))

@@ -219,7 +219,8 @@ def personalize(
     base = resolve_base(session, ctx, tenant_id=tenant_id, ref=req.on_top_of) if req.on_top_of else None
     room = behind_base(ctx, base)  # the examples and the new prefix fit behind the base
     config, display = build_config(req, req.hyperparameters, ctx=room, warm=warm, n_examples=len(rows),
-                                   longest_example=longest_example(rows, room))
+                                   longest_example=longest_example(rows, room),
+                                   base_virtual_tokens=base.num_virtual_tokens if base else 0)
     check_stack_room(ctx, base, config)
     name = personal_prefix_name(user_id)
     check_name_free(session, tenant_id=tenant_id, name=name)

@@ -49,10 +49,10 @@ def _ctx(max_virtual_tokens: int = 256) -> TrainingContext:
 
 
 def _config(n: int | None, *, longest: int | None = None, max_p: int = 256, p: int | None = None,
-            **hp: Any) -> TrainConfig:
+            base_p: int = 0, **hp: Any) -> TrainConfig:
     opts = TrainingOptions(seed=0, num_virtual_tokens=p)
     config, _ = build_config(opts, Hyperparameters(**hp), ctx=_ctx(max_p), warm=None, n_examples=n,
-                             longest_example=longest)
+                             longest_example=longest, base_virtual_tokens=base_p)
     return config
 
 
@@ -61,6 +61,8 @@ def test_the_default_prefix_length_fits_the_server_and_the_longest_example() -> 
     assert _config(24, longest=2048 - 40).num_virtual_tokens == 40  # what the longest example leaves
     assert _config(24, longest=2048 - 4).num_virtual_tokens == FULL.num_virtual_tokens  # never below the old default
     assert _config(24, max_p=32).num_virtual_tokens == 32  # the server's limit
+    stack_room = _ctx().stacking.max_virtual_tokens
+    assert _config(24, base_p=stack_room - 20).num_virtual_tokens == 20  # what a base leaves of a stack
     assert _config(24, longest=2040, p=8).num_virtual_tokens == 8  # asked for: as asked
     assert _config(400, longest=100).num_virtual_tokens == FULL.num_virtual_tokens
 
