@@ -16,7 +16,7 @@ PYTEST_WORKERS ?= 2
 BENCH_LOAD_ARGS ?= --target embedded --target cluster --bursts 400,2000 -p 200 --max-tokens 24 --out bench/out/load.json
 BENCH_HTTP_ARGS ?= --out bench/out/http_vs_engine.json
 
-.PHONY: install run test test-postgres lint typecheck bench bench-quality bench-personalize bench-load bench-http cluster cluster-stop clean
+.PHONY: install run test test-postgres lint typecheck bench bench-quality bench-personalize bench-stacking bench-load bench-http cluster cluster-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-quality: $(STAMP)
 # Personalization from 24 examples with the default settings, on a server it starts (bench/personalize.py).
 bench-personalize: $(STAMP)
 	$(BIN)/python -m bench.personalize
+
+# A task prefix for all users, then per user a prefix from scratch and one on top of it (bench/stacking.py).
+bench-stacking: $(STAMP)
+	$(BIN)/python -m bench.stacking
 
 # Load test (not part of the tests): Locust bursts against servers it starts (or --url ones), every answer checked
 # against the request served alone (bench/load.py).
