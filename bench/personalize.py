@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from bench.e2e_data import Example, score
-from bench.quality import ADMIN_KEY, _complete_all, _free_port, _start_server
+from bench.quality import _complete_all, _free_port, _start_server, create_tenant
 from bench.user_styles import generate_user
 
 log = logging.getLogger("bench.personalize")
@@ -51,11 +51,7 @@ async def service(url: str | None, key: str | None) -> Any:
         proc = _start_server(Path(tmp), port)
         try:
             base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(base_url=base, timeout=600) as admin:
-                r = await admin.post("/admin/tenants", json={"name": "bench"},
-                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-                r.raise_for_status()
-                tenant_key = r.json()["api_key"]
+            tenant_key = await create_tenant(base)
             async with httpx.AsyncClient(base_url=base, timeout=3600,
                                          headers={"Authorization": f"Bearer {tenant_key}"}) as client:
                 yield client

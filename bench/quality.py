@@ -65,6 +65,14 @@ def _start_server(data_dir: Path, port: int, extra_env: dict[str, str] | None = 
     raise RuntimeError("server did not become ready in 300 s")
 
 
+async def create_tenant(base: str, name: str = "bench") -> str:
+    """A new tenant on the server at `base` (its admin key is ADMIN_KEY); returns the tenant's API key."""
+    async with httpx.AsyncClient(base_url=base, timeout=600) as admin:
+        r = await admin.post("/admin/tenants", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        r.raise_for_status()
+        return str(r.json()["api_key"])
+
+
 async def _complete_all(client: httpx.AsyncClient, model: str, prompts: list[str], max_tokens: int) -> list[str]:
     """Greedy completions, stopped at the end of the line; 16 in flight so the engine batches them."""
     sem = asyncio.Semaphore(16)
@@ -145,11 +153,7 @@ async def _serve_phase(train: list[Example], test: list[Example], args: argparse
         proc = _start_server(Path(tmp), port)
         try:
             base = f"http://127.0.0.1:{port}"
-            async with httpx.AsyncClient(base_url=base, timeout=600) as admin:
-                r = await admin.post("/admin/tenants", json={"name": "bench"},
-                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-                r.raise_for_status()
-                key = r.json()["api_key"]
+            key = await create_tenant(base)
             headers = {"Authorization": f"Bearer {key}"}
             async with httpx.AsyncClient(base_url=base, timeout=3600, headers=headers) as client:
                 args.base_model = (await client.get("/v1/models")).json()["data"][0]["id"]

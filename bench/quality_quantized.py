@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from bench.e2e_data import Example, generate, score
-from bench.quality import ADMIN_KEY, _complete_all, _free_port, _start_server, _train_ours
+from bench.quality import _complete_all, _free_port, _start_server, _train_ours, create_tenant
 
 log = logging.getLogger("bench.quality_quantized")
 
@@ -40,11 +40,7 @@ async def _score_mode(data_dir: Path, mode: str, key: str | None, test: list[Exa
     try:
         base = f"http://127.0.0.1:{port}"
         if key is None:
-            async with httpx.AsyncClient(base_url=base, timeout=600) as admin:
-                r = await admin.post("/admin/tenants", json={"name": "bench"},
-                                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
-                r.raise_for_status()
-                key = str(r.json()["api_key"])
+            key = await create_tenant(base)
         out["key"] = key
         async with httpx.AsyncClient(base_url=base, timeout=3600,
                                      headers={"Authorization": f"Bearer {key}"}) as client:
