@@ -162,6 +162,14 @@ def job_object(session: Session, job: TrainingJob) -> FineTuningJob:
     return _to_object(job_, version, user)
 
 
+def job_objects(session: Session, job_ids: list[str]) -> dict[str, FineTuningJob]:
+    """The OpenAI objects of several jobs at once, by id (one query)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(_with_facts().where(TrainingJob.id.in_(job_ids))).all()
+    return {job.id: _to_object(job, version, user) for job, version, user in rows}
+
+
 def _to_object(job: TrainingJob, version: int | None, user: str | None) -> FineTuningJob:
     config = config_from_job(job)
     shown = {

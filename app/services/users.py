@@ -42,7 +42,7 @@ from app.protocol.users import (
     PersonalizeRequest,
     PersonalPrefix,
 )
-from app.services.fine_tuning import job_object, request_cancel
+from app.services.fine_tuning import job_object, job_objects, request_cancel
 from app.services.limits import Limits, check_new_examples, check_new_job
 from app.services.pagination import after_cursor, cursor_after, fetch_page
 from app.services.prefixes import PrefixStores, delete_unreferenced_blobs, prefix_kind
@@ -148,15 +148,8 @@ def _append(session: Session, tenant_id: str, user_id: str, records: list[dict[s
         raise
 
 
-def _personal_latest(session: Session, user: EndUser) -> PrefixVersion | None:
-    return session.execute(
-        sa.select(PrefixVersion).join(Prefix, Prefix.id == PrefixVersion.prefix_id)
-        .where(Prefix.end_user_id == user.id).order_by(PrefixVersion.version.desc()).limit(1)
-    ).scalar_one_or_none()
-
-
 def get_user(*, session: Session, tenant_id: str, user_id: str) -> EndUserInfo:
-    return _info(session, _user(session, tenant_id, user_id))
+    return _infos(session, [_user(session, tenant_id, user_id)])[0]
 
 
 def list_users(*, session: Session, tenant_id: str, limit: int, after: str | None = None) -> EndUserList:
@@ -170,27 +163,47 @@ def list_users(*, session: Session, tenant_id: str, limit: int, after: str | Non
     stmt = sa.select(EndUser).where(EndUser.tenant_id == tenant_id)
     rows, more = fetch_page(session, after_cursor(stmt, EndUser.created_at, EndUser.id, cursor_after(after, find),
                                                   descending=True), limit)
-    data = [_info(session, r.EndUser) for r in rows]
+    data = _infos(session, [r.EndUser for r in rows])
     return EndUserList(data=data, has_more=more, first_id=data[0].id if data else None,
                        last_id=data[-1].id if data else None)
 
 
-def _info(session: Session, user: EndUser) -> EndUserInfo:
-    latest = _personal_latest(session, user)
-    job = session.execute(
-        sa.select(TrainingJob).where(TrainingJob.end_user_id == user.id)
-        .order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    last = None
-    if job is not None:
-        obj = job_object(session, job)
-        last = LastJob(id=obj.id, status=obj.status, created_at=obj.created_at, finished_at=obj.finished_at,
-                       fine_tuned_model=obj.fine_tuned_model)
-    prefix = None if latest is None else PersonalPrefix(
-        model=personal_prefix_name(user.external_id), version=latest.version,
-        num_virtual_tokens=latest.num_virtual_tokens, kind=prefix_kind(latest.kind), created_at=latest.created_at)
-    return EndUserInfo(id=user.external_id, created_at=user.created_at, example_count=_example_count(session, user.id),
-                       personal_prefix=prefix, last_job=last)
+def _infos(session: Session, users: list[EndUser]) -> list[EndUserInfo]:
+    """What GET /v1/users/{id} shows for each of `users`, in three queries whatever their number: example
+    counts, each user's newest personal prefix version, each user's newest job."""
+    ids = [u.id for u in users]
+    counts: dict[str, int] = {uid: int(n) for uid, n in session.execute(
+        sa.select(UserExample.end_user_id, sa.func.count()).where(UserExample.end_user_id.in_(ids))
+        .group_by(UserExample.end_user_id)).all()}
+    newest_version = sa.func.row_number().over(partition_by=Prefix.end_user_id,
+                                               order_by=PrefixVersion.version.desc()).label("rank")
+    ranked = (sa.select(PrefixVersion.id, Prefix.end_user_id, newest_version)
+              .join(Prefix, Prefix.id == PrefixVersion.prefix_id).where(Prefix.end_user_id.in_(ids)).subquery())
+    versions = {uid: v for v, uid in session.execute(
+        sa.select(PrefixVersion, ranked.c.end_user_id).join(ranked, ranked.c.id == PrefixVersion.id)
+        .where(ranked.c.rank == 1)).all()}
+    newest_job = sa.func.row_number().over(
+        partition_by=TrainingJob.end_user_id, order_by=(TrainingJob.created_at.desc(), TrainingJob.id.desc())
+    ).label("rank")
+    ranked_jobs = (sa.select(TrainingJob.id, TrainingJob.end_user_id, newest_job)
+                   .where(TrainingJob.end_user_id.in_(ids)).subquery())
+    last_job_ids = {uid: jid for jid, uid in session.execute(
+        sa.select(ranked_jobs.c.id, ranked_jobs.c.end_user_id).where(ranked_jobs.c.rank == 1)).all()}
+    jobs = job_objects(session, list(last_job_ids.values()))
+    out = []
+    for user in users:
+        job = jobs.get(last_job_ids.get(user.id, ""))
+        latest = versions.get(user.id)
+        out.append(EndUserInfo(
+            id=user.external_id, created_at=user.created_at, example_count=counts.get(user.id, 0),
+            personal_prefix=None if latest is None else PersonalPrefix(
+                model=personal_prefix_name(user.external_id), version=latest.version,
+                num_virtual_tokens=latest.num_virtual_tokens, kind=prefix_kind(latest.kind),
+                created_at=latest.created_at),
+            last_job=None if job is None else LastJob(
+                id=job.id, status=job.status, created_at=job.created_at, finished_at=job.finished_at,
+                fine_tuned_model=job.fine_tuned_model)))
+    return out
 
 
 def _warm_start(session: Session, ctx: TrainingContext, tenant_id: str, user: EndUser, req: PersonalizeRequest

@@ -76,6 +76,29 @@ def test_list_users_pages_newest_first_and_only_the_tenants(train_api: Api) -> N
     assert foreign.json()["error"]["param"] == missing.json()["error"]["param"] == "after"
 
 
+def test_list_users_reads_a_page_in_a_fixed_number_of_queries(train_api: Api) -> None:
+    """Example counts, personal prefixes and last jobs come in one query each, whatever the page's size."""
+    api = train_api
+    tenant_id, key = api.tenant("acme")
+
+    def statements(limit: int) -> int:
+        seen: list[str] = []
+        listen = lambda *a: seen.append(a[2])  # noqa: E731  # (conn, cursor, statement, ...)
+        sa.event.listen(api.runtime.db, "before_cursor_execute", listen)
+        try:
+            page = api.client.get("/v1/users", headers=bearer(key), params={"limit": limit}).json()
+        finally:
+            sa.event.remove(api.runtime.db, "before_cursor_execute", listen)
+        assert len(page["data"]) == limit and all(u["last_job"] and u["personal_prefix"] for u in page["data"])
+        return len(seen)
+
+    for user in ("ann", "bob", "cid", "dee"):
+        post_examples(api, key, user, [pc(0), pc(1)])
+        set_status(api, personalize(api, key, user, hyperparameters={"max_steps": 5}).json()["id"], "succeeded")
+        store_personal_prefix(api, tenant_id, user)
+    assert statements(1) == statements(4)
+
+
 def test_user_state_names_a_soft_prompts_kind(train_api: Api) -> None:
     api = train_api
     tenant_id, key = api.tenant("acme")
