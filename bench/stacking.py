@@ -1,15 +1,18 @@
 """Two-level personalization benchmark: a task prefix for every user, a user prefix on top of it.
 
 bench/user_styles.py gives each user the task style shared by all users plus their own quirks. On a server it
-starts (or `--url`), this trains one task prefix on all users' examples (`POST /v1/files` +
-`/v1/fine_tuning/jobs`, suffix `task`, default settings), then for each user scores their held-out examples
-(greedy `/v1/completions`, exact match) with:
+starts (or `--url`), this trains one task prefix on the examples of `--task-users` other users (the application's
+data: the shared task style under many users' quirks; `POST /v1/files` + `/v1/fine_tuning/jobs`, suffix `task`,
+default settings), then for each measured user (none of them in the task data, and none of their held-out names
+either) scores their held-out examples (greedy `/v1/completions`, exact match) with:
   (i)   the task prefix alone (`model: "task"`);
-  (ii)  a user prefix trained from scratch on the user's examples (`user:<id>`, `warm_start: null`);
-  (iii) a user prefix trained `on_top_of` the task prefix, served as the stack `task+user:<id>`;
-each personalization with the default settings, timed from the call until the model answers.
+  (ii)  a user prefix trained from scratch on the user's few examples (`user:<id>`, `warm_start: null`);
+  (iii) a user prefix trained `on_top_of` the task prefix, served as the stack `task+user:<id>`, once per entry of
+        `--stack-hp` (default: the defaults, and the defaults cut to 40 steps, to see how soon it gets there);
+each personalization timed from the call until the model answers.
 
-    python -m bench.stacking [--users ann,bob,cy] [--train 24] [--test 30] [--stack-hp '{"max_steps": 20}']
+    python -m bench.stacking [--users ann,bob,cy] [--train 24] [--test 30] [--task-users 12]
+                             [--stack-hp '[{}, {"max_steps": 40}]']
 """
 
 from __future__ import annotations
@@ -56,24 +59,29 @@ async def train_task(client: httpx.AsyncClient, train: list[Example], seed: int)
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     users = args.users.split(",")
     data = {u: generate_user(u, args.train, args.test, args.seed) for u in users}
+    task_data = [e for i in range(args.task_users) for e in generate_user(f"t{i}", args.task_train, 0, args.seed)[0]]
     out: dict[str, Any] = {"users": {}}
     async with service(args.url, args.key) as client:
-        out["task"] = await train_task(client, [e for u in users for e in data[u][0]], args.seed)
+        out["task"] = await train_task(client, task_data, args.seed) | {"examples": len(task_data)}
         log.info("task prefix: %s", out["task"])
         for u in users:
             train, test = data[u]
             row: dict[str, Any] = {"task_alone": await evaluate(client, "task", test)}
             scratch = await personalize(client, u, train, {"seed": args.seed, "warm_start": None})
             row["scratch"] = scratch | await evaluate(client, scratch["model"], test)
-            body: dict[str, Any] = {"seed": args.seed, "warm_start": None, "on_top_of": "task"}
-            if args.stack_hp:
-                body["hyperparameters"] = json.loads(args.stack_hp)
-            stacked = await personalize(client, f"{u}-on-task", train, body, model=f"task+user:{u}-on-task")
-            row["stacked"] = stacked | await evaluate(client, stacked["model"], test)
+            row["stacked"] = []
+            for i, hp in enumerate(json.loads(args.stack_hp)):
+                body: dict[str, Any] = {"seed": args.seed, "warm_start": None, "on_top_of": "task"}
+                if hp:
+                    body["hyperparameters"] = hp
+                stacked = await personalize(client, f"{u}-on-task-{i}", train, body,
+                                            model=f"task+user:{u}-on-task-{i}")
+                row["stacked"].append(stacked | await evaluate(client, stacked["model"], test) | {"hp": hp})
             out["users"][u] = row
-            log.info("%s: task alone %.1f%%, scratch %.1f%% (%.0f s), task+user %.1f%% (%.0f s)", u,
+            log.info("%s: task alone %.1f%%, scratch %.1f%% (%.0f s), task+user %s", u,
                      row["task_alone"]["exact_match"], row["scratch"]["exact_match"], scratch["servable_s"],
-                     row["stacked"]["exact_match"], stacked["servable_s"])
+                     ", ".join(f"{r['exact_match']:.1f}% ({r['servable_s']:.0f} s, {r['steps']} steps)"
+                               for r in row["stacked"]))
     return out
 
 
@@ -83,7 +91,10 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=24, help="examples per user")
     ap.add_argument("--test", type=int, default=30, help="held-out examples per user")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stack-hp", default="", help="hyperparameters JSON for the stacked user prefix only")
+    ap.add_argument("--task-users", type=int, default=12, help="other users whose examples train the task prefix")
+    ap.add_argument("--task-train", type=int, default=24, help="examples per task user")
+    ap.add_argument("--stack-hp", default='[{}, {"max_steps": 40}]',
+                    help="JSON list: hyperparameters of each stacked user prefix trained ({} = the defaults)")
     ap.add_argument("--url", help="a running server (with --key) instead of starting one")
     ap.add_argument("--key", help="a tenant API key for --url")
     ap.add_argument("--out", default="bench/out/stacking.json")
@@ -94,13 +105,15 @@ def main() -> None:
     out = asyncio.run(run(args))
     out |= {"load_before": load_before, "load_after": load_average(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    lines = [f"stacking: users={args.users} train={args.train} test={args.test} task job {out['task']['wall_s']:.0f} s;"
-             f" load {load_before} -> {out['load_after']}",
-             f"{'user':<8}{'task alone':>12}{'scratch':>10}{'s':>6}{'task+user':>11}{'s':>6}"]
+    lines = [f"stacking: users={args.users} train={args.train} test={args.test}; task prefix from "
+             f"{out['task']['examples']} examples in {out['task']['wall_s']:.0f} s; load {load_before} -> "
+             f"{out['load_after']}",
+             f"{'user':<8}{'task alone':>12}{'scratch':>10}{'s':>6}" + "".join(
+                 f"{'task+user ' + json.dumps(hp):>24}{'s':>6}" for hp in json.loads(args.stack_hp))]
     for u, row in out["users"].items():
         lines.append(f"{u:<8}{row['task_alone']['exact_match']:>11.1f}%{row['scratch']['exact_match']:>9.1f}%"
-                     f"{row['scratch']['servable_s']:>6.0f}{row['stacked']['exact_match']:>10.1f}%"
-                     f"{row['stacked']['servable_s']:>6.0f}")
+                     f"{row['scratch']['servable_s']:>6.0f}" + "".join(
+                         f"{r['exact_match']:>23.1f}%{r['servable_s']:>6.0f}" for r in row["stacked"]))
     log.info("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "result": out}, indent=2))

@@ -272,6 +272,7 @@ def train_prefix(
     if init is None and config.prefix_init == "real_tokens" and config.kind == "prompt_tuning":
         init = SoftPrompt(token_embeddings(loaded, train_set[0].input_ids, config.num_virtual_tokens))
     elif init is None and config.prefix_init == "real_tokens":
-        init = real_token_kv(loaded, init_token_ids(train_set, config.num_virtual_tokens), config.num_virtual_tokens)
+        init = real_token_kv(loaded, init_token_ids(train_set, config.num_virtual_tokens), config.num_virtual_tokens,
+                             base)
     with torch.inference_mode(False), torch.enable_grad():
         return _Run(loaded, train_set, val_set, config, init, callbacks or TrainCallbacks(), key, resume, base).run()

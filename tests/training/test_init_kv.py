@@ -11,6 +11,8 @@ from app.engine.sampling import SamplerState, SamplingParams
 from app.jobs.types import TokenizedExample, TrainConfig
 from app.training.init_kv import init_token_ids, real_token_kv
 from app.training.trainer import train_prefix
+from prefix_store.stack import concat_prefixes
+from tests.engine.helpers import random_prefix
 from tests.training.helpers import toy_task
 
 
@@ -33,6 +35,18 @@ def test_the_init_is_the_models_own_cache_of_those_tokens(tiny) -> None:  # type
     as_prefix = _next_logits(tiny, prompt, kv)
     as_text = _next_logits(tiny, text + prompt, None)
     assert torch.allclose(as_prefix, as_text, atol=1e-4)
+
+
+def test_behind_a_base_the_init_acts_like_its_tokens_written_after_the_base(tiny) -> None:  # type: ignore[no-untyped-def]
+    """A prefix trained on top of `base` starts as the KV its tokens get behind the base (positions Pb..): served
+    as the stack base+init, it must act exactly like the base followed by those tokens in the prompt."""
+    base = random_prefix(tiny, 3, seed=5)
+    text, prompt = [40, 41, 42, 43, 44], [50, 51, 52]
+    kv = real_token_kv(tiny, text, 5, base)
+    as_stack = _next_logits(tiny, prompt, concat_prefixes([base, kv]))
+    as_text = _next_logits(tiny, text + prompt, base)
+    assert torch.allclose(as_stack, as_text, atol=1e-4)
+    assert not torch.allclose(kv.keys, real_token_kv(tiny, text, 5).keys, atol=1e-3)  # the base changed the init
 
 
 def test_short_text_is_cycled_to_the_prefix_length(tiny_llama) -> None:  # type: ignore[no-untyped-def]

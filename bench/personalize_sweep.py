@@ -1,0 +1,149 @@
+"""In-process sweep behind the few-example defaults: train a user's prefix with given settings, score it greedily.
+
+Faster to iterate on than bench/personalize.py (no server, one model load for several runs): each run trains with
+`train_prefix` on bench/user_styles.py's examples and scores held-out examples by greedy decoding through the
+trainer's own forward (left-padded batch, the served position convention), at the steps named by `--at`
+(checkpoints of the same run, so a curve costs one run). Exact match here is what the server gives up to float
+rounding; the headline number is always bench/personalize.py's, through the API.
+
+    python -m bench.personalize_sweep --runs '[{"max_steps": 120}, {"max_steps": 60, "learning_rate": 5e-2}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.e2e_data import Example, score
+from bench.user_styles import generate_user
+
+log = logging.getLogger("bench.personalize_sweep")
+
+
+def greedy(loaded: Any, prefix: Any, prompts: list[list[int]], max_new: int, stop: int) -> list[list[int]]:
+    """Greedy continuations of `prompts` behind `prefix` (a PrefixKV), all rows in one left-padded batch."""
+    from app.training.forward import prefix_cache
+
+    p, b = prefix.num_virtual_tokens, len(prompts)
+    s = max(len(x) for x in prompts)
+    pad = int(loaded.tokenizer.pad_token_id)
+    ids = torch.full((b, s), pad, dtype=torch.long)
+    mask = torch.zeros((b, p + s), dtype=torch.long)
+    mask[:, :p] = 1
+    pos = torch.zeros((b, s), dtype=torch.long)
+    for i, x in enumerate(prompts):
+        ids[i, s - len(x):] = torch.tensor(x)
+        mask[i, p + s - len(x):] = 1
+        pos[i, s - len(x):] = torch.arange(p, p + len(x))
+    cache = prefix_cache(prefix.keys, prefix.values, b, loaded.dtype)
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    nxt_pos = pos[:, -1:] + 1
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True, logits_to_keep=1).logits[:, -1]
+        for _ in range(max_new):
+            tok = logits.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    t = int(tok[i])
+                    if t == stop or t in loaded.eos_token_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            if all(done):
+                break
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+            logits = loaded.model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt_pos,
+                                  past_key_values=cache, use_cache=True).logits[:, -1]
+            nxt_pos = nxt_pos + 1
+    return out
+
+
+def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str, Any], at: list[int]
+            ) -> dict[str, Any]:
+    from app.jobs.data import tokenize_examples
+    from app.jobs.data_defaults import data_defaults
+    from app.jobs.types import TrainCallbacks, TrainConfig
+    from app.training.trainer import train_prefix
+
+    hp = dict(hp)
+    top = hp.pop("top_layers", None)
+    from app.training.prefix_params import PrefixParameters
+
+    if not hasattr(PrefixParameters, "orig_kv"):
+        PrefixParameters.orig_kv = PrefixParameters.kv  # type: ignore[attr-defined]
+    kv = PrefixParameters.orig_kv  # type: ignore[attr-defined]
+
+    def frozen_below(self: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experiment: only the top layers' prefix trains, the rest stays at its init."""
+        k, v = kv(self)
+        cut = k.shape[0] - top
+        return torch.cat([k[:cut].detach(), k[cut:]]), torch.cat([v[:cut].detach(), v[cut:]])
+
+    PrefixParameters.kv = kv if top is None else frozen_below  # type: ignore[method-assign]
+    d = data_defaults(len(train))
+    fields = {"batch_size": d.batch_size, "learning_rate": d.learning_rate, "max_steps": d.max_steps,
+              "num_virtual_tokens": d.num_virtual_tokens, "seed": 0} | hp
+    config = TrainConfig(**fields, checkpoint_every=1)
+    tok = loaded.tokenizer
+    examples = tokenize_examples([e.record() for e in train], tok, max_tokens=2048)
+    snaps: dict[int, Any] = {}
+    steps = sorted({*at, config.total_steps(len(train))})
+    callbacks = TrainCallbacks(on_checkpoint=lambda s, prefix, _m, _st: snaps.__setitem__(s, prefix)
+                               if s in steps else None)
+    t0 = time.perf_counter()
+    result = train_prefix(loaded, examples, None, config, callbacks=callbacks)
+    train_s = time.perf_counter() - t0
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    prompts = [tok.encode(e.prompt) for e in test]
+    curve = {}
+    for s in steps:
+        outs = greedy(loaded, snaps[s], prompts, 64, newline)
+        hyps = [tok.decode(o) for o in outs]
+        sc = score(hyps, [e.completion for e in test])
+        curve[s] = {"exact_match": sc["exact_match"], "bleu": sc["bleu"],
+                    "wrong": [[e.completion, h] for e, h in zip(test, hyps, strict=True)
+                              if h.strip() != e.completion.strip()][:8]}
+        log.info("  step %d: exact %.1f%%", s, sc["exact_match"])
+    return {"hp": fields, "train_s": train_s, "s_per_step": train_s / result.steps,
+            "final_loss": result.final_train_loss, "curve": curve}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="[{}]", help="JSON list of hyperparameter overrides, one run each")
+    ap.add_argument("--user", default="ann")
+    ap.add_argument("--train", type=int, default=24)
+    ap.add_argument("--test", type=int, default=50)
+    ap.add_argument("--at", default="", help="comma-separated steps to score besides the last")
+    ap.add_argument("--data-dir", help="where the converted model is cached between runs (default: a new temp dir)")
+    ap.add_argument("--out", default="bench/out/personalize_sweep.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from app.engine.model import load_model
+
+    data_dir = Path(args.data_dir or tempfile.mkdtemp())
+    loaded = load_model("embedded:smollm2-135m-instruct", data_dir=data_dir)
+    train, test = generate_user(args.user, args.train, args.test)
+    at = [int(x) for x in args.at.split(",") if x]
+    results = []
+    for hp in json.loads(args.runs):
+        log.info("run %s", hp)
+        results.append(run_one(loaded, train, test, hp, at))
+        log.info("  -> %.2f s/step, loss %s", results[-1]["s_per_step"], results[-1]["final_loss"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": platform.processor(), "user": args.user,
+                                          "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
