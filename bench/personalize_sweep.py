@@ -68,52 +68,66 @@ def greedy(loaded: Any, prefix: Any, prompts: list[list[int]], max_new: int, sto
     return out
 
 
-def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str, Any], at: list[int]
-            ) -> dict[str, Any]:
+def score_prefix(loaded: Any, prefix: Any, test: list[Example]) -> dict[str, Any]:
+    """Exact match and BLEU of greedy completions behind `prefix`, and the first wrong answers."""
+    tok = loaded.tokenizer
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    hyps = [tok.decode(o) for o in greedy(loaded, prefix, [tok.encode(e.prompt) for e in test], 64, newline)]
+    sc = score(hyps, [e.completion for e in test])
+    return {"exact_match": sc["exact_match"], "bleu": sc["bleu"],
+            "wrong": [[e.completion, h] for e, h in zip(test, hyps, strict=True) if h.strip() != e.completion.strip()
+                      ][:8]}
+
+
+def task_prefix(loaded: Any, users: int, cache: Path) -> Any:
+    """bench/stacking.py's task prefix (the examples of `users` other users, the full-size defaults), trained
+    once and kept in `cache`."""
+    from app.jobs.data import tokenize_examples
+    from app.jobs.types import TrainConfig
+    from app.training.trainer import train_prefix
+    from prefix_store.types import PrefixKV
+
+    if cache.exists():
+        keys, values = torch.load(cache)
+        return PrefixKV(keys, values)
+    data = [e for i in range(users) for e in generate_user(f"t{i}", 24, 0)[0]]
+    examples = tokenize_examples([e.record() for e in data], loaded.tokenizer, max_tokens=2048)
+    prefix = train_prefix(loaded, examples, None, TrainConfig()).prefix
+    torch.save((prefix.keys, prefix.values), cache)
+    return prefix
+
+
+def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str, Any], at: list[int],
+            base: Any = None) -> dict[str, Any]:
     from app.jobs.data import tokenize_examples
     from app.jobs.data_defaults import data_defaults
     from app.jobs.types import TrainCallbacks, TrainConfig
     from app.training.trainer import train_prefix
+    from prefix_store.stack import concat_prefixes
 
     hp = dict(hp)
-    top = hp.pop("top_layers", None)
-    from app.training.prefix_params import PrefixParameters
-
-    if not hasattr(PrefixParameters, "orig_kv"):
-        PrefixParameters.orig_kv = PrefixParameters.kv  # type: ignore[attr-defined]
-    kv = PrefixParameters.orig_kv  # type: ignore[attr-defined]
-
-    def frozen_below(self: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Experiment: only the top layers' prefix trains, the rest stays at its init."""
-        k, v = kv(self)
-        cut = k.shape[0] - top
-        return torch.cat([k[:cut].detach(), k[cut:]]), torch.cat([v[:cut].detach(), v[cut:]])
-
-    PrefixParameters.kv = kv if top is None else frozen_below  # type: ignore[method-assign]
+    longest_first = hp.pop("longest_first", False)  # experiment: the init demonstrates the example with most facts
     d = data_defaults(len(train))
     fields = {"batch_size": d.batch_size, "learning_rate": d.learning_rate, "max_steps": d.max_steps,
               "num_virtual_tokens": d.num_virtual_tokens, "seed": 0} | hp
     config = TrainConfig(**fields, checkpoint_every=1)
     tok = loaded.tokenizer
     examples = tokenize_examples([e.record() for e in train], tok, max_tokens=2048)
+    if longest_first:
+        examples.sort(key=lambda ex: -len(ex.input_ids))
     snaps: dict[int, Any] = {}
-    steps = sorted({*at, config.total_steps(len(train))})
+    steps = sorted({s for s in at if s < config.total_steps(len(train))} | {config.total_steps(len(train))})
     callbacks = TrainCallbacks(on_checkpoint=lambda s, prefix, _m, _st: snaps.__setitem__(s, prefix)
                                if s in steps else None)
     t0 = time.perf_counter()
-    result = train_prefix(loaded, examples, None, config, callbacks=callbacks)
+    result = train_prefix(loaded, examples, None, config, callbacks=callbacks, base=base)
     train_s = time.perf_counter() - t0
-    newline = tok.encode("\n", add_special_tokens=False)[0]
-    prompts = [tok.encode(e.prompt) for e in test]
     curve = {}
     for s in steps:
-        outs = greedy(loaded, snaps[s], prompts, 64, newline)
-        hyps = [tok.decode(o) for o in outs]
-        sc = score(hyps, [e.completion for e in test])
-        curve[s] = {"exact_match": sc["exact_match"], "bleu": sc["bleu"],
-                    "wrong": [[e.completion, h] for e, h in zip(test, hyps, strict=True)
-                              if h.strip() != e.completion.strip()][:8]}
-        log.info("  step %d: exact %.1f%%", s, sc["exact_match"])
+        curve[s] = score_prefix(loaded, snaps[s] if base is None else concat_prefixes([base, snaps[s]]), test)
+        log.info("  step %d: exact %.1f%%", s, curve[s]["exact_match"])
+    for ref, hyp in curve[steps[-1]]["wrong"]:
+        log.info("    wrong: %r for %r", hyp, ref)
     return {"hp": fields, "train_s": train_s, "s_per_step": train_s / result.steps,
             "final_loss": result.final_train_loss, "curve": curve}
 
@@ -125,6 +139,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=24)
     ap.add_argument("--test", type=int, default=50)
     ap.add_argument("--at", default="", help="comma-separated steps to score besides the last")
+    ap.add_argument("--task-users", type=int, default=0,
+                    help="train on top of bench/stacking.py's task prefix from this many other users (0: no base)")
+    ap.add_argument("--task-cache", default="bench/out/task_prefix.pt", help="where that task prefix is kept")
     ap.add_argument("--data-dir", help="where the converted model is cached between runs (default: a new temp dir)")
     ap.add_argument("--out", default="bench/out/personalize_sweep.json")
     args = ap.parse_args()
@@ -135,10 +152,14 @@ def main() -> None:
     loaded = load_model("embedded:smollm2-135m-instruct", data_dir=data_dir)
     train, test = generate_user(args.user, args.train, args.test)
     at = [int(x) for x in args.at.split(",") if x]
-    results = []
+    base, results = None, []
+    if args.task_users:
+        base = task_prefix(loaded, args.task_users, Path(args.task_cache))
+        results.append({"task_alone": score_prefix(loaded, base, test)})
+        log.info("task prefix alone: exact %.1f%%", results[-1]["task_alone"]["exact_match"])
     for hp in json.loads(args.runs):
         log.info("run %s", hp)
-        results.append(run_one(loaded, train, test, hp, at))
+        results.append(run_one(loaded, train, test, hp, at, base))
         log.info("  -> %.2f s/step, loss %s", results[-1]["s_per_step"], results[-1]["final_loss"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": platform.processor(), "user": args.user,

@@ -109,11 +109,11 @@ def main() -> None:
              f"{out['task']['examples']} examples in {out['task']['wall_s']:.0f} s; load {load_before} -> "
              f"{out['load_after']}",
              f"{'user':<8}{'task alone':>12}{'scratch':>10}{'s':>6}" + "".join(
-                 f"{'task+user ' + json.dumps(hp):>24}{'s':>6}" for hp in json.loads(args.stack_hp))]
+                 f"  {'task+user ' + json.dumps(hp):>30}{'s':>6}" for hp in json.loads(args.stack_hp))]
     for u, row in out["users"].items():
         lines.append(f"{u:<8}{row['task_alone']['exact_match']:>11.1f}%{row['scratch']['exact_match']:>9.1f}%"
                      f"{row['scratch']['servable_s']:>6.0f}" + "".join(
-                         f"{r['exact_match']:>23.1f}%{r['servable_s']:>6.0f}" for r in row["stacked"]))
+                         f"{r['exact_match']:>31.1f}%{r['servable_s']:>6.0f}" for r in row["stacked"]))
     log.info("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "result": out}, indent=2))
