@@ -92,7 +92,7 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
     `base_virtual_tokens`."""
     base, hp = TrainConfig(), hp or Hyperparameters()
     kind = opts.kind or base.kind
-    auto = data_defaults(n_examples, kind)
+    auto = data_defaults(n_examples, kind, on_top=base_virtual_tokens > 0)
     p = opts.num_virtual_tokens or (warm.num_virtual_tokens if warm else _default_p(auto, ctx, longest_example,
                                                                                      base_virtual_tokens))
     if p > ctx.max_virtual_tokens:

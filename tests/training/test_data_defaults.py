@@ -11,6 +11,8 @@ from app.jobs.data_defaults import (
     FEW_EXAMPLES_MAX,
     FEW_LEARNING_RATE,
     FEW_NUM_VIRTUAL_TOKENS,
+    FEW_STACKED_NUM_VIRTUAL_TOKENS,
+    FEW_STACKED_STEPS,
     FEW_STEPS,
     DataDefaults,
     data_defaults,
@@ -41,6 +43,17 @@ def test_few_examples_get_a_fixed_number_of_small_batches(n: int) -> None:
     assert TrainConfig(batch_size=d.batch_size, max_steps=d.max_steps).total_steps(n) > FULL.total_steps(n)
 
 
+def test_few_examples_on_top_of_a_base_get_a_short_prefix_and_fewer_steps() -> None:
+    """Behind a base that already does the task, only the user's own phrasing is left to learn."""
+    d, alone = data_defaults(24, on_top=True), data_defaults(24)
+    assert (d.max_steps, d.num_virtual_tokens) == (FEW_STACKED_STEPS, FEW_STACKED_NUM_VIRTUAL_TOKENS)
+    assert d.max_steps < alone.max_steps and d.num_virtual_tokens < alone.num_virtual_tokens
+    assert (d.batch_size, d.learning_rate) == (alone.batch_size, alone.learning_rate)
+    assert data_defaults(400, on_top=True) == data_defaults(400)  # many examples: the full-size defaults
+    stacked = _config(24, base_p=16)  # build_config passes "on top" from the base's virtual tokens
+    assert (stacked.max_steps, stacked.num_virtual_tokens) == (FEW_STACKED_STEPS, FEW_STACKED_NUM_VIRTUAL_TOKENS)
+
+
 def _ctx(max_virtual_tokens: int = 256) -> TrainingContext:
     # build_config reads only the limits; the stores and tokenizer are not touched.
     return TrainingContext(blobs=None, tokenizer=None, context_length=2048,  # type: ignore[arg-type]
@@ -61,8 +74,7 @@ def test_the_default_prefix_length_fits_the_server_and_the_longest_example() -> 
     assert _config(24, longest=2048 - 40).num_virtual_tokens == 40  # what the longest example leaves
     assert _config(24, longest=2048 - 4).num_virtual_tokens == FULL.num_virtual_tokens  # never below the old default
     assert _config(24, max_p=32).num_virtual_tokens == 32  # the server's limit
-    stack_room = _ctx().stacking.max_virtual_tokens
-    assert _config(24, base_p=stack_room - 20).num_virtual_tokens == 20  # what a base leaves of a stack
+    assert _config(24, base_p=8).num_virtual_tokens == FEW_STACKED_NUM_VIRTUAL_TOKENS  # on top of a base
     assert _config(24, longest=2040, p=8).num_virtual_tokens == 8  # asked for: as asked
     assert _config(400, longest=100).num_virtual_tokens == FULL.num_virtual_tokens
 
