@@ -129,15 +129,17 @@ def build_config(opts: TrainingOptions, hp: Hyperparameters | None, *, ctx: Trai
 
 
 def _default_p(auto: DataDefaults, ctx: TrainingContext, longest_example: int | None, base_tokens: int) -> int:
-    """The default prefix length, shortened to what the server allows and the longest example (tokens) and the
-    base's stack leave room for, but never below TrainConfig's: a default never turns a request that fits
-    into a 400."""
-    p = min(auto.num_virtual_tokens, ctx.max_virtual_tokens)
+    """The default prefix length: shortened to the room the longest example (tokens) leaves, but not below
+    TrainConfig's (the length a request got before the few-example defaults); then to the server's limit and the
+    room a base of `base_tokens` leaves in a stack, which are hard limits: a default never turns a request that
+    fits into a 400."""
+    p = auto.num_virtual_tokens
+    if longest_example is not None:
+        p = max(min(p, ctx.context_length - longest_example), min(TrainConfig().num_virtual_tokens, p))
+    p = min(p, ctx.max_virtual_tokens)
     if base_tokens:
         p = min(p, ctx.stacking.max_virtual_tokens - base_tokens)
-    if longest_example is not None:
-        p = min(p, ctx.context_length - longest_example)
-    return max(p, min(TrainConfig().num_virtual_tokens, auto.num_virtual_tokens))
+    return max(1, p)
 
 
 def check_kind(opts: TrainingOptions, kind: str, warm: WarmStart | None) -> None:

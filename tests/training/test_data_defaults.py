@@ -74,6 +74,9 @@ def test_the_default_prefix_length_fits_the_server_and_the_longest_example() -> 
     assert _config(24, longest=2048 - 40).num_virtual_tokens == 40  # what the longest example leaves
     assert _config(24, longest=2048 - 4).num_virtual_tokens == FULL.num_virtual_tokens  # never below the old default
     assert _config(24, max_p=32).num_virtual_tokens == 32  # the server's limit
+    assert _config(24, max_p=8).num_virtual_tokens == 8  # a hard limit: even below the old default
+    stack_room = _ctx().stacking.max_virtual_tokens
+    assert _config(24, base_p=stack_room - 10).num_virtual_tokens == 10  # what a base leaves of a stack
     assert _config(24, base_p=8).num_virtual_tokens == FEW_STACKED_NUM_VIRTUAL_TOKENS  # on top of a base
     assert _config(24, longest=2040, p=8).num_virtual_tokens == 8  # asked for: as asked
     assert _config(400, longest=100).num_virtual_tokens == FULL.num_virtual_tokens

@@ -19,6 +19,7 @@ from app.engine.factory import build_engine
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
 from app.engine.types import GenerationRequest
+from app.jobs.data_defaults import FEW_STACKED_NUM_VIRTUAL_TOKENS, FEW_STACKED_STEPS
 from app.jobs.job_config import job_columns
 from app.jobs.types import TrainConfig
 from app.training.forward import PrefixForward, behind, collate
@@ -189,8 +190,18 @@ def test_training_on_top_over_http_pins_the_base_and_serving_checks_it(api: Api)
     personal = api.client.post("/v1/users/ann/personalize", headers=bearer(key), json={
         "on_top_of": "support-bot", "num_virtual_tokens": 4, "hyperparameters": {"max_steps": 2}}).json()
     assert personal["on_top_of"] == "support-bot@2"  # a name without a version: pinned to its newest at creation
+    # No hyperparameters, a few examples, on top of a base: the stacked few-example defaults, shown on the job, with
+    # the prefix cut to what the server's stack limit leaves after the base (a default is never a 400).
+    assert api.client.post("/v1/users/bea/examples", headers=bearer(key), json={"examples": RECORDS[:4]}).is_success
+    auto = api.client.post("/v1/users/bea/personalize", headers=bearer(key), json={"on_top_of": "support-bot"}).json()
+    room = 12 - 3  # the fixture's max_stack_virtual_tokens, less the base's 3
+    assert room < FEW_STACKED_NUM_VIRTUAL_TOKENS
+    assert (auto["prefix_options"]["num_virtual_tokens"], auto["hyperparameters"]["max_steps"]) == (
+        room, FEW_STACKED_STEPS)
+    api.client.post(f"/v1/fine_tuning/jobs/{auto['id']}/cancel", headers=bearer(key))
     assert _wait_done(api, key, job["id"])["status"] == "succeeded"
     assert _wait_done(api, key, personal["id"])["status"] == "succeeded"
+    assert _wait_done(api, key, auto["id"])["status"] in ("cancelled", "succeeded")
 
     def complete(model: str, **extra: Any) -> Any:
         return api.client.post("/v1/completions", headers=bearer(key), json={
