@@ -118,7 +118,7 @@ async def _engine(loaded: Any, n: int, steps: int, with_prefix: bool, packed: bo
     return wall / max(done, 1) * 1e3
 
 
-def _cprofile_engine(loaded: Any, n: int, steps: int) -> None:
+def _cprofile_engine(loaded: Any, n: int, steps: int, weights: str = "fp32") -> None:
     """Run the engine with its thread under cProfile; log the top functions by cumulative time."""
     import cProfile
     import io
@@ -138,7 +138,7 @@ def _cprofile_engine(loaded: Any, n: int, steps: int) -> None:
 
     loop.Engine._run = profiled  # type: ignore[method-assign]
     try:
-        ms = asyncio.run(_engine(loaded, n, steps, True))
+        ms = asyncio.run(_engine(loaded, n, steps, True, weights=weights))
     finally:
         loop.Engine._run = original  # type: ignore[method-assign]
     out = io.StringIO()
@@ -252,7 +252,7 @@ def main() -> None:
         )
     log.info("\n".join(lines))
     if args.cprofile:
-        _cprofile_engine(loaded, args.n, args.steps)
+        _cprofile_engine(loaded, args.n, args.steps, args.weights)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
