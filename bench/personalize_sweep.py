@@ -106,7 +106,9 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     from prefix_store.stack import concat_prefixes
 
     hp = dict(hp)
-    longest_first = hp.pop("longest_first", False)  # experiment: the init demonstrates the example with most facts
+    # Experiment: the training set in order of length, so the start is the longest example's tokens (and, since the
+    # seeded shuffle starts from that order, the batches come in another order too).
+    longest_first = hp.pop("longest_first", False)
     d = data_defaults(len(train))
     fields = {"batch_size": d.batch_size, "learning_rate": d.learning_rate, "max_steps": d.max_steps,
               "num_virtual_tokens": d.num_virtual_tokens, "seed": 0} | hp

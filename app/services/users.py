@@ -169,8 +169,8 @@ def list_users(*, session: Session, tenant_id: str, limit: int, after: str | Non
 
 
 def _infos(session: Session, users: list[EndUser]) -> list[EndUserInfo]:
-    """What GET /v1/users/{id} shows for each of `users`, in three queries whatever their number: example
-    counts, each user's newest personal prefix version, each user's newest job."""
+    """What GET /v1/users/{id} shows for each of `users`, in four queries whatever their number: example
+    counts, each user's newest personal prefix version, each user's newest job's id, those jobs' objects."""
     ids = [u.id for u in users]
     counts: dict[str, int] = {uid: int(n) for uid, n in session.execute(
         sa.select(UserExample.end_user_id, sa.func.count()).where(UserExample.end_user_id.in_(ids))
