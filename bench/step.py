@@ -172,10 +172,13 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
     from unittest import mock
 
     from app.engine.packed_linear import PackedLinear
-    from app.engine.quantized import QuantizedLinear
+    from app.engine.quantized import COMPUTE_DTYPE, QuantizedLinear
 
-    def no_linear(self: Any, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return x.new_zeros((*x.shape[:-1], self.out_features), dtype=out_dtype or x.dtype)
+    def no_linear(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((*x.shape[:-1], self.out_features))
+
+    def no_quantized(self: Any, x: torch.Tensor) -> torch.Tensor:  # its contract: [M, K] -> [M, N] bf16
+        return x.new_zeros((x.shape[0], self.out_features), dtype=COMPUTE_DTYPE)
 
     def no_attention(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(q)
@@ -185,7 +188,7 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
         full.append(_step_ms(loaded, runner, n, steps))
         with (mock.patch.object(torch.nn.Linear, "forward", no_linear),
               mock.patch.object(PackedLinear, "forward", no_linear),
-              mock.patch.object(QuantizedLinear, "__call__", no_linear)):
+              mock.patch.object(QuantizedLinear, "__call__", no_quantized)):
             no_mm.append(_step_ms(loaded, runner, n, steps))
             with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", no_attention):
                 rest.append(_step_ms(loaded, runner, n, steps))

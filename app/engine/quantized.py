@@ -9,7 +9,7 @@ Two forms, each a frozen copy of one linear layer's weight W [N, K] (N out, K in
 - int8, one scale per output channel: W[n, k] = q[n, k] * scale[n] (`aten._weight_int8pack_mm`).
 
 Both kernels take bf16 activations on the CPU: their fp32 and fp16 paths are scalar loops (measured ~100x slower
-for a decode step's shapes), so a quantized linear rounds its input to bf16 and returns the caller's dtype. Both
+for a decode step's shapes), so a quantized linear rounds its input to bf16 and returns bf16. Both
 give a row the same bits whatever the other rows of the matmul are (checked for 1..50 rows), which the engine's
 batch invariance needs.
 
@@ -19,7 +19,7 @@ or gate and up, then cost one kernel call instead of three or two.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,17 +108,22 @@ class QuantizedLinear:
         else:
             self.data = rows.q.contiguous()
             self.scales = rows.scale.to(COMPUTE_DTYPE)
+        # the overload bound once: resolving `torch.ops.aten.<name>` on every call is measurable at one row
+        ops = torch.ops.aten
+        self._mm: Callable[..., torch.Tensor] = (
+            ops._weight_int4pack_mm_for_cpu.default if self.kind == "int4" else ops._weight_int8pack_mm.default)
+        self._args: tuple[object, ...] = (GROUP, self.scales) if self.kind == "int4" else (self.scales,)
         self.bias = None if bias is None else bias.detach().clone()
 
-    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [..., K] -> [..., N] in `out_dtype` (default: x's dtype)."""
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)  # [M, K]
-        if self.kind == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.data, GROUP, self.scales)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
-        out: torch.Tensor = y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] (any float dtype; rounded to bf16) -> [M, N] in bf16, the kernels' output (float32 with a bias).
+
+        Two-dimensional and bf16 out on purpose: at one row a decode step is ~120 of these calls, and a reshape or
+        a conversion around each costs as much as a kernel; callers let type promotion widen the result inside
+        the operator that consumes it (a residual add, RoPE) instead.
+        """
+        y = self._mm(x.to(COMPUTE_DTYPE), self.data, *self._args)
+        return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:

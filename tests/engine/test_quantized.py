@@ -24,7 +24,7 @@ from app.engine.quantized import (
     int8_rows_rtn,
     kernels_available,
 )
-from app.engine.quantized_decoder import KV_DTYPE, QuantizedDecoder
+from app.engine.quantized_decoder import KV_DTYPE, QuantizedDecoder, RmsNorm
 from app.engine.quantized_gguf import GgufInt4, GgufMismatch
 from app.engine.runner import ModelRunner, geometry_of
 from app.engine.sampling import SamplerState, SamplingParams
@@ -44,10 +44,11 @@ def test_kernel_multiplies_by_the_dequantized_weight(quantize) -> None:
     """The packed layout and the (q - 8) * scale + zero / q * scale conventions, against a float reference."""
     rows = quantize(_weight(96, 64))
     lin = QuantizedLinear(rows, bias=torch.arange(96.0))
-    x = torch.randn(3, 5, 64)
+    x = torch.randn(15, 64)
     want = x.to(COMPUTE_DTYPE).float() @ rows.dequantize().T + torch.arange(96.0)
     got = lin(x)
-    assert got.shape == (3, 5, 96) and got.dtype == torch.float32
+    assert got.shape == (15, 96) and got.dtype == torch.float32  # bf16 product widened by the float32 bias
+    assert QuantizedLinear(rows)(x).dtype == COMPUTE_DTYPE  # no bias: the kernel's bf16, for the consumer to widen
     # within bf16's rounding (activations, scales, outputs) of the product's magnitude
     assert float((got - want).abs().max()) <= 1e-2 * float((want - torch.arange(96.0)).abs().max())
     assert (rows.dequantize() - _weight(96, 64)).abs().max() < 0.3  # and it is a quantization of the weight
@@ -63,6 +64,21 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(quantize) -> None:
         assert torch.equal(lin(x[:m]), full[:m]), m
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(lin(x[perm]), full[perm])
+
+
+def test_rms_norm_is_transformers_and_row_invariant() -> None:
+    """The three-operator RMSNorm computes F.rms_norm's function, and a row's bits do not depend on its batch."""
+    weight, eps = _weight(1, 576)[0], 1e-5
+    norm = RmsNorm(weight, eps)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(1)) * 3
+    full = norm(x)
+    torch.testing.assert_close(full, torch.nn.functional.rms_norm(x, (576,), weight, eps), rtol=1e-5, atol=1e-6)
+    tiny = torch.full((1, 576), 1e-4)  # mean(x^2) far below eps: eps decides, as in the reference
+    torch.testing.assert_close(norm(tiny), torch.nn.functional.rms_norm(tiny, (576,), weight, eps))
+    for m in (1, 2, 5, 8, 17, 33):
+        assert torch.equal(norm(x[:m]), full[:m]), m
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(norm(x[perm]), full[perm])
 
 
 def _write_gguf(path: Path, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]) -> None:
@@ -111,8 +127,8 @@ class _FloatLinear:
     def __init__(self, lin: QuantizedLinear, rows: torch.Tensor) -> None:
         self.weight, self.bias = rows, lin.bias
 
-    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(out_dtype or x.dtype)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 def _rows(loaded, prompts, prefixes) -> list[NewRow]:
