@@ -84,6 +84,12 @@ class _Layer:
     down: QuantizedLinear  # I -> H
 
 
+def _by_head(x: torch.Tensor, b: int, q_len: int) -> torch.Tensor:
+    """[N, heads, D] (N = B * Q) -> [B, heads, Q, D], a view; one operator in a decode step (Q = 1), which at one
+    row is mostly operator overhead."""
+    return x.unsqueeze(2) if q_len == 1 else x.unflatten(0, (b, q_len)).transpose(1, 2)
+
+
 def check_supported(model: Any) -> None:
     """Raise UnsupportedModel unless the model is a Llama-family decoder this forward computes exactly as
     transformers does (plain RoPE attention over the whole context, SiLU MLP, fp32/bf16 weights on the CPU)."""
@@ -224,12 +230,11 @@ class QuantizedDecoder:
             qkv = layer.qkv(layer.ln1(h)).view(n, qk_heads + hkv, d)
             qk = qkv[:, :qk_heads]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # RoPE, q and k at once, [N, Hq + Hkv, D]
-            keys, values = slab.update(qk[:, hq:].view(b, q_len, hkv, d).transpose(1, 2),
-                                       qkv[:, qk_heads:].view(b, q_len, hkv, d).transpose(1, 2))  # [B, Hkv, T+Q, D]
-            query = qk[:, :hq].view(b, q_len, hq, d).transpose(1, 2)  # [B, Hq, Q, D]
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=hq != hkv)  # [B, Hq, Q, D]
-            h = h + layer.o(attn.transpose(1, 2).reshape(n, hq * d))
+            keys, values = slab.update(_by_head(qk[:, hq:], b, q_len),
+                                       _by_head(qkv[:, qk_heads:], b, q_len))  # [B, Hkv, T + Q, D]
+            attn = F.scaled_dot_product_attention(_by_head(qk[:, :hq], b, q_len), keys, values, attn_mask=mask,
+                                                  scale=self.scaling, enable_gqa=hq != hkv)  # [B, Hq, Q, D]
+            h = h + layer.o((attn if q_len == 1 else attn.transpose(1, 2)).reshape(n, hq * d))
             gate, up = layer.gate_up(layer.ln2(h)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         last = self.final_norm(h.view(b, q_len, self.hidden)[:, -1])  # [B, H]
