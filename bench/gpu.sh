@@ -14,8 +14,10 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
+# 3 rounds (make bench's CPU default is 5, for that VM's noise): a lent GPU's minutes are few and its rounds steadier.
 for model in llama-1b smollm2-135m; do
-  python3 -m bench.engine --model "random:$model" --device cuda --dtype bfloat16 --weights fp32 --rows 1,8,32,64 "$@" \
+  python3 -m bench.engine --model "random:$model" --device cuda --dtype bfloat16 --weights fp32 --rows 1,8,32,64 \
+    --repeat 3 "$@" \
     --out "$OUT/engine_gpu_$model.json" 2>&1 | tee "$OUT/engine_gpu_$model.txt"
 done
 # The exactness contract on the GPU: in float32, engine and PEFT one at a time should give the same greedy tokens
