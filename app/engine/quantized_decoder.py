@@ -87,7 +87,7 @@ class _Layer:
 def _by_head(x: torch.Tensor, b: int, q_len: int) -> torch.Tensor:
     """[N, heads, D] (N = B * Q) -> [B, heads, Q, D], a view; one operator in a decode step (Q = 1), which at one
     row is mostly operator overhead."""
-    return x.unsqueeze(2) if q_len == 1 else x.unflatten(0, (b, q_len)).transpose(1, 2)
+    return x.unsqueeze(2) if q_len == 1 else x.view(b, q_len, *x.shape[1:]).transpose(1, 2)
 
 
 def check_supported(model: Any) -> None:
