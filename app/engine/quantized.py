@@ -122,7 +122,7 @@ class QuantizedLinear:
         a conversion around each costs as much as a kernel; callers let type promotion widen the result inside
         the operator that consumes it (a residual add, RoPE) instead.
         """
-        y = self._mm(x if x.dtype == COMPUTE_DTYPE else x.to(COMPUTE_DTYPE), self.data, *self._args)
+        y = self._mm(x.to(COMPUTE_DTYPE), self.data, *self._args)
         return y if self.bias is None else y + self.bias
 
     @property

@@ -5,7 +5,7 @@ apart, RMSNorm as seven operators, a causal-mask builder per forward, through se
 decoder layer. Once 4-bit weights make the matmuls cheap, that is a large share of a one-row decode step. This
 forward runs the same computation with the model's own norms, embeddings and rotary module and a quantized serving
 copy of its linear layers (app/engine/quantized.py): q/k/v fused into one matmul, gate/up into one, RoPE on q and
-k in one pass, RMSNorm in three operators, the additive mask built once per forward, and no dtype conversion that
+k in one pass, RMSNorm in four operators, the additive mask built once per forward, and no dtype conversion that
 only hands a tensor on (see `forward`). Measured on the embedded model at one row (bench/RESULTS.md): outside
 matmuls and attention, transformers' forward spends ~5.3 ms per step; this one's first version ~2.5 ms, and the
 conversions and RMSNorm taken out after that cut a whole step by another ~2 ms (13.1 -> 11.1 ms, AVX2 EPYC).
@@ -56,10 +56,11 @@ class UnsupportedModel(ValueError):
 
 
 class RmsNorm:
-    """RMSNorm in three operators: x * w / sqrt(mean(x^2) + eps) = x * (w sqrt(H)) / hypot(|x|, sqrt(H eps)).
+    """RMSNorm in four operators: x * w / sqrt(mean(x^2) + eps) = x * (w sqrt(H)) / hypot(|x|, sqrt(H eps)).
 
-    The same function as transformers' (float32 in and out, equal within float32 rounding), at ~6 us a call
-    instead of `F.rms_norm`'s ~14 us on a [1, 576] row (its CPU path is seven operators): a decode step has 61.
+    The same function as transformers' (float32 in and out, equal within float32 rounding), at 5.8 us a call
+    instead of `F.rms_norm`'s 13.7 us on a [1, 576] row (on the CPU it runs as a chain of small operators,
+    power, mean, add, rsqrt, multiplies and copies): a decode step has 61.
     """
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
@@ -82,12 +83,6 @@ class _Layer:
     o: QuantizedLinear  # Hq * D -> H
     gate_up: QuantizedLinear  # H -> 2 I
     down: QuantizedLinear  # I -> H
-
-
-def _by_head(x: torch.Tensor, b: int, q_len: int) -> torch.Tensor:
-    """[N, heads, D] (N = B * Q) -> [B, heads, Q, D], a view; one operator in a decode step (Q = 1), which at one
-    row is mostly operator overhead."""
-    return x.unsqueeze(2) if q_len == 1 else x.view(b, q_len, *x.shape[1:]).transpose(1, 2)
 
 
 def check_supported(model: Any) -> None:
@@ -230,11 +225,12 @@ class QuantizedDecoder:
             qkv = layer.qkv(layer.ln1(h)).view(n, qk_heads + hkv, d)
             qk = qkv[:, :qk_heads]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # RoPE, q and k at once, [N, Hq + Hkv, D]
-            keys, values = slab.update(_by_head(qk[:, hq:], b, q_len),
-                                       _by_head(qkv[:, qk_heads:], b, q_len))  # [B, Hkv, T + Q, D]
-            attn = F.scaled_dot_product_attention(_by_head(qk[:, :hq], b, q_len), keys, values, attn_mask=mask,
-                                                  scale=self.scaling, enable_gqa=hq != hkv)  # [B, Hq, Q, D]
-            h = h + layer.o((attn if q_len == 1 else attn.transpose(1, 2)).reshape(n, hq * d))
+            keys, values = slab.update(qk[:, hq:].view(b, q_len, hkv, d).transpose(1, 2),
+                                       qkv[:, qk_heads:].view(b, q_len, hkv, d).transpose(1, 2))  # [B, Hkv, T+Q, D]
+            query = qk[:, :hq].view(b, q_len, hq, d).transpose(1, 2)  # [B, Hq, Q, D]
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=hq != hkv)  # [B, Hq, Q, D]
+            h = h + layer.o(attn.transpose(1, 2).reshape(n, hq * d))
             gate, up = layer.gate_up(layer.ln2(h)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
         last = self.final_norm(h.view(b, q_len, self.hidden)[:, -1])  # [B, H]

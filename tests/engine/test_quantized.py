@@ -67,7 +67,7 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(quantize) -> None:
 
 
 def test_rms_norm_is_transformers_and_row_invariant() -> None:
-    """The three-operator RMSNorm computes F.rms_norm's function, and a row's bits do not depend on its batch."""
+    """The four-operator RMSNorm computes F.rms_norm's function, and a row's bits do not depend on its batch."""
     weight, eps = _weight(1, 576)[0], 1e-5
     norm = RmsNorm(weight, eps)
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(1)) * 3
