@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-26
 
-Hand-written and checked against app/db/models.py (tests/db/test_migrations.py compares the two). It uses
+Hand-written and checked against app/db/models/ (tests/db/test_migrations.py compares the two). It uses
 plain SQLAlchemy types only, never the app's: a migration must keep working when the models change later.
 Constraint names follow app.db.models.NAMING_CONVENTION.
 """

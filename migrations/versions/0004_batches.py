@@ -5,7 +5,7 @@ Revises: 0003
 Create Date: 2026-12-03
 
 Hand-written like 0001 (plain SQLAlchemy types; constraint names per app.db.models.NAMING_CONVENTION) and
-checked against app/db/models.py by tests/db/test_migrations.py.
+checked against app/db/models/ by tests/db/test_migrations.py.
 """
 
 from __future__ import annotations
