@@ -109,6 +109,10 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     # Experiment: the training set in order of length, so the start is the longest example's tokens (and, since the
     # seeded shuffle starts from that order, the batches come in another order too).
     longest_first = hp.pop("longest_first", False)
+    # Experiment: which tokens the prefix starts from, the batch order untouched ("shortest": the shortest examples
+    # first; "shuffled": the defaults' tokens in a seeded random order, a start with real activations' scales but
+    # no demonstration in it).
+    init_tokens = hp.pop("init_tokens", None)
     d = data_defaults(len(train))
     fields = {"batch_size": d.batch_size, "learning_rate": d.learning_rate, "max_steps": d.max_steps,
               "num_virtual_tokens": d.num_virtual_tokens, "seed": 0} | hp
@@ -117,12 +121,27 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     examples = tokenize_examples([e.record() for e in train], tok, max_tokens=2048)
     if longest_first:
         examples.sort(key=lambda ex: -len(ex.input_ids))
+    init = None
+    if init_tokens is not None:
+        import random
+
+        from app.training.init_kv import init_token_ids, real_token_kv
+
+        p = config.num_virtual_tokens
+        if init_tokens == "shortest":
+            ids = init_token_ids(sorted(examples, key=lambda ex: len(ex.input_ids)), p)
+        elif init_tokens == "shuffled":
+            ids = init_token_ids(examples, p)
+            random.Random(0).shuffle(ids)
+        else:
+            raise ValueError(f"unknown init_tokens {init_tokens!r}")
+        init = real_token_kv(loaded, ids, p, base)
     snaps: dict[int, Any] = {}
     steps = sorted({s for s in at if s < config.total_steps(len(train))} | {config.total_steps(len(train))})
     callbacks = TrainCallbacks(on_checkpoint=lambda s, prefix, _m, _st: snaps.__setitem__(s, prefix)
                                if s in steps else None)
     t0 = time.perf_counter()
-    result = train_prefix(loaded, examples, None, config, callbacks=callbacks, base=base)
+    result = train_prefix(loaded, examples, None, config, init=init, callbacks=callbacks, base=base)
     train_s = time.perf_counter() - t0
     curve = {}
     for s in steps:
@@ -131,7 +150,7 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     for ref, hyp in curve[steps[-1]]["wrong"]:
         log.info("    wrong: %r for %r", hyp, ref)
     return {"hp": fields, "train_s": train_s, "s_per_step": train_s / result.steps,
-            "final_loss": result.final_train_loss, "curve": curve}
+            "final_loss": result.final_train_loss, "curve": curve, "prefixes": snaps}
 
 
 def main() -> None:
@@ -145,10 +164,13 @@ def main() -> None:
                     help="train on top of bench/stacking.py's task prefix from this many other users (0: no base)")
     ap.add_argument("--task-cache", default="bench/out/task_prefix.pt", help="where that task prefix is kept")
     ap.add_argument("--data-dir", help="where the converted model is cached between runs (default: a new temp dir)")
+    ap.add_argument("--soup", action="store_true",
+                    help="also score the runs' prefixes averaged (a weight-space average at each common step)")
     ap.add_argument("--out", default="bench/out/personalize_sweep.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from app.engine.model import load_model
+    from prefix_store.stack import concat_prefixes
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp())
     loaded = load_model("embedded:smollm2-135m-instruct", data_dir=data_dir)
@@ -163,6 +185,20 @@ def main() -> None:
         log.info("run %s", hp)
         results.append(run_one(loaded, train, test, hp, at, base))
         log.info("  -> %.2f s/step, loss %s", results[-1]["s_per_step"], results[-1]["final_loss"])
+    if args.soup:
+        from prefix_store.types import PrefixKV
+
+        runs = [r for r in results if "prefixes" in r]
+        common = sorted(set.intersection(*(set(r["prefixes"]) for r in runs)))
+        soup = {}
+        for s in common:
+            parts = [r["prefixes"][s] for r in runs]
+            avg = PrefixKV(torch.stack([x.keys for x in parts]).mean(0), torch.stack([x.values for x in parts]).mean(0))
+            soup[s] = score_prefix(loaded, avg if base is None else concat_prefixes([base, avg]), test)
+            log.info("soup of %d runs at step %d: exact %.1f%%", len(parts), s, soup[s]["exact_match"])
+        results.append({"soup": soup})
+    for r in results:
+        r.pop("prefixes", None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": platform.processor(), "user": args.user,
                                           "results": results}, indent=2))
