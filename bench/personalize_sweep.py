@@ -113,6 +113,9 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     # first; "shuffled": the defaults' tokens in a seeded random order, a start with real activations' scales but
     # no demonstration in it).
     init_tokens = hp.pop("init_tokens", None)
+    # Experiment: the training forward and backward under bf16 autocast (CPUs with AVX-512 BF16 or AMX multiply
+    # bf16 at about twice fp32's rate; AVX2-only CPUs emulate it).
+    autocast = hp.pop("autocast_bf16", False)
     d = data_defaults(len(train))
     fields = {"batch_size": d.batch_size, "learning_rate": d.learning_rate, "max_steps": d.max_steps,
               "num_virtual_tokens": d.num_virtual_tokens, "seed": 0} | hp
@@ -141,7 +144,8 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
     callbacks = TrainCallbacks(on_checkpoint=lambda s, prefix, _m, _st: snaps.__setitem__(s, prefix)
                                if s in steps else None)
     t0 = time.perf_counter()
-    result = train_prefix(loaded, examples, None, config, init=init, callbacks=callbacks, base=base)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        result = train_prefix(loaded, examples, None, config, init=init, callbacks=callbacks, base=base)
     train_s = time.perf_counter() - t0
     curve = {}
     for s in steps:
