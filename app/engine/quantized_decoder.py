@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,8 +139,6 @@ class QuantizedDecoder:
         self.layers = [self._layer(i, layer) for i, layer in enumerate(inner.layers)]
         self.lm_head = QuantizedLinear(int8_rows_rtn(model.lm_head.weight), model.lm_head.bias)
         self._gguf = None  # the reader holds the file's metadata; not needed after loading
-        # What a one-token step without soft prompts runs: `step` itself, or its compiled graph (compile_decode).
-        self.decode_step: Callable[..., torch.Tensor] = self.step
 
     def _rows(self, name: str, linear: torch.nn.Linear) -> Int4Rows | Int8Rows:
         if self.mode == "int8":
@@ -209,13 +206,12 @@ class QuantizedDecoder:
         of every row's last position. `soft`: soft prompts' embeddings replacing some columns' (a prefill).
 
         The cache's buffers are grown here, before `step` writes into them, so `step` is a function of tensors and
-        one integer: a decode step (Q = 1) can run as a compiled graph (`compile_decode`).
+        one integer, the form `torch.compile` takes (bench/RESULTS.md "A Zen 4 VM with AVX-512": tried, not kept).
         """
         q_len = int(input_ids.shape[1])
         start = cache.reserve(q_len)
         keys, values = cache.buffers()
-        run = self.decode_step if q_len == 1 and soft is None else self.step
-        logits = run(input_ids, position_ids, attention_mask, keys, values, start, soft)
+        logits = self.step(input_ids, position_ids, attention_mask, keys, values, start, soft)
         cache.extend(q_len)
         return logits
 
