@@ -1,13 +1,4 @@
-"""The shared cache tier of serialized prefixes: Redis in production, an in-process dict embedded
-(docs/storage.md).
-
-Keys are immutable: (tenant, prefix id, version, content hash). A new version or new content is a new key,
-so a cached value is never stale, only unused; TTLs reclaim it. Deletes and replacements also publish an
-invalidation so every replica frees the prefix from its device pool. Correctness never depends on that
-message arriving: the resolver always asks the catalog which key is current.
-
-A cache is an optimization: every Redis error is caught and logged, `get` answers None, `put` is skipped.
-"""
+"""The Redis cache tier (production): values with a TTL, invalidations over pub/sub."""
 
 from __future__ import annotations
 
@@ -15,66 +6,13 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
 import redis
 
-from prefix_store.blobs import validate_sha256
+from prefix_store.cache_tier.base import INVALIDATION_CHANNEL, InvalidationCallback, PrefixKey, index_key
 
 log = logging.getLogger(__name__)
-
-KEY_PREFIX = "prefixserve:prefix"
-INVALIDATION_CHANNEL = "prefixserve:invalidate"
-
-InvalidationCallback = Callable[[str, str], None]
-"""Called with (tenant_id, prefix_id) when that prefix was changed or deleted somewhere."""
-
-
-@dataclass(frozen=True)
-class PrefixKey:
-    """The immutable identity of one prefix version's bytes."""
-
-    tenant_id: str
-    prefix_id: str
-    version: int
-    sha256: str
-
-    def __post_init__(self) -> None:
-        # ':' separates key fields; refusing it keeps keys unambiguous and the per-prefix index exact.
-        for name in ("tenant_id", "prefix_id"):
-            value = getattr(self, name)
-            if not value or ":" in value:
-                raise ValueError(f"PrefixKey.{name} must be non-empty and contain no ':', got {value!r}")
-        validate_sha256(self.sha256)
-
-    @property
-    def redis_key(self) -> str:
-        return f"{KEY_PREFIX}:{self.tenant_id}:{self.prefix_id}:{self.version}:{self.sha256}"
-
-
-def _index_key(tenant_id: str, prefix_id: str) -> str:
-    """A Redis set of every cached key of one prefix, so invalidation needs no keyspace SCAN."""
-    return f"{KEY_PREFIX}-index:{tenant_id}:{prefix_id}"
-
-
-class CacheTier(Protocol):
-    """What the resolver needs from a cache tier. Implementations never raise on backend failure."""
-
-    @property
-    def healthy(self) -> bool: ...
-
-    def get(self, key: PrefixKey) -> bytes | None: ...
-
-    def put(self, key: PrefixKey, data: bytes) -> bool: ...
-
-    def invalidate(self, tenant_id: str, prefix_id: str) -> None: ...
-
-    def subscribe(self, callback: InvalidationCallback) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class RedisTier:
@@ -158,7 +96,7 @@ class RedisTier:
             return False
         if not self._available():
             return False
-        index = _index_key(key.tenant_id, key.prefix_id)
+        index = index_key(key.tenant_id, key.prefix_id)
         try:
             pipe = self._client.pipeline(transaction=True)
             pipe.set(key.redis_key, data, ex=self.ttl_s)
@@ -173,7 +111,7 @@ class RedisTier:
 
     def invalidate(self, tenant_id: str, prefix_id: str) -> None:
         """Delete every cached version of the prefix and tell every replica (best effort, never raises)."""
-        index = _index_key(tenant_id, prefix_id)
+        index = index_key(tenant_id, prefix_id)
         try:
             members: set[bytes] = self._client.smembers(index)  # type: ignore[assignment]
             pipe = self._client.pipeline(transaction=True)
@@ -250,90 +188,3 @@ class RedisTier:
         if self._listener is not None:
             self._listener.join(timeout=5)
         self._client.close()
-
-
-class InProcessTier:
-    """The embedded stand-in for Redis: a dict with TTL, a per-value cap and an LRU total-bytes cap.
-
-    Invalidation callbacks run synchronously in the invalidating thread: there is only one replica.
-    """
-
-    def __init__(
-        self,
-        ttl_s: float,
-        max_value_bytes: int,
-        max_total_bytes: int = 256 * 2**20,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.ttl_s = ttl_s
-        self.max_value_bytes = max_value_bytes
-        self.max_total_bytes = max_total_bytes
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[PrefixKey, tuple[float, bytes]] = OrderedDict()  # LRU order, oldest first
-        self._bytes = 0
-        self._callbacks: list[InvalidationCallback] = []
-
-    @property
-    def healthy(self) -> bool:
-        return True
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def get(self, key: PrefixKey) -> bytes | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            if entry[0] <= self._clock():
-                self._drop(key)
-                return None
-            self._entries.move_to_end(key)
-            return entry[1]
-
-    def put(self, key: PrefixKey, data: bytes) -> bool:
-        if len(data) > self.max_value_bytes or len(data) > self.max_total_bytes:
-            log.info("not caching %s in process: %d bytes over the cap", key.redis_key, len(data))
-            return False
-        with self._lock:
-            if key in self._entries:
-                self._drop(key)
-            self._entries[key] = (self._clock() + self.ttl_s, data)
-            self._bytes += len(data)
-            while self._bytes > self.max_total_bytes:
-                self._drop(next(iter(self._entries)))
-        return True
-
-    def _drop(self, key: PrefixKey) -> None:
-        _, data = self._entries.pop(key)
-        self._bytes -= len(data)
-
-    def invalidate(self, tenant_id: str, prefix_id: str) -> None:
-        with self._lock:
-            for key in [k for k in self._entries if (k.tenant_id, k.prefix_id) == (tenant_id, prefix_id)]:
-                self._drop(key)
-            callbacks = list(self._callbacks)
-        for callback in callbacks:
-            try:
-                callback(tenant_id, prefix_id)
-            except Exception:
-                log.exception("invalidation callback failed for %s/%s", tenant_id, prefix_id)
-
-    def subscribe(self, callback: InvalidationCallback) -> None:
-        with self._lock:
-            self._callbacks.append(callback)
-
-    def close(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
-
-
-def open_cache_tier(redis_url: str | None, *, ttl_s: int, max_value_bytes: int) -> CacheTier:
-    """RedisTier when a URL is configured, else the in-process tier (the embedded default)."""
-    if redis_url:
-        return RedisTier(redis_url, ttl_s, max_value_bytes)
-    return InProcessTier(ttl_s, max_value_bytes)
