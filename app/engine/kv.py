@@ -40,19 +40,13 @@ class SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         """Append key/value states [B, H_kv, Q, D]; return views of all valid keys/values [B, H_kv, T+Q, D]."""
         assert self.keys is not None and self.values is not None
         end = self.length + key_states.shape[2]
-        self.reserve(key_states.shape[2])
+        if end > self.keys.shape[2]:
+            self.keys = _grow(self.keys, self.length, end)
+            self.values = _grow(self.values, self.length, end)
         self.keys[:, :, self.length : end] = key_states
         self.values[:, :, self.length : end] = value_states
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
-
-    def reserve(self, extra: int) -> None:
-        """Make room for `extra` more tokens after the valid ones (growing by doubling)."""
-        assert self.keys is not None and self.values is not None
-        end = self.length + extra
-        if end > self.keys.shape[2]:
-            self.keys = _grow(self.keys, self.length, end)
-            self.values = _grow(self.values, self.length, end)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -92,22 +86,3 @@ class SlabCache(DynamicCache):
     @property
     def length(self) -> int:
         return self.slabs[0].length if self.slabs else 0
-
-    def reserve(self, extra: int) -> int:
-        """Make room in every layer for `extra` more tokens; returns the valid length T before them. For a forward
-        that writes the buffers itself (app/engine/quantized_decoder.py): growth stays outside its computation."""
-        for slab in self.slabs:
-            slab.reserve(extra)
-        return self.length
-
-    def extend(self, count: int) -> None:
-        """Count `count` more tokens as valid in every layer: the ones a forward wrote after `reserve`."""
-        for slab in self.slabs:
-            slab.length += count
-
-    def buffers(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every layer's whole key and value buffers [B, H_kv, capacity, D], valid up to `length`."""
-        keys = [s.keys for s in self.slabs]
-        values = [s.values for s in self.slabs]
-        assert all(k is not None for k in keys) and all(v is not None for v in values)
-        return keys, values  # type: ignore[return-value]

@@ -205,22 +205,6 @@ class QuantizedDecoder:
         """input_ids, position_ids [B, Q]; attention_mask [B, T + Q]; appends Q tokens to `cache`; -> logits [B, V]
         of every row's last position. `soft`: soft prompts' embeddings replacing some columns' (a prefill).
 
-        The cache's buffers are grown here, before `step` writes into them, so `step` is a function of tensors and
-        one integer, the form `torch.compile` takes (bench/RESULTS.md "A Zen 4 VM with AVX-512": tried, not kept).
-        """
-        q_len = int(input_ids.shape[1])
-        start = cache.reserve(q_len)
-        keys, values = cache.buffers()
-        logits = self.step(input_ids, position_ids, attention_mask, keys, values, start, soft)
-        cache.extend(q_len)
-        return logits
-
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-             keys: list[torch.Tensor], values: list[torch.Tensor], start: int,
-             soft: SoftInputs | None = None) -> torch.Tensor:
-        """The forward on the cache's buffers: keys/values per layer [B, H_kv, C, D] hold T = `start` valid tokens
-        and room for Q more (C >= T + Q); this writes the Q new ones at T..T+Q-1 and attends to 0..T+Q-1.
-
         Dtypes, chosen so that no layer converts a tensor only to hand it on: the residual stream h is float32; a
         quantized linear takes and returns bf16 and its result is widened inside the add that consumes it; RoPE
         runs in the cache's float64 (bf16 q/k times float64 cos/sin), so keys and queries reach attention in the
@@ -228,7 +212,6 @@ class QuantizedDecoder:
         """
         b, q_len = input_ids.shape
         n, hq, hkv, d = b * q_len, self.heads, self.kv_heads, self.head_dim
-        end = start + q_len
         h = F.embedding(input_ids, self.embed)  # [B, Q, H]
         if soft is not None:
             h = soft.apply(h)
@@ -238,15 +221,15 @@ class QuantizedDecoder:
         h = h.view(n, self.hidden)  # [N, H], N = B * Q: every linear is a 2-D matmul, no reshapes around it
         mask = self._mask(attention_mask, q_len)
         half, qk_heads = d // 2, hq + hkv
-        for layer, kbuf, vbuf in zip(self.layers, keys, values, strict=True):
+        for layer, slab in zip(self.layers, cache.slabs, strict=True):
             qkv = layer.qkv(layer.ln1(h)).view(n, qk_heads + hkv, d)
             qk = qkv[:, :qk_heads]
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # RoPE, q and k at once, [N, Hq + Hkv, D]
-            kbuf[:, :, start:end] = qk[:, hq:].view(b, q_len, hkv, d).transpose(1, 2)
-            vbuf[:, :, start:end] = qkv[:, qk_heads:].view(b, q_len, hkv, d).transpose(1, 2)
+            keys, values = slab.update(qk[:, hq:].view(b, q_len, hkv, d).transpose(1, 2),
+                                       qkv[:, qk_heads:].view(b, q_len, hkv, d).transpose(1, 2))  # [B, Hkv, T+Q, D]
             query = qk[:, :hq].view(b, q_len, hq, d).transpose(1, 2)  # [B, Hq, Q, D]
-            attn = F.scaled_dot_product_attention(query, kbuf[:, :, :end], vbuf[:, :, :end], attn_mask=mask,
-                                                  scale=self.scaling, enable_gqa=hq != hkv)  # [B, Hq, Q, D]
+            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=hq != hkv)  # [B, Hq, Q, D]
             h = h + layer.o(attn.transpose(1, 2).reshape(n, hq * d))
             gate, up = layer.gate_up(layer.ln2(h)).chunk(2, dim=-1)
             h = h + layer.down(F.silu(gate) * up)
