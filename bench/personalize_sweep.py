@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import platform
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -126,8 +127,6 @@ def run_one(loaded: Any, train: list[Example], test: list[Example], hp: dict[str
         examples.sort(key=lambda ex: -len(ex.input_ids))
     init = None
     if init_tokens is not None:
-        import random
-
         from app.training.init_kv import init_token_ids, real_token_kv
 
         p = config.num_virtual_tokens

@@ -9,7 +9,7 @@ timestamps are timezone-aware UTC (`UTCDateTime`, base.py); deletes cascade in t
 so ORM relationships use `passive_deletes=True` and deleting a tenant row removes everything it owns.
 JSON columns are not mutation-tracked: assign a new dict/list, do not edit one in place.
 
-One module per group of tables (tenants.py, prefixes.py, jobs.py, batches.py) over base.py; import from here.
+One module per group of tables (tenants.py, prefixes.py, files.py, jobs.py, batches.py) over base.py; import from here.
 """
 
 from app.db.models.base import (
@@ -27,8 +27,9 @@ from app.db.models.base import (
     utcnow,
 )
 from app.db.models.batches import Batch, BatchResult
+from app.db.models.files import File
 from app.db.models.jobs import JobCheckpoint, JobEvent, TrainingJob
-from app.db.models.prefixes import File, Prefix, PrefixVersion
+from app.db.models.prefixes import Prefix, PrefixVersion
 from app.db.models.tenants import ApiKey, EndUser, Tenant, TenantLimits, UserExample
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Prefixes (named virtual models), their immutable versions, and uploaded files."""
+"""Prefixes (named virtual models) and their immutable versions."""
 
 from __future__ import annotations
 
@@ -64,21 +64,3 @@ class PrefixVersion(Base):
         sa.CheckConstraint(f"source_format IN {SOURCE_FORMATS!r}", name="source_format"),
         sa.CheckConstraint(f"kind IN {PREFIX_KINDS!r}", name="kind"),
     )
-
-
-class File(Base):
-    """An uploaded file (OpenAI Files API), e.g. JSONL training data; the bytes are the blob `sha256`."""
-
-    __tablename__ = "files"
-
-    id: Mapped[str] = pk_column("file")
-    tenant_id: Mapped[str] = fk_column("tenants.id", "CASCADE")
-    filename: Mapped[str] = mapped_column(sa.String(255))
-    purpose: Mapped[str] = mapped_column(sa.String(32))
-    bytes: Mapped[int] = mapped_column(sa.BigInteger)
-    sha256: Mapped[str] = mapped_column(SHA256)
-    line_count: Mapped[int] = mapped_column(sa.Integer)
-    status: Mapped[str] = mapped_column(sa.String(32))
-    created_at: Mapped[datetime] = created_at_column()
-
-    __table_args__ = (sa.Index(None, "tenant_id", "created_at"), sa.Index(None, "sha256"))
