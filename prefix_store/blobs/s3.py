@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The error codes of an absent object: GET answers NoSuchKey, HEAD a bare 404 (some servers: NotFound).
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+
 
 class S3BlobStore:
     """Blobs as objects `<prefix>/<sha256>` in an S3 bucket (AWS, MinIO, SeaweedFS, ...).
@@ -121,7 +124,7 @@ class S3BlobStore:
                 body.close()
             return data
         except ClientError as exc:
-            if _error_code(exc) in {"NoSuchKey", "404", "NotFound"}:
+            if _error_code(exc) in _MISSING:
                 raise BlobNotFound(sha256) from None
             raise BlobStoreUnavailable(f"cannot read blob {sha256} from {self._where()}: {exc}") from exc
         except BotoCoreError as exc:
@@ -135,7 +138,7 @@ class S3BlobStore:
             self._client.head_object(Bucket=self.bucket, Key=key)
             return True
         except ClientError as exc:
-            if _error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+            if _error_code(exc) in _MISSING:
                 return False
             raise BlobStoreUnavailable(f"cannot stat blob {sha256} in {self._where()}: {exc}") from exc
         except BotoCoreError as exc:
