@@ -8,7 +8,9 @@ of a few engine steps (torch.profiler). `--weights int4|int8` measures the quant
 `--split` splits a decode step (forward, token selection, advance) into matmuls, attention and the rest (framework,
 Python, small operators) by taking them out: the step is timed as it is, then with every linear layer's matmul
 answering zeros of its output's shape, then with attention doing the same; the differences are their shares.
-Medians of `--steps` steps, each phase timed back to back, so a busy machine slows all three alike.
+Medians of `--steps` steps, each phase timed back to back, so a busy machine slows all three alike. With quantized
+weights the split runs the decoder layers as Python (they are patched there), and the step with them compiled by
+TorchScript, as served, is printed beside it.
 
     python -m bench.step [--model random:llama-1b] [--n 64] [--steps 32] [--device cuda] [--dtype bfloat16]
     python -m bench.step --model embedded:smollm2-135m-instruct --n 1 --split [--weights int4]
@@ -171,6 +173,7 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
     """A decode step's milliseconds: as it is, in matmuls, in attention, and the rest (module docstring)."""
     from unittest import mock
 
+    from app.engine import quantized_layers
     from app.engine.packed_linear import PackedLinear
     from app.engine.quantized import COMPUTE_DTYPE, QuantizedLinear
 
@@ -180,6 +183,11 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
     def no_quantized(self: Any, x: torch.Tensor) -> torch.Tensor:  # its contract: [M, K] -> [M, N] bf16
         return x.new_zeros((x.shape[0], self.out_features), dtype=COMPUTE_DTYPE)
 
+    def no_layer_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Any,
+                        kind: int) -> torch.Tensor:  # quantized_layers._linear, run as Python (scripted=False)
+        out = weight.shape[0] if kind != quantized_layers.KIND_INT4 else scales.shape[1]
+        return x.new_zeros((x.shape[0], out), dtype=COMPUTE_DTYPE)
+
     def no_attention(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(q)
 
@@ -188,7 +196,8 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
         full.append(_step_ms(loaded, runner, n, steps))
         with (mock.patch.object(torch.nn.Linear, "forward", no_linear),
               mock.patch.object(PackedLinear, "forward", no_linear),
-              mock.patch.object(QuantizedLinear, "__call__", no_quantized)):
+              mock.patch.object(QuantizedLinear, "__call__", no_quantized),
+              mock.patch.object(quantized_layers, "_linear", no_layer_linear)):
             no_mm.append(_step_ms(loaded, runner, n, steps))
             with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", no_attention):
                 rest.append(_step_ms(loaded, runner, n, steps))
@@ -223,7 +232,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     serving = None
     if args.weights != "fp32":
-        serving = run_in_own_thread(lambda: build_quantized(loaded.model, args.weights, loaded.gguf_path))
+        # --split takes operators out by patching Python functions: the layers must run as Python, not scripted
+        serving = run_in_own_thread(lambda: build_quantized(loaded.model, args.weights, loaded.gguf_path,
+                                                            scripted=not args.split))
     elif not args.unpacked and loaded.device.type == "cpu":
         from app.engine.packed_linear import pack_linears
 
@@ -233,6 +244,13 @@ def main() -> None:
     lines = [f"model={args.model} n={args.n} steps={args.steps} device={loaded.device} dtype={loaded.dtype} "
              f"weights={args.weights} threads={torch.get_num_threads()} load average {os.getloadavg()[0]:.2f}"]
     if args.split:
+        if serving is not None:  # what scripting saves, beside the split of the Python loop
+            scripted = ModelRunner(loaded.model, run_in_own_thread(
+                lambda: build_quantized(loaded.model, args.weights, loaded.gguf_path)))
+            ms = run_in_own_thread(lambda: (_step_ms(loaded, scripted, args.n, args.steps),
+                                            _step_ms(loaded, runner, args.n, args.steps)))
+            lines.append(f"decode step with the layers scripted {ms[0]:.2f} ms, as Python {ms[1]:.2f} ms "
+                         "(the split below runs them as Python)")
         sp = run_in_own_thread(lambda: _split(loaded, runner, args.n, args.steps))
         lines.append(f"decode step {sp['step_ms']:.2f} ms = matmuls {sp['matmul_ms']:.2f} ms "
                      f"({sp['matmul_ms'] / sp['step_ms']:.0%}) + attention {sp['attention_ms']:.2f} ms "

@@ -40,13 +40,18 @@ class SlabLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         """Append key/value states [B, H_kv, Q, D]; return views of all valid keys/values [B, H_kv, T+Q, D]."""
         assert self.keys is not None and self.values is not None
         end = self.length + key_states.shape[2]
-        if end > self.keys.shape[2]:
-            self.keys = _grow(self.keys, self.length, end)
-            self.values = _grow(self.values, self.length, end)
+        self.reserve(end)
         self.keys[:, :, self.length : end] = key_states
         self.values[:, :, self.length : end] = value_states
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reserve(self, end: int) -> None:
+        """Grow the slabs (by doubling) until they hold `end` tokens; the valid part is kept."""
+        assert self.keys is not None and self.values is not None
+        if end > self.keys.shape[2]:
+            self.keys = _grow(self.keys, self.length, end)
+            self.values = _grow(self.values, self.length, end)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -86,3 +91,17 @@ class SlabCache(DynamicCache):
     @property
     def length(self) -> int:
         return self.slabs[0].length if self.slabs else 0
+
+    def reserve(self, new_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Room for `new_tokens` more in every layer, for a forward that writes them into the slabs itself
+        (app/engine/quantized_layers.py) at columns `length .. length + new_tokens - 1`; then `advance`.
+        Returns every layer's whole key and value slabs, [B, H_kv, capacity, D] each."""
+        end = self.length + new_tokens
+        for slab in self.slabs:
+            slab.reserve(end)
+        return [s.keys for s in self.slabs], [s.values for s in self.slabs]  # type: ignore[misc]
+
+    def advance(self, new_tokens: int) -> None:
+        """Count `new_tokens` written past the valid part (after `reserve`) as valid."""
+        for slab in self.slabs:
+            slab.length += new_tokens

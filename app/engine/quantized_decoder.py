@@ -8,7 +8,9 @@ copy of its linear layers (app/engine/quantized.py): q/k/v fused into one matmul
 k in one pass, RMSNorm in four operators, the additive mask built once per forward, and no dtype conversion that
 only hands a tensor on (see `forward`). Measured on the embedded model at one row (bench/RESULTS.md): outside
 matmuls and attention, transformers' forward spends ~5.3 ms per step; this one's first version ~2.5 ms, and the
-conversions and RMSNorm taken out after that cut a whole step by another ~2 ms (13.1 -> 11.1 ms, AVX2 EPYC).
+conversions and RMSNorm taken out after that cut a whole step by another ~2 ms (13.1 -> 11.1 ms, AVX2 EPYC). The
+layers themselves run as one TorchScript function (app/engine/quantized_layers.py): the same operators, bitwise
+the same logits, less per-operator overhead.
 
 It never touches the model: no module is swapped or wrapped, so training (which shares the model object) sees the
 float weights and transformers' forward. The KV cache, masks and positions are the batch's (app/engine/batch.py):
@@ -36,6 +38,7 @@ from app.engine.quantized import (
     kernels_available,
 )
 from app.engine.quantized_gguf import GgufInt4
+from app.engine.quantized_layers import KIND_FLOAT, KIND_INT4, KIND_INT8, LayerLoop, layer_loop
 from app.engine.soft_inputs import SoftInputs
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # see: logits bitwise equal alone and batched (16 of 16). Costs ~5% of a 32-row decode step, twice the cache bytes.
 KV_DTYPE = torch.float64
 WEIGHT_MODES = ("int4", "int8")
+_KINDS = {"int4": KIND_INT4, "int8": KIND_INT8, "float": KIND_FLOAT}  # float: the tests' stand-ins
 
 
 class UnsupportedModel(ValueError):
@@ -111,10 +115,11 @@ class QuantizedDecoder:
 
     mode "int4": linears as int4 (a GGUF's Q4_0/Q4_1 blocks when `gguf` has them, else round-to-nearest groups of
     32), the output projection as int8 per channel; mode "int8": every linear int8 per channel. The batch's KV
-    cache must be in `KV_DTYPE`.
+    cache must be in `KV_DTYPE`. `scripted`: the layers compiled by TorchScript (False: the same function as Python,
+    bitwise equal and slower; for profiling what each operator costs).
     """
 
-    def __init__(self, model: Any, mode: str, gguf: GgufInt4 | None = None) -> None:
+    def __init__(self, model: Any, mode: str, gguf: GgufInt4 | None = None, *, scripted: bool = True) -> None:
         if mode not in WEIGHT_MODES:
             raise ValueError(f"weights mode must be one of {WEIGHT_MODES}; got {mode!r}")
         check_supported(model)
@@ -136,9 +141,22 @@ class QuantizedDecoder:
         self.final_norm = RmsNorm(inner.norm.weight, self.eps)
         self._gguf = gguf
         self.from_gguf = 0  # linears whose int4 rows came from the GGUF file as they are
-        self.layers = [self._layer(i, layer) for i, layer in enumerate(inner.layers)]
         self.lm_head = QuantizedLinear(int8_rows_rtn(model.lm_head.weight), model.lm_head.bias)
+        self.set_layers([self._layer(i, layer) for i, layer in enumerate(inner.layers)])
         self._gguf = None  # the reader holds the file's metadata; not needed after loading
+        self._loop: LayerLoop = layer_loop(scripted)
+
+    def set_layers(self, layers: list[_Layer]) -> None:
+        """Serve these layers (one kind of linear throughout); the tests swap in dequantized stand-ins."""
+        kinds = {q.kind for layer in layers for q in (layer.qkv, layer.o, layer.gate_up, layer.down)}
+        if len(kinds) != 1:
+            raise ValueError(f"one kind of linear for every layer expected; got {sorted(kinds)}")
+        self.layers = layers
+        self._kind = _KINDS[kinds.pop()]
+        linears = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in layers]
+        self._tensors = [[layer.ln1.weight, layer.ln2.weight, *(t for q in qs for t in (q.data, q.scales))]
+                         for layer, qs in zip(layers, linears, strict=True)]
+        self._biases = [[q.bias for q in qs] for qs in linears]
 
     def _rows(self, name: str, linear: torch.nn.Linear) -> Int4Rows | Int8Rows:
         if self.mode == "int8":
@@ -172,6 +190,11 @@ class QuantizedDecoder:
             gate_up=self._fused(f"{pre}.mlp", {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}),
             down=self._fused(f"{pre}.mlp", {"down_proj": mlp.down_proj}),
         )
+
+    @property
+    def scripted(self) -> bool:
+        """Whether the layers run compiled by TorchScript (else as Python)."""
+        return isinstance(self._loop, torch.jit.ScriptFunction)
 
     @property
     def nbytes(self) -> int:
@@ -220,32 +243,25 @@ class QuantizedDecoder:
         sin = (sin.to(KV_DTYPE) * self._rope_sign).view(n, 1, d)  # sign folded in: rotate_half is then a roll
         h = h.view(n, self.hidden)  # [N, H], N = B * Q: every linear is a 2-D matmul, no reshapes around it
         mask = self._mask(attention_mask, q_len)
-        half, qk_heads = d // 2, hq + hkv
-        for layer, slab in zip(self.layers, cache.slabs, strict=True):
-            qkv = layer.qkv(layer.ln1(h)).view(n, qk_heads + hkv, d)
-            qk = qkv[:, :qk_heads]
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # RoPE, q and k at once, [N, Hq + Hkv, D]
-            keys, values = slab.update(qk[:, hq:].view(b, q_len, hkv, d).transpose(1, 2),
-                                       qkv[:, qk_heads:].view(b, q_len, hkv, d).transpose(1, 2))  # [B, Hkv, T+Q, D]
-            query = qk[:, :hq].view(b, q_len, hq, d).transpose(1, 2)  # [B, Hq, Q, D]
-            attn = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.scaling,
-                                                  enable_gqa=hq != hkv)  # [B, Hq, Q, D]
-            h = h + layer.o(attn.transpose(1, 2).reshape(n, hq * d))
-            gate, up = layer.gate_up(layer.ln2(h)).chunk(2, dim=-1)
-            h = h + layer.down(F.silu(gate) * up)
+        start = cache.length
+        keys, values = cache.reserve(q_len)
+        h = self._loop(h, cos, sin, mask, keys, values, start, self._tensors, self._biases, self.final_norm.floor,
+                       self._kind, b, q_len, hq, hkv, d, self.scaling)  # app/engine/quantized_layers.py
+        cache.advance(q_len)
         last = self.final_norm(h.view(b, q_len, self.hidden)[:, -1])  # [B, H]
         logits: torch.Tensor = self.lm_head(last).float()
         return logits
 
 
-def build_quantized(model: Any, mode: str, gguf_path: Path | None) -> QuantizedDecoder:
+def build_quantized(model: Any, mode: str, gguf_path: Path | None, *, scripted: bool = True) -> QuantizedDecoder:
     """The quantized serving forward of `model`; int4 reads the 4-bit blocks of `gguf_path` when given (the file the
-    model was loaded from). Raises UnsupportedModel for a model or device it cannot serve."""
+    model was loaded from); `scripted`: its layers compiled by TorchScript (app/engine/quantized_layers.py). Raises
+    UnsupportedModel for a model or device it cannot serve."""
     check_supported(model)
     if not kernels_available():
         raise UnsupportedModel("this torch build has no CPU weight-only int4/int8 kernels")
     started = time.perf_counter()
     gguf = GgufInt4(gguf_path, model.config) if mode == "int4" and gguf_path is not None else None
-    decoder = QuantizedDecoder(model, mode, gguf)
+    decoder = QuantizedDecoder(model, mode, gguf, scripted=scripted)
     log.info("quantized serving copy built in %.1f s: %s", time.perf_counter() - started, decoder.describe())
     return decoder

@@ -122,10 +122,14 @@ def test_gguf_q4_blocks_are_read_as_they_are(tmp_path: Path) -> None:
 
 
 class _FloatLinear:
-    """A quantized linear's dequantized weight in float32 (test stand-in: isolates the forward's own math)."""
+    """A quantized linear's dequantized weight in float32 (test stand-in: isolates the forward's own math); the
+    decoder's layer loop multiplies by `data` with `F.linear` for kind "float"."""
+
+    kind = "float"
 
     def __init__(self, lin: QuantizedLinear, rows: torch.Tensor) -> None:
         self.weight, self.bias = rows, lin.bias
+        self.data, self.scales = rows, rows.new_empty(0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
@@ -143,8 +147,9 @@ def test_lean_forward_computes_what_transformers_does(tiny_llama) -> None:
     model = tiny_llama.model
     decoder = QuantizedDecoder(model, "int4")
     linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    layers = list(decoder.layers)
     with torch.no_grad():  # the model takes the dequantized weights; the decoder multiplies by them in float32
-        for i, layer in enumerate(decoder.layers):
+        for i, layer in enumerate(layers):
             pre, floats = f"model.layers.{i}", {}
             for attr, names in (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                                 ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
@@ -153,7 +158,8 @@ def test_lean_forward_computes_what_transformers_does(tiny_llama) -> None:
                 for n, part in zip(names, parts, strict=True):
                     linears[f"{pre}.{n}"].weight.copy_(part.dequantize())
                 floats[attr] = _FloatLinear(getattr(layer, attr), Int4Rows.cat(parts).dequantize())
-            decoder.layers[i] = dataclasses.replace(layer, **floats)
+            layers[i] = dataclasses.replace(layer, **floats)
+        decoder.set_layers(layers)
         decoder.lm_head = _FloatLinear(decoder.lm_head, model.lm_head.weight)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     prefixes = [random_prefix(tiny_llama, 3, seed=1), None, random_prefix(tiny_llama, 6, seed=2)]
