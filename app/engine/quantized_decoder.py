@@ -245,6 +245,7 @@ class QuantizedDecoder:
         mask = self._mask(attention_mask, q_len)
         start = cache.length
         keys, values = cache.reserve(q_len)
+        # every RMSNorm of the model has the final norm's floor (the same H and eps)
         h = self._loop(h, cos, sin, mask, keys, values, start, self._tensors, self._biases, self.final_norm.floor,
                        self._kind, b, q_len, hq, hkv, d, self.scaling)  # app/engine/quantized_layers.py
         cache.advance(q_len)
