@@ -203,9 +203,10 @@ class QuantizedDecoder:
         return sum(q.nbytes for q in linears) + self.lm_head.nbytes
 
     def describe(self) -> str:
-        """One line for the log: what the serving copy holds."""
+        """One line for the log: what the serving copy holds, and how its layers run."""
         kinds = f"int4 ({self.from_gguf} linears from the GGUF's blocks as they are) + int8 output projection"
-        return (kinds if self.mode == "int4" else "int8 per channel") + f", {self.nbytes / 2**20:.0f} MiB"
+        return ((kinds if self.mode == "int4" else "int8 per channel") + f", {self.nbytes / 2**20:.0f} MiB, layers "
+                + ("scripted by TorchScript" if self.scripted else "run as Python"))
 
     def _mask(self, attention_mask: torch.Tensor, q_len: int) -> torch.Tensor:
         """[B, T + Q] 0/1 -> additive [B, 1, Q, T + Q] in the cache's dtype (0 or -inf): a query sees the columns
