@@ -31,6 +31,7 @@ log = logging.getLogger("bench.personalize_sweep")
 
 def greedy(loaded: Any, prefix: Any, prompts: list[list[int]], max_new: int, stop: int) -> list[list[int]]:
     """Greedy continuations of `prompts` behind `prefix` (a PrefixKV), all rows in one left-padded batch."""
+    from app.engine.runner import cache_kwarg_name
     from app.training.forward import prefix_cache
 
     p, b = prefix.num_virtual_tokens, len(prompts)
@@ -45,12 +46,13 @@ def greedy(loaded: Any, prefix: Any, prompts: list[list[int]], max_new: int, sto
         mask[i, p + s - len(x):] = 1
         pos[i, s - len(x):] = torch.arange(p, p + len(x))
     cache = prefix_cache(prefix.keys, prefix.values, b, loaded.dtype)
+    kw = cache_kwarg_name(loaded.model)  # transformers renamed `past_key_values` during 5.x
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     nxt_pos = pos[:, -1:] + 1
     with torch.no_grad():
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                              use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                              logits_to_keep=1, **{kw: cache}).logits[:, -1]
         for _ in range(max_new):
             tok = logits.argmax(-1)
             for i in range(b):
@@ -64,7 +66,7 @@ def greedy(loaded: Any, prefix: Any, prompts: list[list[int]], max_new: int, sto
                 break
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             logits = loaded.model(input_ids=tok[:, None], attention_mask=mask, position_ids=nxt_pos,
-                                  past_key_values=cache, use_cache=True).logits[:, -1]
+                                  use_cache=True, **{kw: cache}).logits[:, -1]
             nxt_pos = nxt_pos + 1
     return out
 
