@@ -184,7 +184,7 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
         return x.new_zeros((x.shape[0], self.out_features), dtype=COMPUTE_DTYPE)
 
     def no_layer_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Any,
-                        kind: int) -> torch.Tensor:  # quantized_layers._linear, run as Python (scripted=False)
+                        kind: int) -> torch.Tensor:  # quantized_layers.linear, run as Python (scripted=False)
         out = weight.shape[0] if kind != quantized_layers.KIND_INT4 else scales.shape[1]
         return x.new_zeros((x.shape[0], out), dtype=COMPUTE_DTYPE)
 
@@ -197,7 +197,7 @@ def _split(loaded: Any, runner: Any, n: int, steps: int, rounds: int = 2) -> dic
         with (mock.patch.object(torch.nn.Linear, "forward", no_linear),
               mock.patch.object(PackedLinear, "forward", no_linear),
               mock.patch.object(QuantizedLinear, "__call__", no_quantized),
-              mock.patch.object(quantized_layers, "_linear", no_layer_linear)):
+              mock.patch.object(quantized_layers, "linear", no_layer_linear)):
             no_mm.append(_step_ms(loaded, runner, n, steps))
             with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", no_attention):
                 rest.append(_step_ms(loaded, runner, n, steps))

@@ -19,10 +19,12 @@ or gate and up, then cost one kernel call instead of three or two.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from app.engine.quantized_layers import KINDS, linear
 
 GROUP = 32  # GGUF's block size for Q4_0/Q4_1, and one of the group sizes the int4 kernel takes
 COMPUTE_DTYPE = torch.bfloat16
@@ -108,22 +110,17 @@ class QuantizedLinear:
         else:
             self.data = rows.q.contiguous()
             self.scales = rows.scale.to(COMPUTE_DTYPE)
-        # the overload bound once: resolving `torch.ops.aten.<name>` on every call is measurable at one row
-        ops = torch.ops.aten
-        self._mm: Callable[..., torch.Tensor] = (
-            ops._weight_int4pack_mm_for_cpu.default if self.kind == "int4" else ops._weight_int8pack_mm.default)
-        self._args: tuple[object, ...] = (GROUP, self.scales) if self.kind == "int4" else (self.scales,)
+        self._kind_id = KINDS[self.kind]
         self.bias = None if bias is None else bias.detach().clone()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] (any float dtype; rounded to bf16) -> [M, N] in bf16, the kernels' output (float32 with a bias).
 
-        Two-dimensional and bf16 out on purpose: at one row a decode step is ~120 of these calls, and a reshape or
+        Two-dimensional and bf16 out on purpose: at one row a decode step is ~120 quantized matmuls, and a reshape or
         a conversion around each costs as much as a kernel; callers let type promotion widen the result inside
         the operator that consumes it (a residual add, RoPE) instead.
         """
-        y = self._mm(x.to(COMPUTE_DTYPE), self.data, *self._args)
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.data, self.scales, self.bias, self._kind_id)
 
     @property
     def nbytes(self) -> int:

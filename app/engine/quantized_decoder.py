@@ -38,7 +38,7 @@ from app.engine.quantized import (
     kernels_available,
 )
 from app.engine.quantized_gguf import GgufInt4
-from app.engine.quantized_layers import KIND_FLOAT, KIND_INT4, KIND_INT8, LayerLoop, layer_loop
+from app.engine.quantized_layers import KINDS, LayerLoop, layer_loop
 from app.engine.soft_inputs import SoftInputs
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # see: logits bitwise equal alone and batched (16 of 16). Costs ~5% of a 32-row decode step, twice the cache bytes.
 KV_DTYPE = torch.float64
 WEIGHT_MODES = ("int4", "int8")
-_KINDS = {"int4": KIND_INT4, "int8": KIND_INT8, "float": KIND_FLOAT}  # float: the tests' stand-ins
 
 
 class UnsupportedModel(ValueError):
@@ -152,7 +151,7 @@ class QuantizedDecoder:
         if len(kinds) != 1:
             raise ValueError(f"one kind of linear for every layer expected; got {sorted(kinds)}")
         self.layers = layers
-        self._kind = _KINDS[kinds.pop()]
+        self._kind = KINDS[kinds.pop()]  # "float": the tests' stand-ins
         linears = [(layer.qkv, layer.o, layer.gate_up, layer.down) for layer in layers]
         self._tensors = [[layer.ln1.weight, layer.ln2.weight, *(t for q in qs for t in (q.data, q.scales))]
                          for layer, qs in zip(layers, linears, strict=True)]
