@@ -2,11 +2,11 @@
 
 At one row a forward calls ATen 1,353 times from Python (torch.profiler, embedded model), each a few µs of argument
 parsing and dispatch around a kernel that is often no longer. Run by TorchScript's interpreter, the same operators
-in the same order cost less: measured on the embedded model, a one-row decode step 10.1-11.1 ms -> 8.5-9.3 ms, 8
-rows ~6% less, 32 rows ~3% (interleaved A/B, bench/RESULTS.md). The interpreter calls the very ATen kernels the
-Python loop calls (it fuses nothing on a CPU unless asked to), so its logits are bitwise those of running this
-function as plain Python (tested): scripting changes the speed, never the tokens. `torch.compile` was measured too
-and is not used: minutes of compilation, and its own kernels round differently from eager.
+in the same order cost less: measured on the embedded model, a one-row decode step 10.1-12.7 ms -> 8.5-9.6 ms, 8
+rows 3-6% less, 32 rows within noise (interleaved A/B runs, bench/RESULTS.md). The interpreter calls the very ATen
+kernels the Python loop calls (it fuses nothing on a CPU unless asked to), so its logits are bitwise those of
+running this function as plain Python (tested): scripting changes the speed, never the tokens. `torch.compile` was
+measured too and is not used: minutes of compilation, and its own kernels round differently from eager.
 
 `torch.jit.script` is deprecated in PyTorch (still shipped and working in 2.x); should it fail or go away,
 `layer_loop` returns this same function uncompiled and the forward runs it as Python, equal and ~15% slower at
