@@ -86,11 +86,15 @@ class StepProbe:
         self.decoding = threading.Event()  # a decode step has started
         self._open = threading.Event()
         self._open.set()
+        self._hold_rows = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._forward = engine.runner.forward
         engine.runner.forward = self._wrapped
 
-    def hold(self) -> None:
+    def hold(self, min_rows: int = 1) -> None:
+        """Make decode steps of at least `min_rows` rows wait for `release()` (smaller ones run on: requests that
+        reach the batch a step apart on a loaded machine can still all join it before it is held)."""
+        self._hold_rows = min_rows
         self._open.clear()
 
     def release(self) -> None:
@@ -110,7 +114,8 @@ class StepProbe:
         if batch is running:
             self.decodes.append(ids)
             self.decoding.set()
-            self._open.wait(60)  # bounded: a failing test must not leave the engine thread stuck for good
+            if len(ids) >= self._hold_rows:
+                self._open.wait(60)  # bounded: a failing test must not leave the engine thread stuck for good
         else:
             self.prefills.append((ids, frozenset(r.request_id for r in running.rows) if running else frozenset()))
         if self.step_delay_s:

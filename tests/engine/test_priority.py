@@ -23,7 +23,7 @@ async def test_an_interactive_request_preempts_a_batch_row_and_the_batch_request
         tiny_llama) -> None:
     engine = make_engine(tiny_llama, max_batch_rows=2)
     probe = StepProbe(engine)
-    probe.hold()
+    probe.hold(min_rows=2)  # the two batch rows may be prefilled a step apart: hold once both decode
     try:
         batch_tasks = [asyncio.create_task(collect(engine, _batch(f"b{i}", seed=i))) for i in (1, 2)]
         await until(lambda: probe.decoding.is_set() and len(probe.decodes[-1]) == 2, "both batch rows decoding")

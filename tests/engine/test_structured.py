@@ -174,7 +174,7 @@ async def test_a_preempted_constrained_row_restarts_its_grammar(tiny_llama) -> N
     exactly_20 = [SamplingParams(max_tokens=30, temperature=0.9, seed=seed,
                                  structured=StructuredOutput("regex", "[a-c]{20}")) for seed in (1, 2)]
     probe = StepProbe(engine)
-    probe.hold()
+    probe.hold(min_rows=2)  # the two batch rows may be prefilled a step apart: hold once both decode
     try:
         batch = [asyncio.create_task(run(client, p, priority="batch")) for p in exactly_20]
         await until(lambda: probe.decoding.is_set() and len(probe.decodes[-1]) == 2, "both batch rows decoding")
