@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -59,9 +60,31 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released): for "service unreachable" tests."""
-    return _free_ports(1)[0]
+    """A loopback port nothing listens on now, for a service that stops and starts again on it (an outage test).
+
+    Taken below the kernel's ephemeral range: a port from bind(0) lies inside it, so while the service is down any
+    outgoing connection on the machine (another test's, the server's own) may get it as its local port, and the
+    restart then fails with "Address already in use" (seen in CI on a TCP proxy's restart)."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def _s3_answers(endpoint: str) -> bool:
