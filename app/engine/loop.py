@@ -18,6 +18,7 @@ import torch
 
 from app.engine.admission import EngineLimits, EngineStats, admit
 from app.engine.batch import Batch, KVGeometry, NewRow
+from app.engine.book import RequestBook
 from app.engine.detok import Decoder
 from app.engine.event_queue import EventQueue, Outbox, post
 from app.engine.intake import Intake
@@ -25,7 +26,7 @@ from app.engine.priority import BatchRequest, held_events_bound
 from app.engine.rowstate import ActiveRequest
 from app.engine.runner import ModelRunner
 from app.engine.sampling import SamplerState, select_tokens
-from app.engine.types import EngineOverloaded, ErrorKind, FinishReason, GenerationRequest, RequestTooLarge, TokenEvent
+from app.engine.types import GenerationRequest, RequestTooLarge, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,8 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.limits = limits or EngineLimits()
         self.stats = EngineStats()
-        self._cancelled: set[str] = set()
-        # Set by `fail_all_requests` (a server whose shutdown grace ran out); read and cleared by the engine thread.
-        self._fail_reason: str | None = None
-        self._lock = threading.Lock()
-        self._waiting_count = 0
+        self.requests = RequestBook(stats=self.stats, max_waiting=self.limits.max_waiting)
         self._running: Batch | None = None
-        self._active: dict[str, ActiveRequest] = {}
         # Events of one step, delivered with one wake-up per event loop: a wake-up per token would keep the
         # asyncio thread contending for the GIL while the model runs (measured: ~40% slower steps on 2 cores).
         self._outbox: Outbox = []
@@ -91,11 +87,7 @@ class Engine:
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.sampling.max_tokens}) exceeds "
                 f"the engine budget of {min(self.limits.max_batch_tokens, self.limits.max_positions)} tokens"
             )
-        with self._lock:
-            if self._waiting_count >= self.limits.max_waiting:
-                raise EngineOverloaded(f"{self._waiting_count} requests are already waiting")
-            self._waiting_count += 1
-            self.stats.waiting = self._waiting_count
+        self.requests.take_place()
         loop = asyncio.get_running_loop()
         events = EventQueue(request.request_id, held_events_bound(request, self.limits.max_buffered_events),
                              lambda: self.cancel(request.request_id))
@@ -121,16 +113,14 @@ class Engine:
 
     def cancel(self, request_id: str) -> None:
         """Ask for a request to leave; it does so at the next step."""
-        with self._lock:
-            self._cancelled.add(request_id)
+        self.requests.cancel(request_id)
         self._wake.set()
 
     def fail_all_requests(self, why: str) -> None:
         """End every request queued or running now with an error event (kind "internal", message `why`), at the
         next step. For a server whose shutdown grace period ran out: each stream still gets its error chunk and
         `[DONE]` instead of a cut connection. The engine keeps running; later submissions are served."""
-        with self._lock:
-            self._fail_reason = why
+        self.requests.fail_all(why)
         self._wake.set()
 
     # ---- engine thread ---------------------------------------------------------------------------------------
@@ -176,19 +166,16 @@ class Engine:
 
     def _take_intake(self) -> None:
         for active in self._intake.take_new():
-            self._active[active.request_id] = active
+            self.requests.add(active)
         for active, exc in self._intake.poll():
-            self._finish(active, "error", error=f"prefix could not be loaded: {exc}", kind="prefix_unavailable")
+            self.requests.finish(active, "error", error=f"prefix could not be loaded: {exc}", kind="prefix_unavailable")
 
     def _apply_cancellations(self) -> None:
-        with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
+        cancelled, reason = self.requests.take_asks()
         for rid in cancelled:
-            active = self._active.get(rid)
+            active = self.requests.active.get(rid)
             if active is not None:
-                self._finish(active, "cancelled")
-        with self._lock:
-            reason, self._fail_reason = self._fail_reason, None
+                self.requests.finish(active, "cancelled")
         if reason is not None:
             self._fail_all(reason)
         if cancelled or reason is not None:
@@ -196,12 +183,11 @@ class Engine:
 
     def _expire(self) -> None:
         """End the requests past their deadline, wherever they are (queued, loading a prefix, running)."""
-        if self.limits.request_timeout_s is None or not self._active:
+        if self.limits.request_timeout_s is None or not self.requests.active:
             return
-        now = time.monotonic()
-        late = [a for a in self._active.values() if a.deadline is not None and now >= a.deadline]
+        late = self.requests.late(time.monotonic())
         for active in late:
-            self._finish(active, "error", kind="timeout",
+            self.requests.finish(active, "error", kind="timeout",
                          error=f"the request timed out after {self.limits.request_timeout_s:g} s")
         if late:
             self._drop_finished()
@@ -215,10 +201,10 @@ class Engine:
         if not self._intake.ready:
             return []
         rows = self._running.rows if self._running is not None else []
-        running = [a for r in rows if (a := self._active.get(r.request_id)) is not None]
+        running = [a for r in rows if (a := self.requests.active.get(r.request_id)) is not None]
         decided = admit(self._intake.ready, running=running, limits=self.limits)
         for active, why in decided.refused:
-            self._finish(active, "error", kind="too_large", error=why)
+            self.requests.finish(active, "error", kind="too_large", error=why)
         if decided.preempted:
             self._preempt(decided.preempted)
         return decided.admitted
@@ -229,17 +215,14 @@ class Engine:
         for old in rows:
             assert isinstance(old, BatchRequest)
             fresh = old.restarted()
-            self._active[fresh.request_id] = fresh
+            self.requests.requeued(fresh)
             self._intake.ready.appendleft(fresh)
-            with self._lock:
-                self._waiting_count += 1
-                self.stats.waiting = self._waiting_count
         self.stats.preempted += len(rows)
         self._filter_running()
 
     def _prefill(self, admitted: list[ActiveRequest]) -> None:
         for a in admitted:
-            self._leave_queue(a)
+            self.requests.leave_queue(a)
         dev = self.geometry.device
         new_rows = [
             NewRow(a.request_id, a.request.prompt_ids, a.prefix,
@@ -258,10 +241,11 @@ class Engine:
         except Exception as exc:  # only the rows of this prefill fail
             log.exception("prefill failed")
             for a in admitted:
-                self._finish(a, "error", error=f"internal error during prefill: {type(exc).__name__}", kind="internal")
+                self.requests.finish(a, "error", kind="internal",
+                                     error=f"internal error during prefill: {type(exc).__name__}")
             return
-        # Rows that finished on their first token (EOS, a stop string, max_tokens=1) already left _active.
-        kept = batch.filter({r.request_id for r in batch.rows if r.request_id in self._active})
+        # Rows that finished on their first token (EOS, a stop string, max_tokens=1) already left the book.
+        kept = batch.filter({r.request_id for r in batch.rows if r.request_id in self.requests.active})
         if kept is not None:
             self._running = kept if self._running is None else Batch.concatenate([self._running, kept])
 
@@ -276,9 +260,10 @@ class Engine:
         except Exception as exc:
             log.exception("decode step failed")
             for r in batch.rows:
-                active = self._active.get(r.request_id)
+                active = self.requests.active.get(r.request_id)
                 if active is not None:
-                    self._finish(active, "error", error=f"internal error: {type(exc).__name__}", kind="internal")
+                    self.requests.finish(active, "error", error=f"internal error: {type(exc).__name__}",
+                                         kind="internal")
         self._filter_running()
 
     def _choose(self, batch: Batch, logits: torch.Tensor) -> None:
@@ -287,45 +272,28 @@ class Engine:
         batch.advance([c.token_id for c in choices])
         self.stats.generated_tokens += len(choices)
         for row, choice in zip(batch.rows, choices, strict=True):
-            active = self._active[row.request_id]
+            active = self.requests.active[row.request_id]
             active.on_token(
                 choice,
                 eos=self.eos_token_ids,
                 at_context_end=row.last_position + 1 >= self.limits.max_positions,
             )
             if active.done:
-                self._active.pop(active.request_id, None)
+                self.requests.active.pop(active.request_id, None)
 
     def _filter_running(self) -> None:
         if self._running is None:
             return
         # A queued request is not in the batch: a preempted row's id now names its restarted copy.
         alive = {r.request_id for r in self._running.rows
-                 if (a := self._active.get(r.request_id)) is not None and not a.queued}
+                 if (a := self.requests.active.get(r.request_id)) is not None and not a.queued}
         self._running = self._running.filter(alive)
         self.stats.running_rows = len(self._running) if self._running is not None else 0
 
-    def _finish(
-        self, active: ActiveRequest, reason: FinishReason, error: str | None = None, kind: ErrorKind | None = None
-    ) -> None:
-        if active.done:
-            return
-        self._leave_queue(active)
-        active.finish(reason, error=error, kind=kind)
-        self._active.pop(active.request_id, None)
-
-    def _leave_queue(self, active: ActiveRequest) -> None:
-        """A request stops counting against `max_waiting` once it is admitted or finished."""
-        if active.queued:
-            active.queued = False
-            with self._lock:
-                self._waiting_count -= 1
-                self.stats.waiting = self._waiting_count
-
     def _fail_all(self, why: str, *, keep_running: bool = False) -> None:
         """Fail every request the engine holds; with keep_running, also reset to an empty batch and queues."""
-        for active in list(self._active.values()):
-            self._finish(active, "error", error=why, kind="internal")
+        for active in list(self.requests.active.values()):
+            self.requests.finish(active, "error", error=why, kind="internal")
         if keep_running:
             self._running = None
             self._intake.clear()

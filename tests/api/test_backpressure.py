@@ -58,7 +58,7 @@ def _wait(predicate: Callable[[], bool], what: str, timeout: float = 60.0) -> No
 def _engine_idle(api: Api) -> bool:
     engine = api.runtime.engine
     assert engine is not None
-    return engine._active == {} and engine.stats.running_rows == 0 and engine.stats.waiting == 0
+    return engine.requests.active == {} and engine.stats.running_rows == 0 and engine.stats.waiting == 0
 
 
 def test_overload_is_refused_at_once_and_timeouts_free_the_engine(tight: Tight) -> None:
@@ -113,7 +113,7 @@ def test_streaming_timeout_sends_an_error_chunk(tight: Tight) -> None:
     reader = threading.Thread(target=read)
     reader.start()
     _wait(probe.decoding.is_set, "the request decoding")
-    (active,) = engine._active.values()
+    (active,) = engine.requests.active.values()
     active.deadline = time.monotonic()
     probe.release()
     reader.join(60)

@@ -16,7 +16,7 @@ MANY = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
 
 
 async def _wait_until_gone(engine, request_id: str) -> None:  # type: ignore[no-untyped-def]
-    await until(lambda: request_id not in engine._active, f"request {request_id} leaving the engine")
+    await until(lambda: request_id not in engine.requests.active, f"request {request_id} leaving the engine")
 
 
 async def test_stalled_consumer_is_cancelled_with_bounded_buffer(tiny_llama) -> None:  # type: ignore[no-untyped-def]
@@ -71,13 +71,13 @@ async def test_request_timeout_ends_a_running_request(tiny_llama) -> None:  # ty
     try:
         task = asyncio.create_task(collect(engine, GenerationRequest([1, 2, 3], MANY, request_id="slow")))
         await until(probe.decoding.is_set, "the request decoding")
-        engine._active["slow"].deadline = time.monotonic()
+        engine.requests.active["slow"].deadline = time.monotonic()
         probe.release()
         res = await task
         assert res.final is not None and res.final.finish_reason == "error" and res.final.error_kind == "timeout"
         assert "timed out after 30 s" in (res.final.error or "")
         assert res.tokens and len(res.tokens) < 2000 and len(probe.decodes) < 2000
-        assert engine._active == {} and engine.stats.running_rows == 0
+        assert engine.requests.active == {} and engine.stats.running_rows == 0
     finally:
         engine.stop()
 
@@ -94,7 +94,7 @@ async def test_request_timeout_ends_a_queued_request(tiny_llama) -> None:  # typ
         engine.limits = dataclasses.replace(engine.limits, request_timeout_s=0.3)
         res = await collect(engine, GenerationRequest([4, 5], MANY, request_id="queued"))
         assert res.final is not None and res.final.error_kind == "timeout" and res.tokens == []
-        assert engine.stats.waiting == 0 and "hog" in engine._active  # the running one goes on
+        assert engine.stats.waiting == 0 and "hog" in engine.requests.active  # the running one goes on
         hog.cancel()
         await _wait_until_gone(engine, "hog")
     finally:

@@ -69,7 +69,7 @@ async def test_cancel_by_leaving_the_iterator(tiny_llama) -> None:
             got += 1
             if got == 3:
                 break
-        await until(lambda: "cancel-me" not in engine._active, "the cancelled request leaving the engine")
+        await until(lambda: "cancel-me" not in engine.requests.active, "the cancelled request leaving the engine")
         res = await other
         assert len(res.tokens) == 60 and res.final is not None and res.final.finish_reason == "length"
     finally:
