@@ -22,19 +22,16 @@ from typing import Any
 import torch
 
 from prefix_store.peft_codec import (
-    CONFIG_NAME,
     PEFT_FORMAT_VERSION,
     WEIGHTS_KEY,
-    WEIGHTS_NAME,
     PeftInfo,
     cfg_int,
     check_decoder_only,
     decode_peft,
     parse_config_object,
-    read_peft_zip,
     recorded_base_model,
-    zip_files,
 )
+from prefix_store.peft_zip import CONFIG_NAME, WEIGHTS_NAME, read_peft_zip, zip_files
 from prefix_store.soft_codec import check_embeddings
 from prefix_store.types import ModelSpec, PrefixError, PrefixKind, PrefixTensors, SoftPrompt
 from prefix_store.validate import (
@@ -69,7 +66,7 @@ def decode_peft_adapter(
 def decode_peft_adapter_zip(
     data: bytes, *, spec: ModelSpec, max_virtual_tokens: int, max_bytes: int
 ) -> tuple[PrefixTensors, PeftInfo]:
-    """A zipped PEFT adapter directory of any of the three methods (read as peft_codec.decode_peft_zip reads)."""
+    """A zipped PEFT adapter directory of any of the three methods (read as peft_zip.read_peft_zip reads)."""
     config_json, weights = read_peft_zip(data, max_bytes=max_bytes)
     return decode_peft_adapter(config_json, weights, spec=spec, max_virtual_tokens=max_virtual_tokens,
                                max_bytes=max_bytes)

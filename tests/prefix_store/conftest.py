@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,3 +92,12 @@ def random_prefix(
     keys = torch.randn(shape, generator=g).to(dtype)
     values = torch.randn(shape, generator=g).to(dtype)
     return PrefixKV(keys=keys, values=values, base_fingerprint=spec.fingerprint, **kw)  # type: ignore[arg-type]
+
+
+def zip_of(files: dict[str, bytes]) -> bytes:
+    """A plain zip as a user's tool would make it (member order as given, real timestamps)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return buf.getvalue()

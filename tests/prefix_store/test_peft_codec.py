@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import json
-import struct
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,18 +12,16 @@ from safetensors.torch import save as st_save
 
 from prefix_store.codec import decode_native, encode_native
 from prefix_store.peft_codec import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     PeftInfo,
     decode_peft,
     decode_peft_zip,
     encode_peft,
     encode_peft_zip,
-    read_limited,
 )
+from prefix_store.peft_zip import CONFIG_NAME, WEIGHTS_NAME
 from prefix_store.types import ModelSpec, PrefixError, PrefixKV
 from prefix_store.validate import dump_safetensors
-from tests.prefix_store.conftest import TinyModel, random_prefix
+from tests.prefix_store.conftest import TinyModel, random_prefix, zip_of
 
 MAX_P = 64
 MAX_BYTES = 1 << 20
@@ -60,14 +55,6 @@ def decode_dir(path: Path, spec: ModelSpec, **kw: int) -> tuple[PrefixKV, PeftIn
     return decode_peft(
         (path / CONFIG_NAME).read_bytes(), (path / WEIGHTS_NAME).read_bytes(), spec=spec, **args
     )
-
-
-def zip_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, content in files.items():
-            zf.writestr(name, content)
-    return buf.getvalue()
 
 
 def dir_files(path: Path, folder: str = "") -> dict[str, bytes]:
@@ -271,81 +258,15 @@ def test_encode_refuses_wrong_shape(llama_spec: ModelSpec) -> None:
 # ---- zip ----
 
 
-def _zdecode(data: bytes, spec: ModelSpec, max_bytes: int = MAX_BYTES) -> PrefixKV:
-    return decode_peft_zip(data, spec=spec, max_virtual_tokens=MAX_P, max_bytes=max_bytes)[0]
-
-
-def _good_files(spec: ModelSpec) -> dict[str, bytes]:
-    return encode_peft(random_prefix(spec), spec=spec, base_model_name_or_path="tiny-llama")
-
-
-def _patch_central(data: bytes, offset: int, fmt: str, value: int) -> bytes:
-    """Overwrite a field of every central-directory entry (offset from the PK\\x01\\x02 signature)."""
-    out = bytearray(data)
-    pos = out.find(b"PK\x01\x02")
-    while pos >= 0:
-        struct.pack_into(fmt, out, pos + offset, value)
-        pos = out.find(b"PK\x01\x02", pos + 4)
-    return bytes(out)
-
-
-@pytest.mark.parametrize("bad_name", ["../evil.txt", "/etc/passwd", "a/../../b", "C:/x", "a\\..\\b"])
-def test_zip_slip_refused(llama_spec: ModelSpec, bad_name: str) -> None:
-    files = {**_good_files(llama_spec), bad_name: b"x"}
-    with pytest.raises(PrefixError, match="is unsafe"):
-        _zdecode(zip_of(files), llama_spec)
-
-
-def test_zip_bomb_declared_size(llama_spec: ModelSpec) -> None:
-    data = zip_of(_good_files(llama_spec))
-    forged = _patch_central(data, 24, "<I", 0xFFFFFFF0)  # uncompressed size field
-    with pytest.raises(PrefixError, match=r"declares .* uncompressed bytes"):
-        _zdecode(forged, llama_spec)
-
-
-def test_zip_bomb_real(llama_spec: ModelSpec) -> None:
-    files = {**_good_files(llama_spec), WEIGHTS_NAME: b"\0" * (4 << 20)}  # 4 MiB of zeros deflates to ~4 KiB
-    data = zip_of(files)
-    assert len(data) < 64 * 1024
-    with pytest.raises(PrefixError, match="declares"):
-        _zdecode(data, llama_spec)
-
-
-def test_read_limited_counts_actual_bytes() -> None:
-    assert read_limited(io.BytesIO(b"a" * 100), 100, "m") == b"a" * 100
-    with pytest.raises(PrefixError, match="decompresses to more than 99 bytes"):
-        read_limited(io.BytesIO(b"a" * 100), 99, "m")
-
-
-def test_zip_understated_size_fails_cleanly(llama_spec: ModelSpec) -> None:
-    data = zip_of(_good_files(llama_spec))
-    forged = _patch_central(data, 24, "<I", 10)  # zipfile stops at the declared size, then the CRC fails
+def test_zipped_adapter_decodes_like_its_files(llama_spec: ModelSpec) -> None:
+    """The archive's refusals are tested in test_peft_zip.py; here, a zip (in a folder, with junk beside it)
+    decodes to the prefix its files decode to, and a bad archive surfaces as a PrefixError."""
+    prefix = random_prefix(llama_spec)
+    files = encode_peft(prefix, spec=llama_spec, base_model_name_or_path="tiny-llama")
+    direct, _ = decode_peft(files[CONFIG_NAME], files[WEIGHTS_NAME], spec=llama_spec, max_virtual_tokens=MAX_P,
+                            max_bytes=MAX_BYTES)
+    data = zip_of({**{f"adapter/{n}": c for n, c in files.items()}, "adapter/README.md": b"# hi"})
+    zipped, _ = decode_peft_zip(data, spec=llama_spec, max_virtual_tokens=MAX_P, max_bytes=MAX_BYTES)
+    assert torch.equal(zipped.keys, direct.keys) and torch.equal(zipped.values, direct.values)
     with pytest.raises(PrefixError, match="could not be read"):
-        _zdecode(forged, llama_spec)
-
-
-def test_zip_encrypted_refused(llama_spec: ModelSpec) -> None:
-    forged = _patch_central(zip_of(_good_files(llama_spec)), 8, "<H", 0x1)  # general purpose flag bit 0
-    with pytest.raises(PrefixError, match="is encrypted"):
-        _zdecode(forged, llama_spec)
-
-
-def test_zip_member_problems(llama_spec: ModelSpec) -> None:
-    good = _good_files(llama_spec)
-    with pytest.raises(PrefixError, match=r"must hold adapter_config.json and adapter_model.safetensors"):
-        _zdecode(zip_of({CONFIG_NAME: good[CONFIG_NAME]}), llama_spec)
-    with pytest.raises(PrefixError, match=r"adapter_model\.bin is pickled"):
-        _zdecode(zip_of({CONFIG_NAME: good[CONFIG_NAME], "adapter_model.bin": b"x"}), llama_spec)
-    split = {f"a/{CONFIG_NAME}": good[CONFIG_NAME], f"b/{WEIGHTS_NAME}": good[WEIGHTS_NAME]}
-    with pytest.raises(PrefixError, match="in one folder"):
-        _zdecode(zip_of(split), llama_spec)
-    two = {f"{d}/{n}": c for d in ("a", "b") for n, c in good.items()}
-    with pytest.raises(PrefixError, match=r"several adapters \(folders \['a', 'b'\]\)"):
-        _zdecode(zip_of(two), llama_spec)
-    with pytest.raises(PrefixError, match="could not be read"):
-        _zdecode(b"PK\x03\x04 not really a zip", llama_spec)
-    with pytest.raises(PrefixError, match="PEFT zip is too large"):
-        _zdecode(zip_of(good), llama_spec, max_bytes=100)
-    # Extra files (README.md, macOS junk) are ignored, never read.
-    extra = {**good, "README.md": b"# hi", "__MACOSX/._adapter_config.json": b"junk"}
-    assert _zdecode(zip_of(extra), llama_spec).num_virtual_tokens == P
+        decode_peft_zip(b"PK\x03\x04 not a zip", spec=llama_spec, max_virtual_tokens=MAX_P, max_bytes=MAX_BYTES)

@@ -10,18 +10,10 @@ import pytest
 
 from prefix_store.peft_zip import CONFIG_NAME, WEIGHTS_NAME, read_limited, read_peft_zip, zip_files
 from prefix_store.types import PrefixError
+from tests.prefix_store.conftest import zip_of
 
 MAX_BYTES = 1 << 20
 GOOD = {CONFIG_NAME: b'{"peft_type": "PREFIX_TUNING"}', WEIGHTS_NAME: b"weights" * 100}
-
-
-def zip_of(files: dict[str, bytes]) -> bytes:
-    """A plain zip as a user's tool would make it (member order as given, real timestamps)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, content in files.items():
-            zf.writestr(name, content)
-    return buf.getvalue()
 
 
 def read(data: bytes, max_bytes: int = MAX_BYTES) -> tuple[bytes, bytes]:
