@@ -3,16 +3,17 @@ beside llama.cpp on the same GGUF file when a build is found (--llama-cpp DIR or
 
 Each row count N (`--repeat` rounds, the median reported): N requests arrive together, each with its own prefix
 of 5-20 virtual tokens (real PEFT prefix-tuning adapters, saved and imported through our PEFT codec) or none,
-16-token prompts, `--new-tokens` greedy tokens each (EOS ignored, so every configuration generates the same
-amount). tok/s = generated tokens / wall time from submission to the last token (prefill included); TTFT from
-submission; ITL = a request's mean gap between tokens. Each weights mode runs in its own process (its peak
-memory is its own), with and without prefixes on one engine, rounds interleaved; llama.cpp's
+16-token prompts (`--prompt-tokens`), `--new-tokens` greedy tokens each (EOS ignored, so every configuration
+generates the same amount). tok/s = generated tokens / wall time from submission to the last token (prefill
+included); TTFT from submission; ITL = a request's mean gap between tokens. Each weights mode runs in its own
+process (its peak memory is its own), with and without prefixes on one engine, rounds interleaved; llama.cpp's
 `llama-batched-bench` runs the same row counts, prompt and generation lengths (bench/llama_cpp.py). Prints a
 table with the ratios and writes JSON. HF PEFT one request at a time (the earlier baseline) is an extra
 configuration.
 
-    python -m bench.engine [--rows 1,8,32] [--weights fp32,int4] [--new-tokens 64] [--llama-cpp DIR]
-                           [--configs engine_prefixes,engine_no_prefix] [--model M] [--threads T] [--out F]
+    python -m bench.engine [--rows 1,8,32] [--weights fp32,int4] [--new-tokens 64] [--prompt-tokens 16]
+                           [--llama-cpp DIR] [--configs engine_prefixes,engine_no_prefix] [--model M]
+                           [--threads T] [--out F]
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ CONFIGS = ("engine_prefixes", "engine_no_prefix")
 # Not run by default (about 2 minutes each on 2 cores): HF PEFT one request at a time, on stock linears and on the
 # oneDNN-packed ones the fp32 engine uses (how much of the gap is the kernel and how much is batching).
 EXTRA_CONFIGS = ("peft_sequential", "peft_sequential_packed")
-PROMPT_TOKENS = 16
+PROMPT_TOKENS = 16  # the default: short chat turns; --prompt-tokens for long prompts and long contexts
 WORDS = ["river", "stone", "light", "quiet", "morning", "signal", "paper", "garden", "window", "number", "silver"]
 
 
-def _prompts(tok: Any, n: int) -> list[list[int]]:
-    """n different prompts of exactly PROMPT_TOKENS tokens."""
+def _prompts(tok: Any, n: int, length: int = PROMPT_TOKENS) -> list[list[int]]:
+    """n different prompts of exactly `length` tokens."""
     out = []
     for i in range(n):
-        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 * PROMPT_TOKENS))
-        out.append(tok.encode(f"Write about {text}.")[:PROMPT_TOKENS])
+        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 * length))
+        ids = tok.encode(f"Write about {text}.")[:length]
+        if len(ids) != length:
+            raise ValueError(f"prompt {i} has {len(ids)} tokens, expected {length}")
+        out.append(ids)
     return out
 
 
@@ -119,14 +123,16 @@ def _engine_rows(loaded: Any, configs: list[str], weights: str, prefixes: list[A
     from app.threads import run_in_own_thread
 
     limit = max(64, *args.rows)
+    # every row in one batch, as llama.cpp's context is sized for all of them (prefixes are at most 20 tokens)
+    budget = max(32768, max(args.rows) * (args.prompt_tokens + args.new_tokens + 32))
     engine = run_in_own_thread(lambda: build_engine(loaded, packed_linears=not args.unpacked, weights=weights,
-                                                    max_batch_rows=limit))
+                                                    max_batch_rows=limit, max_batch_tokens=budget))
     engine.start()
     label = weights if weights != "fp32" else str(loaded.dtype).removeprefix("torch.")  # the weights as loaded
     out = []
     try:
         for n in args.rows:
-            prompts = _prompts(loaded.tokenizer, n)
+            prompts = _prompts(loaded.tokenizer, n, args.prompt_tokens)
             rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
             for i in range(args.repeat):
                 for config in configs if i % 2 == 0 else configs[::-1]:
@@ -157,7 +163,8 @@ def _child(configs: list[str], weights: str, args: argparse.Namespace, conn: Any
 
                 pack_linears(loaded.model)  # before PEFT loads: only the base model's linears
             for n in args.rows:
-                res, wall = peft_sequential(loaded, adapters[:n], _prompts(loaded.tokenizer, n), args.new_tokens)
+                prompts = _prompts(loaded.tokenizer, n, args.prompt_tokens)
+                res, wall = peft_sequential(loaded, adapters[:n], prompts, args.new_tokens)
                 timings = [(ttft, [0.0]) for ttft, _ in res]
                 rows.append(_summary(configs[0], str(loaded.dtype).removeprefix("torch."), n, timings,
                                      [t for _, t in res], wall))
@@ -193,7 +200,7 @@ def _llama_cpp(args: argparse.Namespace, threads: int) -> list[dict[str, Any]]:
     if binary is None or gguf is None:
         log.info("llama.cpp: %s", "no GGUF file for this model" if binary else "not run (set LLAMA_CPP_DIR)")
         return []
-    runs = [llama_cpp.run(binary, gguf, args.rows, prompt_tokens=PROMPT_TOKENS, new_tokens=args.new_tokens,
+    runs = [llama_cpp.run(binary, gguf, args.rows, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                           threads=threads) for _ in range(args.repeat)]
     log.info("llama.cpp: %s%s", " ".join(runs[0]["command"]),
              " (AMX unusable here: --no-repack)" * runs[0]["no_repack"])
@@ -208,6 +215,8 @@ def main() -> None:
     ap.add_argument("--weights", default="fp32,int4",
                     help="serving weight modes of the engine configurations (fp32: the float weights as loaded)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS,
+                    help="tokens per prompt (long prompts: the time to first token, and decoding at a long context)")
     ap.add_argument("--repeat", type=int, default=5,
                     help="rounds per measurement; the median round is reported (5: a one-row round lasts ~1 s, "
                          "and with 3 the one-row ratio to llama.cpp moved 0.57x-0.79x between runs)")
@@ -241,7 +250,7 @@ def main() -> None:
     rows += _llama_cpp(args, threads) if args.device == "cpu" else []
     load_end = os.getloadavg()
     lines = [
-        f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={PROMPT_TOKENS} device={args.device} "
+        f"model={args.model} new_tokens={args.new_tokens} prompt_tokens={args.prompt_tokens} device={args.device} "
         f"machine={platform.machine()} threads={threads} torch={torch.__version__}; load average (1 min) "
         f"{load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end",
         f"{'rows':>4}  {'config':<24}{'weights':<8}{'tok/s':>9}{'TTFT p50':>10}{'ITL p50':>10}{'peak MiB':>10}"
