@@ -176,9 +176,19 @@ def _child(configs: list[str], weights: str, args: argparse.Namespace, conn: Any
     conn.send([{**r, "peak_mem_bytes": peak} for r in rows])
 
 
+def _paired(no_prefix: list[float], prefixes: list[float]) -> str:
+    """The overhead round by round: the two configurations' rounds ran back to back, so a pair shares the machine's
+    state, and a slow stretch of a shared VM moves both (the ratio of the medians above can pair unlike rounds)."""
+    if len(no_prefix) != len(prefixes) or len(prefixes) < 2:
+        return ""
+    each = sorted(a / b - 1 for a, b in zip(no_prefix, prefixes, strict=True))
+    return f" (paired rounds: median {statistics.median(each):+.0%}, {each[0]:+.0%} to {each[-1]:+.0%})"
+
+
 def _ratios(rows: list[dict[str, Any]]) -> list[str]:
     """Per row count: each engine mode over llama.cpp, and the cost of prefixes (no prefix over prefixes)."""
     by = {(r["config"], r["weights"], r["rows"]): r["tok_s"] for r in rows}
+    rounds = {(r["config"], r["weights"], r["rows"]): r.get("rounds_tok_s", []) for r in rows}
     lines = []
     for n in sorted({r["rows"] for r in rows}):
         parts = []
@@ -188,7 +198,8 @@ def _ratios(rows: list[dict[str, Any]]) -> list[str]:
             if ("llama.cpp", "gguf", n) in by:
                 parts.append(f"{weights} prefixes / llama.cpp {tok_s / by[('llama.cpp', 'gguf', n)]:.2f}x")
             if ("engine_no_prefix", weights, n) in by:
-                parts.append(f"{weights} prefix overhead {by[('engine_no_prefix', weights, n)] / tok_s - 1:+.0%}")
+                parts.append(f"{weights} prefix overhead {by[('engine_no_prefix', weights, n)] / tok_s - 1:+.0%}"
+                             + _paired(rounds[("engine_no_prefix", weights, n)], rounds[(config, weights, n)]))
         if parts:
             lines.append(f"rows {n:>3}: " + "; ".join(parts))
     return lines
