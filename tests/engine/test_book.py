@@ -78,24 +78,35 @@ def test_late_names_only_requests_past_their_deadline() -> None:
     assert {a.request_id for a in book.late(20.0)} == {"due", "later"}
 
 
-def test_places_taken_from_many_threads_never_exceed_max_waiting() -> None:
-    stats = EngineStats()
-    book = RequestBook(stats=stats, max_waiting=100)
-    taken, refused = [], []
-    start = threading.Barrier(8)
+def test_the_check_and_the_count_of_a_place_are_one_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two submitters at once for the last place: exactly one gets it. The first to count waits there for the other
+    (bounded); were the check and the count apart, the other would pass the check meanwhile and both would count."""
+    book = RequestBook(stats=EngineStats(), max_waiting=1)
+    counting, second_inside = [0], threading.Event()
+    original = RequestBook._count
 
-    def client() -> None:
+    def slow_count(self: RequestBook, delta: int) -> None:
+        counting[0] += 1
+        if counting[0] == 1:
+            second_inside.wait(0.5)  # under the lock the other cannot get here; it waits for the lock instead
+        else:
+            second_inside.set()
+        original(self, delta)
+
+    monkeypatch.setattr(RequestBook, "_count", slow_count)
+    start, taken, refused = threading.Barrier(2), [], []
+
+    def submitter() -> None:
         start.wait()
-        for _ in range(50):
-            try:
-                book.take_place()
-                taken.append(1)
-            except EngineOverloaded:
-                refused.append(1)
+        try:
+            book.take_place()
+            taken.append(1)
+        except EngineOverloaded:
+            refused.append(1)
 
-    threads = [threading.Thread(target=client) for _ in range(8)]
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(taken) == 100 and len(refused) == 300 and stats.waiting == 100
+    assert (len(taken), len(refused)) == (1, 1) and not second_inside.is_set()
